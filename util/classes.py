@@ -1,0 +1,71 @@
+"""Class names and fold splits of PASCAL-5i, COCO-20i and the synthetic dataset.
+
+Class ids are the label values on disk: 1..20 (PASCAL, synthetic), 1..80 (COCO, contiguous
+in ascending COCO category-id order). 0 is background, 255 ignore.
+"""
+from __future__ import annotations
+
+PASCAL_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# COCO 2014 category names in ascending category-id order (ids 1..90 with gaps -> 1..80).
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
+    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush",
+)
+
+# The synthetic dataset (tools/make_synthetic.py): a shape and a texture/colour per class.
+SYNTHETIC_CLASSES = (
+    "red disc", "green square", "blue triangle", "yellow star", "cyan ring",
+    "magenta cross", "orange ellipse", "purple diamond", "striped disc", "striped square",
+    "dotted triangle", "checkered star", "white ring", "dark cross", "teal ellipse",
+    "pink diamond", "striped hexagon", "checkered disc", "gold hexagon", "dotted square",
+)
+
+NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+    try:
+        return {"pascal": PASCAL_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset '{dataset}'; expected pascal, coco or synthetic") from None
+
+
+def class_name(dataset: str, class_id: int) -> str:
+    """Name of label value ``class_id`` (1-based)."""
+    return class_names(dataset)[class_id - 1]
+
+
+def fold_classes(dataset: str, split: int, use_split_coco: bool = True) -> tuple[list[int], list[int]]:
+    """(training class ids, held-out class ids) of fold ``split``, each ascending.
+
+    PASCAL-5i and synthetic: fold i holds out 5i+1..5i+5.
+    COCO-20i interleaved (``use_split_coco``): fold i holds out i+1, i+5, ..., i+77.
+    COCO-20i sequential: fold i holds out 20i+1..20i+20.
+    """
+    if split not in (0, 1, 2, 3):
+        raise ValueError(f"split must be 0, 1, 2 or 3, got {split}")
+    n = NUM_CLASSES.get(dataset)
+    if n is None:
+        raise ValueError(f"unknown dataset '{dataset}'; expected pascal, coco or synthetic")
+    all_ids = list(range(1, n + 1))
+    if dataset == "coco" and use_split_coco:
+        val = list(range(split + 1, n + 1, 4))
+    else:
+        per_fold = n // 4
+        val = list(range(per_fold * split + 1, per_fold * (split + 1) + 1))
+    train = [c for c in all_ids if c not in val]
+    return train, val

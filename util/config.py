@@ -1,0 +1,281 @@
+"""Configuration: one declared schema, YAML files in sections, command-line overrides.
+
+Every key is declared exactly once below with its type, default and meaning. A YAML file
+groups keys in sections (DATA, TRAIN, TEST, ...) like PFENet's; sections are flattened
+into one :class:`CfgNode` with attribute access. Unknown keys and wrongly typed values are
+errors that name the key (and the nearest declared key for typos).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: str          # 'int' | 'float' | 'bool' | 'str' | 'list'
+    default: Any
+    help: str
+    choices: tuple = ()
+
+
+def _k(name, type_, default, help_, choices=()):
+    return Key(name, type_, default, help_, tuple(choices))
+
+
+# --------------------------------------------------------------------------------------
+# The schema. PFENet's key names are kept wherever PFENet has one.
+# --------------------------------------------------------------------------------------
+SCHEMA: tuple[Key, ...] = (
+    # ---- DATA -------------------------------------------------------------------------
+    _k("dataset", "str", "pascal", "dataset family: class names and fold splits",
+       ("pascal", "coco", "synthetic")),
+    _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/"),
+    _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line"),
+    _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line"),
+    _k("classes", "int", 2, "output classes of the segmentation head (target vs not)"),
+    _k("split", "int", 0, "fold: held-out classes of fold i (0..3)"),
+    _k("use_split_coco", "bool", True,
+       "COCO folds interleaved (i+1, i+5, ..., i+77) when True, sequential (20i+1..) when False"),
+    _k("min_class_pixels", "int", 2048, "an image serves class c if it has at least this many c pixels (2*32*32)"),
+    _k("exclude_novel_images", "bool", False,
+       "drop training images containing any held-out class (BAM convention; not PFENet-comparable)"),
+    _k("class_index_workers", "int", 0, "processes building the class index (0: all cores)"),
+    _k("check_files", "bool", True, "verify that every file named by a list exists before use"),
+    # ---- TRAIN: model -----------------------------------------------------------------
+    _k("arch", "str", "NTRENetPP", "network name (informational)"),
+    _k("layers", "int", 50, "ResNet depth: 18, 34, 50 or 101 (ignored when vgg is True)", (18, 34, 50, 101)),
+    _k("vgg", "bool", False, "use VGG-16-bn instead of ResNet"),
+    _k("deep_stem", "bool", True, "ResNet stem: three 3x3 convs (semseg 'v2' weights) or one 7x7 (torchvision)"),
+    _k("pretrained", "str", "initmodel/resnet50_v2.pth",
+       "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)"),
+    _k("allow_missing_backbone_keys", "bool", False, "accept a weight file that lacks backbone keys"),
+    _k("freeze_backbone", "bool", True, "backbone gets no gradient and runs under no_grad"),
+    _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode (False reproduces the reference's drift)"),
+    _k("reduce_dim", "int", 256, "channels C of the reduced features"),
+    _k("ppm_scales", "list", [60, 30, 15, 8],
+       "per-scale bins: absolute sizes (>= 1) or fractions of the feature size (< 1)"),
+    _k("do_pool", "str", "gap", "DO prototype pooling: 'gap' divides by h*w (reference), 'map' by mask area",
+       ("gap", "map")),
+    _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches"),
+    # ---- TRAIN: losses ----------------------------------------------------------------
+    _k("aux_weight", "float", 1.0, "weight of the bracketed auxiliary sum"),
+    _k("bg_weight", "float", 1.0, "weight of the BG mining loss inside the bracket"),
+    _k("aux1_weight", "float", 0.4, "weight of the per-scale auxiliary head loss"),
+    _k("aux2_weight", "float", 0.6, "weight of the initial/second prediction loss"),
+    _k("contrast_weight", "float", 0.01, "weight of the prototypical-pixel contrastive loss"),
+    _k("bg_alpha", "float", 0.5, "alpha of the BG mining loss (pull of every pixel towards BG)"),
+    _k("contrast_temperature", "float", 1.0, "tau of the prototype InfoNCE"),
+    _k("memory_size", "int", 2000, "DO memory bank capacity per class (FIFO)"),
+    _k("num_negatives", "int", 1000, "negatives sampled from the class's bank per episode"),
+    _k("pixel_negative", "bool", False, "add the pixel-to-DO negative term (reference leaves it out)"),
+    # ---- TRAIN: data and augmentation -------------------------------------------------
+    _k("train_h", "int", 473, "training crop height"),
+    _k("train_w", "int", 473, "training crop width"),
+    _k("val_size", "int", 473, "evaluation canvas side; longer image side resized to it"),
+    _k("scale_min", "float", 0.9, "random scale lower bound"),
+    _k("scale_max", "float", 1.1, "random scale upper bound"),
+    _k("rotate_min", "float", -10.0, "random rotation lower bound (degrees)"),
+    _k("rotate_max", "float", 10.0, "random rotation upper bound (degrees)"),
+    _k("rotate_p", "float", 0.5, "probability of a random rotation"),
+    _k("blur_p", "float", 0.5, "probability of a 5x5 Gaussian blur"),
+    _k("flip_p", "float", 0.5, "probability of a horizontal flip"),
+    _k("ignore_label", "int", 255, "label value ignored by losses and metrics"),
+    _k("padding_label", "int", 255, "label value used to pad crops and rotations"),
+    _k("shot", "int", 1, "K: support images per episode"),
+    _k("workers", "int", 8, "data loader processes per training process"),
+    _k("batch_size", "int", 4, "global training batch (divided across processes)"),
+    _k("batch_size_val", "int", 1, "episodes per evaluation forward pass"),
+    _k("epoch_size", "int", 0, "training episodes per epoch (0: one per eligible training image)"),
+    # ---- TRAIN: optimisation ----------------------------------------------------------
+    _k("epochs", "int", 150, "training epochs"),
+    _k("base_lr", "float", 0.025, "starting learning rate actually used (no hidden x10)"),
+    _k("power", "float", 0.9, "poly schedule power, applied per iteration"),
+    _k("momentum", "float", 0.9, "SGD momentum"),
+    _k("weight_decay", "float", 1e-4, "SGD weight decay"),
+    _k("warmup_iters", "int", 0, "linear learning-rate warm-up iterations"),
+    _k("manual_seed", "int", 321, "seed of training and of the evaluation episode lists"),
+    _k("amp", "str", "none", "mixed precision", ("none", "bf16", "fp16")),
+    _k("channels_last", "bool", False, "channels_last memory format"),
+    _k("compile", "bool", False, "wrap the model in torch.compile"),
+    _k("sync_bn", "bool", False, "convert trainable BatchNorm to SyncBatchNorm under DDP"),
+    _k("print_freq", "int", 10, "iterations between log lines"),
+    _k("val_freq", "int", 1, "epochs between validations"),
+    _k("evaluate", "bool", True, "validate during training"),
+    _k("val_num", "int", 0, "episodes per validation during training (0: test_num)"),
+    _k("resume", "str", "", "checkpoint to resume from: '' (none), 'auto' (last.pth) or a path"),
+    _k("save_path", "str", "", "experiment folder (exp/<dataset>/<exp_name>); set by train.sh"),
+    _k("tb_images", "int", 4, "episodes logged to TensorBoard as images per validation"),
+    # ---- TEST -------------------------------------------------------------------------
+    _k("weight", "str", "best", "checkpoint to evaluate: 'best', 'last' or a path"),
+    _k("test_num", "int", 1000, "evaluation episodes per seed (exactly this many)"),
+    _k("test_seeds", "int", 5, "number of evaluation seeds, derived from manual_seed"),
+    _k("ori_resize", "bool", True, "score on the original-size label (PFENet default)"),
+    _k("fixed_eval_size", "int", 0, "score at a fixed square resolution instead (HSNet-style; 0: off)"),
+    _k("save_pred", "bool", False, "write predicted masks and episodes.json per seed"),
+    _k("vis", "int", 0, "visualisation panels saved per seed"),
+    _k("device", "str", "auto", "'auto', 'cpu' or 'cuda'", ("auto", "cpu", "cuda")),
+)
+
+KEYS: dict[str, Key] = {k.name: k for k in SCHEMA}
+assert len(KEYS) == len(SCHEMA), "a key is declared twice"
+
+
+class CfgNode(dict):
+    """A flat dict with attribute access (``cfg.shot``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(_unknown_key_message(name, "config")) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def copy(self) -> "CfgNode":
+        return CfgNode(dict(self))
+
+
+def _unknown_key_message(name: str, where: str) -> str:
+    close = difflib.get_close_matches(name, KEYS.keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see util/config.py for the declared keys"
+    return f"{where}: unknown key '{name}'{hint}"
+
+
+def check_value(name: str, value: Any, where: str = "config") -> Any:
+    """Return ``value`` coerced to the declared type of ``name`` or raise ConfigError."""
+    if name not in KEYS:
+        raise ConfigError(_unknown_key_message(name, where))
+    key = KEYS[name]
+
+    def bad(expected):
+        return ConfigError(f"{where}: key '{name}' has value {value!r} "
+                           f"({type(value).__name__}); expected {expected}")
+
+    t = key.type
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise bad("a bool (True/False)")
+    elif t == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an int")
+    elif t == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a float")
+        value = float(value)
+    elif t == "str":
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif t == "list":
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list, e.g. [60, 30, 15, 8]")
+        value = list(value)
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{where}: key '{name}' has value {value!r}; "
+                          f"expected one of {list(key.choices)}")
+    return value
+
+
+def defaults() -> CfgNode:
+    return CfgNode({k.name: (list(k.default) if isinstance(k.default, list) else k.default)
+                    for k in SCHEMA})
+
+
+def load_cfg_from_yaml(path: str) -> CfgNode:
+    """Read a sectioned YAML file on top of the declared defaults."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist; configs live under config/<dataset>/")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections (DATA:, TRAIN:, TEST:, ...) at the top level")
+    cfg = defaults()
+    seen: dict[str, str] = {}
+    for section, body in raw.items():
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: section '{section}' must map keys to values, "
+                              f"e.g. '{section}:\\n  shot: 1'")
+        for name, value in body.items():
+            if name in seen:
+                raise ConfigError(f"{path}: key '{name}' appears in both '{seen[name]}' and '{section}'")
+            seen[name] = section
+            cfg[name] = check_value(name, value, where=path)
+    return cfg
+
+
+def parse_literal(text: str) -> Any:
+    """A command-line value: a Python literal if it parses as one, else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def merge_cfg_from_list(cfg: CfgNode, opts: Sequence[str]) -> CfgNode:
+    """Apply trailing ``KEY VALUE`` pairs (values parsed as Python literals)."""
+    if len(opts) % 2:
+        raise ConfigError(f"command-line overrides come in KEY VALUE pairs; got {list(opts)}")
+    out = cfg.copy()
+    for name, text in zip(opts[0::2], opts[1::2]):
+        value = parse_literal(text)
+        if name in KEYS and KEYS[name].type == "str" and not isinstance(value, str):
+            value = text  # e.g. `weight 123` or a path that happens to parse
+        out[name] = check_value(name, value, where="command line")
+    return out
+
+
+def load_cfg(path: str, opts: Iterable[str] = ()) -> CfgNode:
+    """The usual entry point: YAML file plus command-line overrides, validated."""
+    cfg = merge_cfg_from_list(load_cfg_from_yaml(path), list(opts))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CfgNode) -> None:
+    """Cross-key checks that a single type check cannot express."""
+    if not 0 <= cfg.split <= 3:
+        raise ConfigError(f"key 'split' is {cfg.split}; folds are 0, 1, 2 or 3")
+    if cfg.shot < 1:
+        raise ConfigError(f"key 'shot' is {cfg.shot}; it must be at least 1")
+    if cfg.scale_min > cfg.scale_max:
+        raise ConfigError(f"scale_min ({cfg.scale_min}) is larger than scale_max ({cfg.scale_max})")
+    if cfg.rotate_min > cfg.rotate_max:
+        raise ConfigError(f"rotate_min ({cfg.rotate_min}) is larger than rotate_max ({cfg.rotate_max})")
+    for name in ("train_h", "train_w", "val_size", "batch_size", "batch_size_val", "test_num", "test_seeds",
+                 "reduce_dim", "memory_size"):
+        if cfg[name] < 1:
+            raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
+    if not cfg.ppm_scales or any(not isinstance(s, (int, float)) or s <= 0 for s in cfg.ppm_scales):
+        raise ConfigError(f"key 'ppm_scales' is {cfg.ppm_scales}; expected positive sizes or fractions")
+
+
+def dump_cfg(cfg: CfgNode) -> str:
+    """The config as a flat YAML document (saved beside experiments and in checkpoints)."""
+    return yaml.safe_dump({"CONFIG": dict(cfg)}, sort_keys=False)
+
+
+def describe_schema() -> str:
+    """A readable table of every key (for docs and `--help`)."""
+    lines = []
+    for k in SCHEMA:
+        choices = f" {list(k.choices)}" if k.choices else ""
+        lines.append(f"{k.name:28s} {k.type:5s} {k.default!r:32s} {k.help}{choices}")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Atomic file writes and list files.
+
+Everything the project writes that a crash could corrupt (checkpoints, caches, labels,
+lists, results) goes through here: write to a temporary file in the same folder, flush,
+then rename over the target, so a reader sees the old file or the new one, never half.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # keep the extension: some writers (cv2.imwrite) choose the format from it
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(path: str, writer: Callable[[str], Any]) -> None:
+    """Call ``writer(tmp_path)`` and move the result onto ``path``."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
+def atomic_write_json(path: str, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> list[tuple[str, str]]:
+    """Read a list file of ``image_path label_path`` lines.
+
+    Paths are relative to ``data_root`` (absolute paths are kept). Returns (image, label)
+    pairs joined with ``data_root``. With ``check_files`` every file must exist, otherwise
+    the error says how many are missing, the first few, and the list's path.
+    """
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(
+            f"list file '{list_path}' does not exist; build it with tools/prepare_pascal.py, "
+            f"tools/prepare_coco.py or tools/make_synthetic.py, or fix the list key in the config")
+    pairs = []
+    with open(list_path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{list_path}:{lineno}: expected 'image_path label_path', got {line!r}")
+            pairs.append((os.path.join(data_root, parts[0]), os.path.join(data_root, parts[1])))
+    if not pairs:
+        raise ValueError(f"list file '{list_path}' names no images")
+    if check_files:
+        missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
+        if missing:
+            shown = "\n  ".join(missing[:5])
+            raise FileNotFoundError(
+                f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{data_root}'); "
+                f"first ones:\n  {shown}\nCheck data_root in the config or rebuild the list.")
+    return pairs
