@@ -64,7 +64,7 @@ SCHEMA: tuple[Key, ...] = (
     _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode (False reproduces the reference's drift)"),
     _k("reduce_dim", "int", 256, "channels C of the reduced features"),
     _k("ppm_scales", "list", [60, 30, 15, 8],
-       "per-scale bins: absolute sizes (>= 1) or fractions of the feature size (< 1)"),
+       "per-scale bins: sizes > 1 are absolute, values <= 1.0 fractions of the feature size (PFENet)"),
     _k("do_pool", "str", "gap", "DO prototype pooling: 'gap' divides by h*w (reference), 'map' by mask area",
        ("gap", "map")),
     _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches"),
@@ -279,3 +279,16 @@ def describe_schema() -> str:
         choices = f" {list(k.choices)}" if k.choices else ""
         lines.append(f"{k.name:28s} {k.type:5s} {k.default!r:32s} {k.help}{choices}")
     return "\n".join(lines)
+
+
+def parse_args_with_overrides(parser, argv=None):
+    """Parse ``parser``'s flags anywhere on the line; what is left are ``KEY VALUE`` overrides.
+
+    Returns ``(args, opts)``. A leftover that looks like a flag (``--x``) is an error rather
+    than a silently ignored typo.
+    """
+    args, opts = parser.parse_known_args(argv)
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:
+        parser.error(f"unknown option(s) {flags}; config overrides are written KEY VALUE without dashes")
+    return args, opts

@@ -1,0 +1,70 @@
+import glob
+
+import pytest
+
+from util.config import ConfigError, KEYS, load_cfg, load_cfg_from_yaml, merge_cfg_from_list
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_sections_are_flattened_and_defaults_filled(tmp_path):
+    cfg = load_cfg(write(tmp_path, "DATA:\n  split: 2\n  data_root: /d\nTRAIN:\n  shot: 5\n  base_lr: 1\n"))
+    assert cfg.split == 2 and cfg.data_root == "/d" and cfg.shot == 5
+    assert cfg.base_lr == 1.0 and isinstance(cfg.base_lr, float)   # an int is a valid float
+    assert cfg.ppm_scales == [60, 30, 15, 8]                          # declared default
+    assert set(cfg) == set(KEYS)
+
+
+def test_unknown_key_names_the_nearest_declared_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'shots'.*did you mean 'shot'"):
+        load_cfg_from_yaml(write(tmp_path, "TRAIN:\n  shots: 1\n"))
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'base_rl'.*'base_lr'"):
+        load_cfg(write(tmp_path, "TRAIN:\n  shot: 1\n"), ["base_rl", "0.1"])
+    with pytest.raises(AttributeError, match="did you mean 'split'"):
+        load_cfg_from_yaml(write(tmp_path, "DATA:\n  split: 1\n")).splt
+
+
+def test_wrong_type_names_key_value_and_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'shot' has value 'one' \(str\); expected an int"):
+        load_cfg_from_yaml(write(tmp_path, "TRAIN:\n  shot: one\n"))
+    with pytest.raises(ConfigError, match=r"key 'fix_bn' has value 1 \(int\); expected a bool"):
+        load_cfg_from_yaml(write(tmp_path, "TRAIN:\n  fix_bn: 1\n"))
+    with pytest.raises(ConfigError, match=r"key 'amp' has value 'fp8'; expected one of"):
+        load_cfg_from_yaml(write(tmp_path, "TRAIN:\n  amp: fp8\n"))
+    with pytest.raises(ConfigError, match=r"key 'split' is 7"):
+        load_cfg(write(tmp_path, "DATA:\n  split: 7\n"))
+
+
+def test_command_line_overrides_are_python_literals(tmp_path):
+    path = write(tmp_path, "TRAIN:\n  shot: 1\n")
+    cfg = load_cfg(path, ["shot", "5", "base_lr", "0.01", "ppm_scales", "[1.0, 0.5]",
+                          "fix_bn", "False", "weight", "exp/x/best.pth", "resume", "auto"])
+    assert (cfg.shot, cfg.base_lr, cfg.ppm_scales, cfg.fix_bn) == (5, 0.01, [1.0, 0.5], False)
+    assert cfg.weight == "exp/x/best.pth" and cfg.resume == "auto"
+    # a string key keeps the text even when it would parse as a number
+    assert merge_cfg_from_list(cfg, ["pretrained", "123"]).pretrained == "123"
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
+        load_cfg(path, ["shot"])
+    with pytest.raises(ConfigError, match="key 'shot' has value 'five'"):
+        load_cfg(path, ["shot", "five"])
+
+
+def test_duplicate_key_and_bad_sections(tmp_path):
+    with pytest.raises(ConfigError, match="'shot' appears in both 'DATA' and 'TRAIN'"):
+        load_cfg_from_yaml(write(tmp_path, "DATA:\n  shot: 1\nTRAIN:\n  shot: 2\n"))
+    with pytest.raises(ConfigError, match="section 'TRAIN' must map keys"):
+        load_cfg_from_yaml(write(tmp_path, "TRAIN: 3\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_cfg_from_yaml(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("config/*/*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_cfg(path)
+    dataset = path.split("/")[1]
+    assert cfg.dataset == dataset
+    assert f"split{cfg.split}" in path

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from util.config import defaults
+from util.transform import (IMAGENET_MEAN, IMAGENET_STD, EvalResize, RandomCrop, RandomHorizontalFlip,
+                            RandRotate, ToTensorNormalize, eval_resized_hw, train_transform)
+
+
+def ramp(h=20, w=30):
+    """An image whose every channel equals the label value, so geometry can be compared."""
+    label = (np.arange(h * w) % 2).reshape(h, w).astype(np.uint8)
+    label[:, :5] = 255
+    return np.repeat(label[..., None].astype(np.float32), 3, axis=2), label
+
+
+def test_flip_moves_image_and_label_together():
+    image, label = ramp()
+    out_img, out_lab = RandomHorizontalFlip(p=1.0)(image, label, np.random.default_rng(0))
+    np.testing.assert_array_equal(out_lab, label[:, ::-1])
+    np.testing.assert_array_equal(out_img[..., 0], out_lab.astype(np.float32))
+    same_img, same_lab = RandomHorizontalFlip(p=0.0)(image, label, np.random.default_rng(0))
+    np.testing.assert_array_equal(same_lab, label)
+
+
+def test_rotation_pads_label_with_255_and_image_with_mean():
+    image = np.full((40, 40, 3), 7.0, np.float32)
+    label = np.ones((40, 40), np.uint8)
+    rot = RandRotate(30, 30, IMAGENET_MEAN, 255, p=1.0)
+    out_img, out_lab = rot(image, label, np.random.default_rng(0))
+    assert out_lab[0, 0] == 255 and out_lab[20, 20] == 1
+    np.testing.assert_allclose(out_img[0, 0], IMAGENET_MEAN, rtol=1e-6)
+    assert set(np.unique(out_lab)) == {1, 255}
+
+
+def test_crop_pads_centred_with_255_then_crops_exact_size():
+    image = np.full((10, 12, 3), 5.0, np.float32)
+    label = np.zeros((10, 12), np.uint8)
+    out_img, out_lab = RandomCrop(14, 12, IMAGENET_MEAN, 255)(image, label, np.random.default_rng(0))
+    assert out_lab.shape == (14, 12) and out_img.shape == (14, 12, 3)
+    # 4 rows of padding split 2 above, 2 below
+    assert (out_lab[:2] == 255).all() and (out_lab[-2:] == 255).all() and (out_lab[2:12] == 0).all()
+    np.testing.assert_allclose(out_img[0, 0], IMAGENET_MEAN, rtol=1e-6)
+
+
+def test_train_transform_keeps_only_valid_label_values_and_is_driven_by_its_generator():
+    cfg = defaults()
+    cfg.update(train_h=33, train_w=41, rotate_p=1.0, scale_min=0.5, scale_max=1.5)
+    rng = np.random.default_rng(5)
+    image = rng.uniform(0, 255, (50, 60, 3)).astype(np.float32)
+    label = rng.choice(np.array([0, 1, 255], np.uint8), (50, 60))
+    t = train_transform(cfg)
+    a_img, a_lab = t(image, label, np.random.default_rng(11))
+    b_img, b_lab = t(image, label, np.random.default_rng(11))
+    assert a_img.shape == (3, 33, 41) and a_lab.shape == (33, 41) and a_lab.dtype == torch.int64
+    assert set(a_lab.unique().tolist()) <= {0, 1, 255}
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+    c_img, _ = t(image, label, np.random.default_rng(12))
+    assert not torch.equal(a_img, c_img)
+
+
+@pytest.mark.parametrize("hw,expected", [((375, 500), (352, 472)), ((500, 333), (472, 312)),
+                                         ((473, 473), (472, 472)), ((100, 50), (472, 232))])
+def test_eval_resize_floors_sides_to_multiples_of_8(hw, expected):
+    assert eval_resized_hw(*hw, 473) == expected
+
+
+def test_eval_resize_pastes_top_left_on_a_padded_canvas():
+    image = np.full((30, 60, 3), 9.0, np.float32)
+    label = np.ones((30, 60), np.uint8)
+    out_img, out_lab = EvalResize(41, 255)(image, label)
+    # longer side 60 -> 41 -> floored 40; shorter 30*41/60 = 20.5 -> 20 -> 16
+    assert out_lab.shape == (41, 41)
+    assert (out_lab[:16, :40] == 1).all() and (out_lab[16:] == 255).all() and (out_lab[:, 40:] == 255).all()
+    assert (out_img[:16, :40] == 9).all() and (out_img[16:] == 0).all()
+
+
+def test_normalisation_uses_imagenet_statistics():
+    image = np.broadcast_to(np.asarray(IMAGENET_MEAN, np.float32), (2, 2, 3)).copy()
+    image[0, 0] += np.asarray(IMAGENET_STD, np.float32)
+    img, lab = ToTensorNormalize()(image, np.zeros((2, 2), np.uint8))
+    assert img.shape == (3, 2, 2)
+    torch.testing.assert_close(img[:, 0, 0], torch.ones(3))
+    torch.testing.assert_close(img[:, 1, 1], torch.zeros(3))

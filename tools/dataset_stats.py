@@ -1,0 +1,89 @@
+"""How many images serve each class of a fold, and (optionally) the evaluation episodes.
+
+    python tools/dataset_stats.py --config config/pascal/pascal_split0_resnet50.yaml \
+        [KEY VALUE ...] [--episodes N --seed S] --json stats.json
+
+Prints a table and writes JSON; ``episodes`` are drawn exactly as evaluation draws them
+(the same seeded list test.py scores for that seed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util.classes import class_names, fold_classes  # noqa: E402
+from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
+from util.dataset import _check_enough_images, draw_episodes, load_split  # noqa: E402
+from util.fileio import atomic_write_json  # noqa: E402
+
+
+def relative(path: str, root: str) -> str:
+    """A path as written in the list file (relative to data_root)."""
+    return os.path.relpath(path, root) if root else path
+
+
+def dataset_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
+    train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
+    names = class_names(cfg.dataset)
+    out = {
+        "dataset": cfg.dataset, "split": cfg.split, "shot": cfg.shot,
+        "train_classes": train_classes, "val_classes": val_classes,
+        "class_names": {str(c): names[c - 1] for c in train_classes + val_classes},
+    }
+    splits = {}
+    for part, train in (("train", True), ("val", False)):
+        split = load_split(cfg, train=train)
+        splits[part] = split
+        out[part] = {"images": len(split.index.images),
+                     "per_class": {str(c): len(split.index.images_of[c]) for c in split.classes}}
+    if episodes:
+        val = splits["val"]
+        _check_enough_images(val, cfg.shot, cfg.val_list)
+        seed = cfg.manual_seed if seed is None else seed
+        drawn = draw_episodes(val.index, episodes, cfg.shot, seed)
+        pairs, root = val.pairs, cfg.data_root
+        out["episodes"] = [{
+            "query_image": relative(pairs[e.query][0], root),
+            "query_label": relative(pairs[e.query][1], root),
+            "class": e.class_id,
+            "support_images": [relative(pairs[s][0], root) for s in e.supports],
+            "support_labels": [relative(pairs[s][1], root) for s in e.supports],
+        } for e in drawn]
+    return out
+
+
+def format_table(stats: dict) -> str:
+    lines = [f"{stats['dataset']} fold {stats['split']}: "
+             f"{stats['train']['images']} training images, {stats['val']['images']} evaluation images "
+             f"serve at least one active class"]
+    for part, key in (("train", "train_classes"), ("val", "val_classes")):
+        lines.append(f"\n{'training' if part == 'train' else 'held-out'} classes")
+        lines.append(f"  {'id':>3}  {'class':<16} {'images':>7}")
+        for c in stats[key]:
+            lines.append(f"  {c:>3}  {stats['class_names'][str(c)]:<16} {stats[part]['per_class'][str(c)]:>7}")
+    if "episodes" in stats:
+        lines.append(f"\n{len(stats['episodes'])} evaluation episodes drawn ({stats['shot']}-shot)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (config/<dataset>/...)")
+    parser.add_argument("--episodes", type=int, default=0, help="also list N evaluation episodes")
+    parser.add_argument("--seed", type=int, default=None, help="episode seed (default: manual_seed)")
+    parser.add_argument("--json", default="", help="write the statistics to this JSON file")
+    args, opts = parse_args_with_overrides(parser, argv)
+    cfg = load_cfg(args.config, opts)
+    stats = dataset_stats(cfg, args.episodes, args.seed)
+    print(format_table(stats))
+    if args.json:
+        atomic_write_json(args.json, stats)
+        print(f"wrote {args.json}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Which image serves which class: built once in parallel, cached beside the list.
+
+The slow part of start-up in the PFENet family is reading every label to find which
+classes each image holds (82k labels on COCO, per run). Here the scan produces an *area
+table* — for every listed image, the pixel count of every class id present — which is
+cached atomically in ``<list>.classindex.npz``. The table does not depend on the fold,
+the threshold or the filtering switch, so changing those needs no rescan: the filtered
+index (:func:`build_class_index`) is derived from the table in milliseconds, and is
+therefore never stale. The cache is keyed by the list's content, ``data_root`` and the
+size and modification time of every label file; any change rebuilds it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from util.fileio import atomic_write
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+CACHE_SUFFIX = ".classindex.npz"
+
+
+@dataclass
+class AreaTable:
+    """Sparse per-image class areas: image ``image[i]`` has ``area[i]`` pixels of ``cls[i]``."""
+    num_images: int
+    image: np.ndarray   # int64, ascending
+    cls: np.ndarray     # int64, class ids 1..254
+    area: np.ndarray    # int64 pixel counts (> 0)
+
+    def areas_of(self, index: int) -> dict[int, int]:
+        lo, hi = np.searchsorted(self.image, [index, index + 1])
+        return dict(zip(self.cls[lo:hi].tolist(), self.area[lo:hi].tolist()))
+
+
+def label_class_areas(label_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(class ids, pixel counts) of one label file, ignoring 0 (background) and 255."""
+    label = cv2.imread(label_path, cv2.IMREAD_GRAYSCALE)
+    if label is None:
+        raise ValueError(f"cannot read label '{label_path}' (missing or not an image)")
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[0] = counts[255] = 0
+    ids = np.flatnonzero(counts)
+    return ids, counts[ids]
+
+
+def _scan_chunk(paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    cv2.setNumThreads(0)  # one process per core already
+    return [label_class_areas(p) for p in paths]
+
+
+def scan_areas(label_paths: list[str], workers: int = 0) -> AreaTable:
+    """Read every label (in ``workers`` processes; 0 = all cores) into an :class:`AreaTable`."""
+    workers = workers or os.cpu_count() or 1
+    n = len(label_paths)
+    chunk = max(1, min(256, n // (workers * 4) or 1))
+    chunks = [label_paths[i:i + chunk] for i in range(0, n, chunk)]
+    if workers == 1 or n < 64:
+        results = [r for c in chunks for r in _scan_chunk(c)]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = [r for part in pool.map(_scan_chunk, chunks) for r in part]
+    image = np.concatenate([np.full(len(ids), i, np.int64) for i, (ids, _) in enumerate(results)] or
+                           [np.zeros(0, np.int64)])
+    cls = np.concatenate([ids for ids, _ in results] or [np.zeros(0, np.int64)]).astype(np.int64)
+    area = np.concatenate([a for _, a in results] or [np.zeros(0, np.int64)]).astype(np.int64)
+    return AreaTable(n, image, cls, area)
+
+
+def cache_key(list_path: str, data_root: str, label_paths: list[str]) -> str:
+    """Fingerprint of what the area table depends on: list bytes, data_root, label stats."""
+    h = hashlib.sha1()
+    h.update(f"v{CACHE_VERSION}\0{os.path.abspath(data_root)}\0".encode())
+    with open(list_path, "rb") as f:
+        h.update(f.read())
+    for p in label_paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+        except FileNotFoundError:
+            h.update(b"missing;")
+    return h.hexdigest()
+
+
+def cache_path_for(list_path: str) -> str:
+    return list_path + CACHE_SUFFIX
+
+
+def load_area_table(list_path: str, data_root: str, label_paths: list[str], workers: int = 0,
+                    use_cache: bool = True) -> tuple[AreaTable, bool]:
+    """The area table of a list, from the cache when it is valid. Returns (table, from_cache)."""
+    key = cache_key(list_path, data_root, label_paths)
+    path = cache_path_for(list_path)
+    if use_cache and os.path.isfile(path):
+        try:
+            with np.load(path) as z:
+                if str(z["key"]) == key:
+                    return AreaTable(int(z["num_images"]), z["image"], z["cls"], z["area"]), True
+        except (OSError, ValueError, KeyError) as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable class-index cache %s (%s); rebuilding", path, e)
+    t0 = time.perf_counter()
+    table = scan_areas(label_paths, workers)
+    log.info("scanned %d labels of %s in %.1f s", len(label_paths), list_path, time.perf_counter() - t0)
+    if use_cache:
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), num_images=np.array(table.num_images),
+                         image=table.image, cls=table.cls, area=table.area)
+        try:
+            atomic_write(path, write)
+        except OSError as e:
+            log.warning("could not write class-index cache %s (%s); the next start will rescan", path, e)
+    return table, False
+
+
+@dataclass
+class ClassIndex:
+    """The filtered index: which listed images take part, and which serve each class."""
+    images: list[int]                  # list positions of images that serve >= 1 active class
+    classes_of: dict[int, list[int]]   # list position -> its eligible active classes (ascending)
+    images_of: dict[int, list[int]]    # class id -> list positions serving it (ascending)
+
+
+def build_class_index(table: AreaTable, active_classes: list[int], min_pixels: int = 2048,
+                      exclude_classes: list[int] = ()) -> ClassIndex:
+    """Filter the area table (protocol.md): an image serves class c of ``active_classes``
+    if it has at least ``min_pixels`` pixels of c; images serving none are dropped. With
+    ``exclude_classes`` (BAM convention), images containing any pixel of those are dropped."""
+    active = np.isin(table.cls, np.asarray(active_classes, np.int64))
+    keep = active & (table.area >= min_pixels)
+    if len(exclude_classes):
+        banned = np.unique(table.image[np.isin(table.cls, np.asarray(exclude_classes, np.int64))])
+        keep &= ~np.isin(table.image, banned)
+    classes_of: dict[int, list[int]] = {}
+    for img, c in zip(table.image[keep].tolist(), table.cls[keep].tolist()):
+        classes_of.setdefault(img, []).append(c)
+    images_of: dict[int, list[int]] = {c: [] for c in active_classes}
+    for img in sorted(classes_of):
+        for c in classes_of[img]:
+            images_of[c].append(img)
+    return ClassIndex(sorted(classes_of), classes_of, images_of)

@@ -1,0 +1,270 @@
+"""Episodic few-shot datasets (protocol.md).
+
+* :class:`FewShotTrainDataset` — random episodes. Items are addressed by
+  ``(image_position, episode_seed)`` pairs from :class:`EpisodeSampler`, so an episode's
+  class, supports and augmentations depend only on that seed: not on the number of
+  loader workers, not on any global random state.
+* :class:`FewShotEvalDataset` — a fixed list of exactly N episodes drawn up front from a
+  seeded generator, optionally a disjoint shard of it for one of several processes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from util.class_index import ClassIndex, build_class_index, load_area_table
+from util.classes import fold_classes
+from util.fileio import read_list
+from util.transform import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB float32 H×W×3 on the 0–255 scale."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image '{path}' (missing, empty or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
+
+
+def read_label(path: str) -> np.ndarray:
+    label = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if label is None:
+        raise ValueError(f"cannot read label '{path}' (missing, empty or not an image)")
+    return label
+
+
+def read_pair(image_path: str, label_path: str) -> tuple[np.ndarray, np.ndarray]:
+    image, label = read_image(image_path), read_label(label_path)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} but its label "
+                         f"'{label_path}' is {label.shape[1]}x{label.shape[0]}; they must match")
+    return image, label
+
+
+def binarize(label: np.ndarray, class_id: int, ignore_label: int = 255) -> np.ndarray:
+    """Episode label: ``class_id`` → 1, every other class → 0, ignore kept."""
+    out = (label == class_id).astype(np.uint8)
+    out[label == ignore_label] = ignore_label
+    return out
+
+
+@dataclass
+class SplitData:
+    """A list file resolved against data_root, with its filtered class index."""
+    pairs: list[tuple[str, str]]
+    index: ClassIndex
+    classes: list[int]            # the active classes
+
+
+def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
+    """Read the training or evaluation list of ``cfg`` and index it for the active classes
+    (training classes when ``train``, held-out ones otherwise)."""
+    list_path = cfg.train_list if train else cfg.val_list
+    pairs = read_list(list_path, cfg.data_root, check_files=cfg.check_files)
+    train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
+    table, cached = load_area_table(list_path, cfg.data_root, [lab for _, lab in pairs],
+                                    workers=cfg.class_index_workers, use_cache=use_cache)
+    active = train_classes if train else val_classes
+    exclude = val_classes if (train and cfg.exclude_novel_images) else []
+    index = build_class_index(table, active, cfg.min_class_pixels, exclude)
+    log.info("%s: %d of %d images serve the %d %s classes (class index %s)", list_path,
+             len(index.images), len(pairs), len(active), "training" if train else "held-out",
+             "cached" if cached else "built")
+    return SplitData(pairs, index, active)
+
+
+def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
+    short = {c: len(split.index.images_of[c]) for c in split.classes
+             if len(split.index.images_of[c]) < shot + 1}
+    if short:
+        detail = ", ".join(f"class {c}: {n}" for c, n in short.items())
+        raise ValueError(
+            f"{where}: {shot}-shot episodes need at least {shot + 1} images per class "
+            f"(a query and {shot} distinct supports), but {detail}. Use a fuller list, "
+            f"fewer shots or a lower min_class_pixels.")
+
+
+class EpisodeSampler(Sampler):
+    """Yields ``(image_position, episode_seed)`` for one epoch of training episodes.
+
+    Like ``DistributedSampler`` (``set_epoch``, one disjoint slice per rank, padded to an
+    equal count), over ``epoch_size`` episodes (repeating shuffled passes over the images
+    where it exceeds them). Each episode's seed depends on (seed, epoch, global position)
+    only, so the same global batch is drawn whatever the number of processes or workers.
+    """
+
+    def __init__(self, num_images: int, epoch_size: int = 0, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
+        if num_images < 1:
+            raise ValueError("no training images serve any training class; check the list and the split")
+        self.num_images, self.seed, self.shuffle = num_images, seed, shuffle
+        self.epoch_size = epoch_size or num_images
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.per_rank = math.ceil(self.epoch_size / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_order(self) -> list[tuple[int, int]]:
+        total = self.per_rank * self.num_replicas
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        passes = math.ceil(total / self.num_images)
+        if self.shuffle:
+            order = torch.cat([torch.randperm(self.num_images, generator=g) for _ in range(passes)])
+        else:
+            order = torch.arange(self.num_images).repeat(passes)
+        order = order[:total].tolist()
+        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(total, np.uint64)
+        return list(zip(order, (int(s) for s in seeds)))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.global_order()[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class FewShotTrainDataset(Dataset):
+    """Training episodes: a query image, one of its eligible classes uniformly, K distinct
+    support images of that class that are not the query, each transformed independently."""
+
+    def __init__(self, cfg, split: SplitData | None = None, shot: int | None = None, transform=None):
+        self.split = split or load_split(cfg, train=True)
+        self.shot = shot or cfg.shot
+        self.ignore_label = cfg.ignore_label
+        self.transform = transform or train_transform(cfg)
+        _check_enough_images(self.split, self.shot, cfg.train_list)
+
+    def __len__(self) -> int:
+        return len(self.split.index.images)
+
+    def sampler(self, epoch_size=0, seed=0, num_replicas=1, rank=0) -> EpisodeSampler:
+        return EpisodeSampler(len(self), epoch_size, seed, num_replicas, rank)
+
+    def draw(self, position: int, rng: np.random.Generator) -> tuple[int, int, list[int]]:
+        """(query list position, class id, support list positions) of one episode."""
+        index = self.split.index
+        query = index.images[position]
+        classes = index.classes_of[query]
+        class_id = classes[int(rng.integers(len(classes)))]
+        candidates = [i for i in index.images_of[class_id] if i != query]
+        supports = rng.choice(len(candidates), self.shot, replace=False)
+        return query, class_id, [candidates[i] for i in supports]
+
+    def load(self, list_pos: int, class_id: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = read_pair(*self.split.pairs[list_pos])
+        return self.transform(image, binarize(label, class_id, self.ignore_label), rng)
+
+    def __getitem__(self, key):
+        position, seed = key if isinstance(key, tuple) else (key, key)
+        rng = np.random.default_rng(seed)
+        query, class_id, supports = self.draw(position, rng)
+        q_img, q_lab = self.load(query, class_id, rng)
+        s = [self.load(i, class_id, rng) for i in supports]
+        return {
+            "query_img": q_img, "query_mask": q_lab,
+            "support_imgs": torch.stack([im for im, _ in s]),
+            "support_masks": torch.stack([m for _, m in s]),
+            "class_id": class_id,
+        }
+
+
+@dataclass(frozen=True)
+class Episode:
+    episode_id: int        # position in the full list (stable across shards)
+    query: int             # list position of the query image
+    class_id: int
+    supports: tuple[int, ...]
+
+
+def draw_episodes(index: ClassIndex, num_episodes: int, shot: int, seed: int) -> list[Episode]:
+    """Exactly ``num_episodes`` evaluation episodes from a seeded generator.
+
+    Queries cycle through seeded permutations of the eligible images (every image is used
+    before any repeats); the class is uniform among the query's eligible classes; the K
+    supports are distinct images of that class, never the query.
+    """
+    rng = np.random.default_rng(seed)
+    images = index.images
+    episodes = []
+    order: list[int] = []
+    for e in range(num_episodes):
+        if not order:
+            order = [images[i] for i in rng.permutation(len(images))][::-1]
+        query = order.pop()
+        classes = index.classes_of[query]
+        class_id = classes[int(rng.integers(len(classes)))]
+        candidates = [i for i in index.images_of[class_id] if i != query]
+        picks = rng.choice(len(candidates), shot, replace=False)
+        episodes.append(Episode(e, query, class_id, tuple(candidates[i] for i in picks)))
+    return episodes
+
+
+def shard(episodes: Sequence[Episode], rank: int, world_size: int) -> list[Episode]:
+    """The episodes of process ``rank``: disjoint shards whose union is the whole list."""
+    return list(episodes[rank::world_size])
+
+
+class FewShotEvalDataset(Dataset):
+    """A fixed, seeded list of exactly ``num_episodes`` evaluation episodes.
+
+    Items carry the query and supports at the evaluation size (``val_size²`` canvas), the
+    query's binary label on that canvas, its binary label at the original size, and the
+    episode's identity (id, class, query label path) for scoring and saving predictions.
+    """
+
+    def __init__(self, cfg, seed: int, num_episodes: int | None = None, shot: int | None = None,
+                 split: SplitData | None = None, rank: int = 0, world_size: int = 1):
+        self.split = split or load_split(cfg, train=False)
+        self.shot = shot or cfg.shot
+        self.ignore_label = cfg.ignore_label
+        self.transform = eval_transform(cfg)
+        _check_enough_images(self.split, self.shot, cfg.val_list)
+        num_episodes = num_episodes or cfg.test_num
+        self.all_episodes = draw_episodes(self.split.index, num_episodes, self.shot, seed)
+        self.episodes = shard(self.all_episodes, rank, world_size)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def _load(self, list_pos: int, class_id: int):
+        image, label = read_pair(*self.split.pairs[list_pos])
+        label = binarize(label, class_id, self.ignore_label)
+        img_t, lab_t = self.transform(image, label)
+        return img_t, lab_t, label
+
+    def __getitem__(self, i: int) -> dict:
+        ep = self.episodes[i]
+        q_img, q_lab, q_ori = self._load(ep.query, ep.class_id)
+        s = [self._load(j, ep.class_id)[:2] for j in ep.supports]
+        return {
+            "query_img": q_img, "query_mask": q_lab,
+            "query_mask_ori": torch.from_numpy(q_ori).long(),
+            "support_imgs": torch.stack([im for im, _ in s]),
+            "support_masks": torch.stack([m for _, m in s]),
+            "class_id": ep.class_id, "episode_id": ep.episode_id,
+            "query_label_path": self.split.pairs[ep.query][1],
+        }
+
+
+def eval_collate(items: list[dict]) -> dict:
+    """Stack the fixed-size tensors; keep original-size labels and paths as lists."""
+    out = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if k in ("query_mask_ori", "query_label_path"):
+            out[k] = vals
+        elif isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        else:
+            out[k] = torch.tensor(vals)
+    return out
