@@ -1,0 +1,319 @@
+"""Backbones: dilated ResNets (output stride 8) and VGG-16-bn, and their weight loading.
+
+Every backbone exposes the same two calls the network needs:
+
+- ``mid_level(x) -> (layer2, layer3)``: the features behind ``F = concat(layer3, layer2)``;
+- ``high_level(layer3) -> layer4``: used only for the prior mask;
+
+and the attributes ``layer2_channels``, ``layer3_channels``, ``layer4_channels``.
+
+Weights come from local files. ``load_backbone_weights`` accepts the semseg "v2" deep-stem
+layout (``conv1/bn1/conv2/bn2/conv3/bn3``, ``layer1..4``, ``fc``), torchvision's ResNet
+layout (7×7 ``conv1``; needs ``deep_stem: False``) and torchvision's VGG-16-bn layout
+(``features.N``), reports every missing / unexpected key and refuses a half-loaded backbone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+README_HINT = "see the README section 'Pretrained backbones' for where these files come from"
+
+
+# --------------------------------------------------------------------------------------
+# ResNet
+# --------------------------------------------------------------------------------------
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        # stride on the 3x3 conv (semseg / torchvision v1.5), so both weight layouts fit
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+RESNET_SPECS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """Dilated ResNet: layer3 dilation 2, layer4 dilation 4, both stride 1 (output stride 8).
+
+    ``deep_stem``: PSPNet's three 3×3 convs (3→64→64→128); otherwise the 7×7 stem.
+    Attribute names equal the weight files' key names, so no key renaming is needed.
+    """
+
+    def __init__(self, depth: int = 50, deep_stem: bool = True):
+        super().__init__()
+        if depth not in RESNET_SPECS:
+            raise ValueError(f"ResNet depth {depth} is not available; config key 'layers' takes "
+                             f"{sorted(RESNET_SPECS)}")
+        block, counts = RESNET_SPECS[depth]
+        self.depth, self.deep_stem = depth, deep_stem
+        if deep_stem:
+            self.conv1 = _conv3x3(3, 64, stride=2)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.conv2 = _conv3x3(64, 64)
+            self.bn2 = nn.BatchNorm2d(64)
+            self.conv3 = _conv3x3(64, 128)
+            self.bn3 = nn.BatchNorm2d(128)
+            self.inplanes = 128
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.inplanes = 64
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, counts[0])
+        self.layer2 = self._make_layer(block, 128, counts[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, counts[2], dilation=2)
+        self.layer4 = self._make_layer(block, 512, counts[3], dilation=4)
+        self.layer2_channels = 128 * block.expansion
+        self.layer3_channels = 256 * block.expansion
+        self.layer4_channels = 512 * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilation: int = 1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def layer0(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.deep_stem:
+            x = self.relu(self.bn2(self.conv2(x)))
+            x = self.relu(self.bn3(self.conv3(x)))
+        return self.maxpool(x)
+
+    def mid_level(self, x):
+        layer2 = self.layer2(self.layer1(self.layer0(x)))
+        return layer2, self.layer3(layer2)
+
+    def high_level(self, layer3):
+        return self.layer4(layer3)
+
+    def convert_state_dict(self, state: dict, source: str) -> tuple[dict, list[str]]:
+        """Return (state in this module's key layout, classifier keys that are unused)."""
+        classifier = [k for k in state if k.startswith("fc.")]
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        stem = state.get("conv1.weight")
+        if stem is not None and stem.dim() == 4:
+            file_deep = stem.shape[-1] == 3
+            if file_deep != self.deep_stem:
+                have = "a deep 3x3 stem (semseg 'v2' layout)" if file_deep else "a 7x7 stem (torchvision layout)"
+                fix = "True" if file_deep else "False"
+                raise BackboneWeightsError(
+                    f"backbone weight file '{source}' has {have} but the config asks for "
+                    f"deep_stem {self.deep_stem}; set 'deep_stem {fix}' or use the matching file "
+                    f"({README_HINT})")
+        return state, classifier
+
+
+# --------------------------------------------------------------------------------------
+# VGG-16-bn
+# --------------------------------------------------------------------------------------
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# torchvision's features.N index ranges of PFENet's slices; pools 33 and 43 are dropped,
+# so layer3 and layer4 keep layer2's stride (8).
+VGG_SLICES = {"layer0": (0, 7), "layer1": (7, 14), "layer2": (14, 24), "layer3": (24, 33), "layer4": (34, 43)}
+
+
+class VGG16BN(nn.Module):
+    """VGG-16-bn ``features`` sliced into layer0..layer4 (output stride 8, 256/512/512 ch)."""
+
+    def __init__(self):
+        super().__init__()
+        features, in_ch = [], 3
+        for v in VGG16_CFG:
+            if v == "M":
+                features.append(nn.MaxPool2d(2, 2))
+            else:
+                features += [nn.Conv2d(in_ch, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                in_ch = v
+        for name, (start, stop) in VGG_SLICES.items():
+            setattr(self, name, nn.Sequential(*features[start:stop]))
+        self.layer2_channels, self.layer3_channels, self.layer4_channels = 256, 512, 512
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def mid_level(self, x):
+        layer2 = self.layer2(self.layer1(self.layer0(x)))
+        layer3 = self.layer3(layer2)
+        if layer2.shape[-2:] != layer3.shape[-2:]:
+            layer2 = F.interpolate(layer2, size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+        return layer2, layer3
+
+    def high_level(self, layer3):
+        return self.layer4(layer3)
+
+    def convert_state_dict(self, state: dict, source: str) -> tuple[dict, list[str]]:
+        classifier = [k for k in state if k.startswith("classifier.")]
+        converted = {}
+        for key, value in state.items():
+            if key.startswith("classifier."):
+                continue
+            match = re.fullmatch(r"features\.(\d+)\.(.+)", key)
+            if match is None:
+                converted[key] = value      # already in layerN.i layout, or unexpected
+                continue
+            index, rest = int(match.group(1)), match.group(2)
+            for name, (start, stop) in VGG_SLICES.items():
+                if start <= index < stop:
+                    converted[f"{name}.{index - start}.{rest}"] = value
+                    break
+            else:
+                converted[key] = value      # a dropped pool has no tensors: report as unexpected
+        return converted, classifier
+
+
+# --------------------------------------------------------------------------------------
+# Construction and weight loading
+# --------------------------------------------------------------------------------------
+class BackboneWeightsError(RuntimeError):
+    """A backbone weight file is missing, unreadable or does not fit the configured backbone."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    classifier_unused: list[str] = field(default_factory=list)
+    benign_missing: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def some(keys):
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = [f"backbone weights '{self.source}': {self.loaded} tensors loaded"]
+        parts.append(f"classifier keys unused (expected): {some(self.classifier_unused) or 'none'}")
+        parts.append(f"missing: {some(self.missing) or 'none'}")
+        parts.append(f"unexpected: {some(self.unexpected) or 'none'}")
+        if self.benign_missing:
+            parts.append(f"BN batch counters absent (not used by BN with momentum): {len(self.benign_missing)}")
+        return "; ".join(parts)
+
+
+def build_backbone(layers: int = 50, vgg: bool = False, deep_stem: bool = True) -> nn.Module:
+    return VGG16BN() if vgg else ResNet(layers, deep_stem)
+
+
+def read_state_dict(path: str) -> dict:
+    """Read a weight file; unwrap {'state_dict': ...} / {'model': ...} and 'module.' prefixes."""
+    if not os.path.isfile(path):
+        raise BackboneWeightsError(
+            f"backbone weight file '{path}' (config key 'pretrained') does not exist; {README_HINT}, "
+            f"or set \"pretrained ''\" for random initialisation")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same explanation
+        raise BackboneWeightsError(f"backbone weight file '{path}' could not be read as a tensor "
+                                   f"state dict ({type(e).__name__}: {e}); {README_HINT}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise BackboneWeightsError(f"backbone weight file '{path}' does not hold a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_backbone_weights(backbone: nn.Module, source: str | dict, allow_missing: bool = False) -> LoadReport:
+    """Load a weight file (or a state dict) into ``backbone`` and report every key.
+
+    Missing backbone keys are an error unless ``allow_missing``; unexpected keys outside the
+    classifier are always an error (they mean the file belongs to another architecture);
+    shape mismatches are always an error.
+    """
+    name = source if isinstance(source, str) else "<state dict>"
+    state = read_state_dict(source) if isinstance(source, str) else dict(source)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state, classifier = backbone.convert_state_dict(state, name)
+    own = backbone.state_dict()
+    report = LoadReport(name, classifier_unused=sorted(classifier))
+    for key in own:
+        if key not in state:
+            (report.benign_missing if key.endswith("num_batches_tracked") else report.missing).append(key)
+    report.unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise BackboneWeightsError(f"backbone weight file '{name}' does not fit the configured backbone "
+                                   f"(check 'layers', 'vgg', 'deep_stem'): " + "; ".join(mismatched[:5]))
+    if report.unexpected:
+        raise BackboneWeightsError(
+            f"backbone weight file '{name}' has keys the configured backbone lacks: "
+            f"{report.unexpected[:8]} ({len(report.unexpected)} in all); it belongs to another "
+            f"architecture (check 'layers', 'vgg', 'deep_stem'); {README_HINT}")
+    if report.missing and not allow_missing:
+        raise BackboneWeightsError(
+            f"backbone weight file '{name}' lacks backbone keys {report.missing[:8]} "
+            f"({len(report.missing)} in all); a half-loaded backbone is refused. Use a complete file "
+            f"({README_HINT}) or set 'allow_missing_backbone_keys True' to accept it")
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    report.loaded = sum(1 for k in state if k in own)
+    (log.warning if report.missing else log.info)(report.summary())
+    return report

@@ -1,0 +1,146 @@
+"""Losses of NTRENet++ (method.md §3, §5, §6), vectorised over episodes and shots.
+
+All of them compute in float32 whatever the autocast dtype, and none reads a tensor value
+on the host: "nothing to learn from" cases (no negatives yet, an episode without target
+pixels) are masked, not branched on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .modules import resize
+
+BG_TARGET_EPS = 1e-5
+PIXEL_LOG_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss weights and contrast settings of the config (method.md §6)."""
+    ignore_label: int = 255
+    aux_weight: float = 1.0
+    bg_weight: float = 1.0
+    aux1_weight: float = 0.4
+    aux2_weight: float = 0.6
+    contrast_weight: float = 0.01
+    bg_alpha: float = 0.5
+    temperature: float = 1.0
+    pixel_negative: bool = False
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
+    """Cross-entropy of N×2×h×w logits, bilinearly upsampled to the N×H×W label (ignore 255).
+
+    Averaged over each image's valid pixels, then over images: what the reference's 4 GPUs ×
+    1 episode computed, and the same value however a batch is split across ranks (a
+    batch-wide pixel mean is not). An image with no valid pixel contributes 0.
+    """
+    logits = resize(logits, label.shape[-2:]).float()
+    label = label.long()
+    per_pixel = F.cross_entropy(logits, label, ignore_index=ignore_label, reduction="none")   # 0 where ignored
+    valid = (label != ignore_label).flatten(1).sum(dim=1)
+    return (per_pixel.flatten(1).sum(dim=1) / valid.clamp_min(1)).mean()
+
+
+def bg_mining_loss(bg_logits: torch.Tensor, label: torch.Tensor, alpha: float = 0.5,
+                   ignore_label: int = 255) -> torch.Tensor:
+    """``Σ_{y=1} CE(z, 0) / (|y=1| + 1e-5) + α · mean_{y≠255} CE(z, 1)``, per image, averaged.
+
+    ``bg_logits``: N×2×h×w (channel 1 = BG), upsampled to the N×H×W label (1 = target).
+    Target pixels must not be BG; every valid pixel is weakly pulled towards BG.
+    """
+    log_prob = F.log_softmax(resize(bg_logits, label.shape[-2:]).float(), dim=1)
+    target = (label == 1).float()
+    valid = (label != ignore_label).float()
+    not_bg_term = -(log_prob[:, 0] * target).sum(dim=(1, 2)) / (target.sum(dim=(1, 2)) + BG_TARGET_EPS)
+    bg_term = -(log_prob[:, 1] * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+    return (not_bg_term + alpha * bg_term).mean()
+
+
+def prototype_infonce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                      negative_valid: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-episode InfoNCE with cosine similarity.
+
+    ``anchor``, ``positive``: N×C; ``negatives``: N×M×C with ``negative_valid`` N×M (bool).
+    ``−log(e^{s⁺/τ} / (e^{s⁺/τ} + Σ_valid e^{s_n/τ}))`` → N. With no valid negative it is
+    exactly 0 (and so is its gradient).
+    """
+    anchor = F.normalize(anchor.float(), dim=-1)
+    positive_logit = (anchor * F.normalize(positive.float(), dim=-1)).sum(dim=-1, keepdim=True) / temperature
+    negative_logits = torch.einsum("nc,nmc->nm", anchor, F.normalize(negatives.float(), dim=-1)) / temperature
+    negative_logits = negative_logits.masked_fill(~negative_valid, float("-inf"))
+    logits = torch.cat([positive_logit, negative_logits], dim=1)
+    return torch.logsumexp(logits, dim=1) - positive_logit[:, 0]
+
+
+def _pixels(feature: torch.Tensor) -> torch.Tensor:
+    """N×C×h×w → N×(h·w)×C unit vectors (fp32)."""
+    return F.normalize(feature.float().flatten(2).transpose(1, 2), dim=-1)
+
+
+def max_cosine(query: torch.Tensor, candidates: torch.Tensor, candidate_on: torch.Tensor) -> torch.Tensor:
+    """For every query vector, the max cosine to the 'on' candidates (−1 where none is on).
+
+    ``query`` B×M×C and ``candidates`` B×S×C unit vectors, ``candidate_on`` B×S (bool) → B×M.
+    The B×M×S similarity is only needed to find the best candidate, so it is built without
+    autograd and freed at once; the chosen pairs are recomputed with gradient (same value
+    and gradient as a max over the full matrix, without keeping it for the backward pass).
+    """
+    with torch.no_grad():
+        similarity = torch.bmm(query, candidates.transpose(1, 2))
+        best = similarity.masked_fill_(~candidate_on[:, None, :], -2.0).argmax(dim=2)   # B×M
+    chosen = torch.gather(candidates, 1, best.unsqueeze(-1).expand(-1, -1, candidates.shape[-1]))
+    cosine = (query * chosen).sum(dim=-1)
+    return torch.where(candidate_on.any(dim=1, keepdim=True), cosine, torch.full_like(cosine, -1.0))
+
+
+def pixel_contrast_loss(query_feature: torch.Tensor, query_target: torch.Tensor,
+                        support_feature: torch.Tensor, support_target: torch.Tensor):
+    """Pixel-level positive term, per episode.
+
+    ``query_feature`` B×C×h×w, ``query_target`` B×1×h×w (bool); ``support_feature``
+    B×K×C×h×w, ``support_target`` B×K×1×h×w (bool). For every query target pixel the max
+    cosine similarity to any support target pixel (all shots), mapped to ``(s+1)/2``;
+    loss ``−mean log(pos + 1e-8)`` over the episode's query target pixels.
+    Returns (loss B, valid B): an episode without query or support target pixels is invalid.
+    """
+    B = support_feature.shape[0]
+    query = _pixels(query_feature)                                          # B×M×C
+    support = _pixels(support_feature.flatten(0, 1)).reshape(B, -1, query.shape[-1])  # B×KN×C
+    support_on = support_target.reshape(B, -1)                              # B×KN
+    positive = (max_cosine(query, support, support_on) + 1) / 2             # B×M
+    query_on = query_target.flatten(1).float()                              # B×M
+    count = query_on.sum(dim=1)
+    loss = -(torch.log(positive + PIXEL_LOG_EPS) * query_on).sum(dim=1) / count.clamp_min(1)
+    return loss, (count > 0) & support_on.any(dim=1)
+
+
+def pixel_negative_loss(query_feature: torch.Tensor, query_target: torch.Tensor,
+                        negatives: torch.Tensor, negative_valid: torch.Tensor) -> torch.Tensor:
+    """Optional pixel-to-DO term (off by default, as in the reference's loss).
+
+    For every query target pixel the max cosine similarity to the sampled DO prototypes,
+    mapped to ``(s+1)/2``; loss ``−mean log(1 − neg + 1e-8)``. 0 for an episode with no
+    valid negative. Returns B.
+    """
+    query = _pixels(query_feature)                                          # B×M×C
+    negative = (max_cosine(query, F.normalize(negatives.float(), dim=-1), negative_valid) + 1) / 2
+    query_on = query_target.flatten(1).float()
+    loss = -(torch.log(1 - negative + PIXEL_LOG_EPS) * query_on).sum(dim=1) / query_on.sum(dim=1).clamp_min(1)
+    return loss * negative_valid.any(dim=1)
+
+
+def episode_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over all episodes, invalid ones counting 0: the same however the batch is split
+    across ranks (a mean over the valid ones only would not be)."""
+    return (values * valid.to(values.dtype)).mean()
+
+
+def total_loss(losses: dict, settings: LossSettings) -> torch.Tensor:
+    """``CE(final) + aux_weight · [bg_w·L_BG + aux1_w·L_aux1 + aux2_w·L_aux2 + con_w·L_con]``."""
+    bracket = (settings.bg_weight * losses["bg"] + settings.aux1_weight * losses["aux1"]
+               + settings.aux2_weight * losses["aux2"] + settings.contrast_weight * losses["contrast"])
+    return losses["main"] + settings.aux_weight * bracket

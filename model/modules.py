@@ -1,0 +1,265 @@
+"""The building blocks of NTRENet++ (method.md §2–§4), each named as in the method's figure.
+
+Shapes: ``B`` episodes, ``K`` shots, ``C`` reduced channels, ``h×w`` feature size,
+``b×b`` one pyramid bin. Masks are float maps in [0, 1] with one channel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAP_EPS = 5e-4      # PFENet's Weighted_GAP
+COSINE_EPS = 1e-7   # PFENet's prior mask
+
+
+def resize(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize with align_corners=True (PFENet's convention everywhere)."""
+    if isinstance(size, int):
+        size = (size, size)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def masked_average_pooling(feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``MAP(X, m) = Σ X·m / (Σ m + 5e-4)``: N×C×h×w, N×1×h×w → N×C×1×1."""
+    total = (feature * mask).sum(dim=(2, 3), keepdim=True)
+    return total / (mask.sum(dim=(2, 3), keepdim=True) + MAP_EPS)
+
+
+def global_masked_pooling(feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference's DO pooling: ``Σ X·m / (h·w)`` (the mask area is not used)."""
+    return (feature * mask).mean(dim=(2, 3), keepdim=True)
+
+
+def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, size) -> torch.Tensor:
+    """PFENet's training-free prior, all shots at once.
+
+    ``query_high``: B×D×h'×w' query layer4; ``support_high``: B×K×D×h'×w' masked support
+    layer4 (non-target pixels are zero). For every query pixel, the max cosine similarity
+    to any support pixel, min–max normalised per image and shot, resized to ``size`` and
+    averaged over shots → B×1×h×w.
+    """
+    B, K, D = support_high.shape[:3]
+    hq, wq = query_high.shape[-2:]
+    query = query_high.flatten(2)                                   # B×D×M
+    support = support_high.flatten(3).transpose(2, 3).reshape(B, -1, D)   # B×KN×D
+    query = query / (query.norm(dim=1, keepdim=True) + COSINE_EPS)
+    support = support / (support.norm(dim=2, keepdim=True) + COSINE_EPS)
+    # one bmm for all shots; the query is shared, so it is never copied per shot
+    similarity = torch.bmm(support, query).view(B, K, -1, hq * wq)   # B×K×N×M
+    # the N×M products may run in low precision; the reduced map is normalised in fp32
+    best = similarity.amax(dim=2).float()                           # B×K×M
+    low = best.amin(dim=2, keepdim=True)
+    high = best.amax(dim=2, keepdim=True)
+    best = (best - low) / (high - low + COSINE_EPS)
+    prior = resize(best.view(B * K, 1, hq, wq), size)
+    return prior.view(B, K, 1, *prior.shape[-2:]).mean(dim=1)
+
+
+def distracting_object_mask(bg_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``M_DO = relu(1 − argmax(BG logits) − target)``: pixels that are neither BG nor target.
+
+    ``bg_logits``: N×2×h×w (channel 1 = BG); ``target``: N×1×h×w in [0, 1] → N×1×h×w.
+    """
+    is_bg = bg_logits.argmax(dim=1, keepdim=True).to(target.dtype)
+    return torch.relu(1 - is_bg - target)
+
+
+def _conv1x1_relu(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.ReLU(inplace=True))
+
+
+def _expand_like(prototype: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Tile an N×C×1×1 (or 1×C×1×1) prototype over ``feature``'s batch and pixels."""
+    return prototype.expand(feature.shape[0], -1, feature.shape[2], feature.shape[3])
+
+
+class ResidualBlock(nn.Module):
+    """PFENet's ``x + (3×3 conv, ReLU, 3×3 conv, ReLU)(x)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class SegmentationHead(nn.Module):
+    """3×3 conv, ReLU, Dropout(0.1), 1×1 → ``classes`` logits."""
+
+    def __init__(self, channels: int, classes: int = 2):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+            nn.Dropout(0.1), nn.Conv2d(channels, classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Reduce(nn.Sequential):
+    """``down_query`` / ``down_supp``: 1×1 conv (no bias), ReLU, Dropout2d(0.5)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling on the query (new in NTRENet++).
+
+    Five branches — global pooling + 1×1, 1×1, and 3×3 at each dilation — each ReLU +
+    Dropout(0.5), concatenated (5C) and fused by a 1×1 conv to C (+ ReLU, so the query
+    features stay non-negative like the support features they are matched against).
+    """
+
+    def __init__(self, channels: int, dilations=(6, 12, 18)):
+        super().__init__()
+
+        def branch(kernel, dilation=1):
+            return nn.Sequential(
+                nn.Conv2d(channels, channels, kernel, padding=dilation if kernel == 3 else 0, dilation=dilation),
+                nn.ReLU(inplace=True), nn.Dropout(0.5))
+
+        self.image_pool = branch(1)
+        self.pointwise = branch(1)
+        self.atrous = nn.ModuleList(branch(3, d) for d in dilations)
+        self.fuse = nn.Sequential(nn.Conv2d(channels * (2 + len(dilations)), channels, 1), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        pooled = self.image_pool(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
+        branches = [pooled, self.pointwise(x)] + [conv(x) for conv in self.atrous]
+        return self.fuse(torch.cat(branches, dim=1))
+
+
+class BGMiningModule(nn.Module):
+    """BGMM: a learnable, episode-independent BG prototype and the BG branch.
+
+    ``forward(X)`` → BG logits (N×2×h×w, channel 1 = BG) for any stack of feature maps
+    (the query; in training also every support).
+    """
+
+    def __init__(self, channels: int, classes: int = 2):
+        super().__init__()
+        self.bg_prototype = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.fuse = nn.Sequential(nn.Conv2d(channels * 2, channels, 1, bias=False),
+                                  nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+        self.residual = ResidualBlock(channels)
+        self.head = SegmentationHead(channels, classes)
+
+    def forward(self, x):
+        x = self.fuse(torch.cat([x, _expand_like(self.bg_prototype, x)], dim=1))
+        return self.head(self.residual(x))
+
+
+class BGEliminating(nn.Module):
+    """``X_BG = ReLU(conv1×1(concat(q_b, P_BG)))``: removes the BG from the query at one bin."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fuse = _conv1x1_relu(channels * 2, channels)
+
+    def forward(self, query_bin, bg_prototype):
+        return self.fuse(torch.cat([query_bin, _expand_like(bg_prototype, query_bin)], dim=1))
+
+
+class TargetMatching(nn.Module):
+    """Matches the support prototype (→ initial prediction), then the query's own one.
+
+    ``forward(X_BG, P_s, prior_b, q_b)`` → ``(X_self, init_logits, second_logits)``. The query
+    self-prototype ``P_q`` is the masked average of ``q_b`` over the initial prediction's
+    foreground (PFENet's Weighted_GAP).
+    """
+
+    def __init__(self, channels: int, classes: int = 2):
+        super().__init__()
+        self.support_merge = _conv1x1_relu(channels * 2 + 1, channels)
+        self.support_residual = ResidualBlock(channels)
+        self.init_head = SegmentationHead(channels, classes)
+        self.self_merge = _conv1x1_relu(channels * 2 + 1, channels)
+        self.self_residual = ResidualBlock(channels)
+        self.second_head = SegmentationHead(channels, classes)
+
+    def forward(self, x_bg, support_prototype, prior_bin, query_bin):
+        x_act = self.support_merge(torch.cat([x_bg, _expand_like(support_prototype, x_bg), prior_bin], dim=1))
+        x_act = self.support_residual(x_act)
+        init_logits = self.init_head(x_act)
+        init_fg = init_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
+        query_prototype = masked_average_pooling(query_bin, init_fg)
+        x_self = self.self_merge(torch.cat([x_act, _expand_like(query_prototype, x_act), prior_bin], dim=1))
+        x_self = self.self_residual(x_self)
+        return x_self, init_logits, self.second_head(x_self)
+
+
+class DOEliminating(nn.Module):
+    """Mines the distracting objects (neither BG nor target) of the query and removes them.
+
+    ``forward(X_self, q_b, bg_logits_b, second_logits)`` → ``(X_DO, M_DO)``.
+    ``pool``: 'gap' divides by h·w (the reference), 'map' by the mask area.
+    """
+
+    def __init__(self, channels: int, pool: str = "gap"):
+        super().__init__()
+        if pool not in ("gap", "map"):
+            raise ValueError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
+        self.pool = global_masked_pooling if pool == "gap" else masked_average_pooling
+        self.fuse = _conv1x1_relu(channels * 2, channels)
+
+    def forward(self, x_self, query_bin, bg_logits_bin, second_logits):
+        target = second_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
+        do_mask = distracting_object_mask(bg_logits_bin, target)
+        do_prototype = self.pool(query_bin, do_mask)
+        return self.fuse(torch.cat([x_self, _expand_like(do_prototype, x_self)], dim=1)), do_mask
+
+
+class ScaleEnrichment(nn.Module):
+    """PFENet's inter-scale enrichment at one bin: fuse the previous (finer) scale, refine,
+    predict the auxiliary logits."""
+
+    def __init__(self, channels: int, has_previous: bool, classes: int = 2):
+        super().__init__()
+        self.inter_scale = _conv1x1_relu(channels * 2, channels) if has_previous else None
+        self.residual = ResidualBlock(channels)
+        self.aux_head = SegmentationHead(channels, classes)
+
+    def forward(self, x, previous=None):
+        if self.inter_scale is not None:
+            x = self.inter_scale(torch.cat([x, resize(previous, x.shape[-2:])], dim=1)) + x
+        x = self.residual(x)
+        return x, self.aux_head(x)
+
+
+class ScalePath(nn.Module):
+    """Everything method.md §4 does at one bin: BG elimination, target matching,
+    DO elimination and the inter-scale enrichment."""
+
+    def __init__(self, channels: int, has_previous: bool, do_pool: str = "gap", classes: int = 2):
+        super().__init__()
+        self.bg_eliminating = BGEliminating(channels)
+        self.target_matching = TargetMatching(channels, classes)
+        self.do_eliminating = DOEliminating(channels, do_pool)
+        self.enrichment = ScaleEnrichment(channels, has_previous, classes)
+
+    def forward(self, query_bin, bg_prototype, support_prototype, prior_bin, bg_logits_bin, previous=None):
+        x_bg = self.bg_eliminating(query_bin, bg_prototype)
+        x_self, init_logits, second_logits = self.target_matching(x_bg, support_prototype, prior_bin, query_bin)
+        x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits)
+        x, aux_logits = self.enrichment(x_do, previous)
+        return x, {"init": init_logits, "second": second_logits, "aux": aux_logits, "do_mask": do_mask}
+
+
+class Merge(nn.Module):
+    """Concatenate all scales (n·C) → 1×1 → C → residual block → head → final logits."""
+
+    def __init__(self, channels: int, num_scales: int, classes: int = 2):
+        super().__init__()
+        self.fuse = _conv1x1_relu(channels * num_scales, channels)
+        self.residual = ResidualBlock(channels)
+        self.head = SegmentationHead(channels, classes)
+
+    def forward(self, scale_features):
+        return self.head(self.residual(self.fuse(torch.cat(scale_features, dim=1))))

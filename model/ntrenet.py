@@ -1,0 +1,231 @@
+"""NTRENet++: the network of method.md, assembled from the modules beside it."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from util.classes import NUM_CLASSES
+
+from .backbone import build_backbone, load_backbone_weights
+from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
+                     prototype_infonce, segmentation_loss, total_loss)
+from .memory_bank import DOMemoryBank
+from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask,
+                      masked_average_pooling, prior_mask, resize)
+
+log = logging.getLogger(__name__)
+
+MIN_DO_AREA = 1.0   # feature pixels; emptier DO masks give no prototype for the bank
+
+
+class NTRENetPP(nn.Module):
+    """Few-shot segmentation that removes the background (BGMM) and distracting objects (DO).
+
+    ``forward(query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
+    return_extras=False)`` with ``B×3×H×W``, ``B×K×3×H×W``, ``B×K×H×W`` (0/1/255),
+    ``B×H×W``, ``B`` (class ids 1..N, used by the DO memory bank in training).
+
+    - eval: ``B×2×H×W`` logits; with ``return_extras`` also a dict of ``bg_logits``
+      (B×2×H×W), ``do_mask`` (B×H×W long, first bin) and ``prior`` (B×1×H×W);
+    - training: ``(logits, losses)`` with ``main, aux1, aux2, bg, contrast, proto, pixel, total``.
+
+    K is read from the input, so a model trained at one shot evaluates at any other.
+    """
+
+    def __init__(self, backbone: nn.Module, *, reduce_dim: int = 256,
+                 ppm_scales: Sequence[float] = (60, 30, 15, 8), aspp_dilations: Sequence[int] = (6, 12, 18),
+                 do_pool: str = "gap", freeze_backbone: bool = True, fix_bn: bool = True,
+                 losses: LossSettings = LossSettings(), bank_classes: int = 20, memory_size: int = 2000,
+                 num_negatives: int = 1000, seed: int = 0):
+        super().__init__()
+        if not ppm_scales:
+            raise ValueError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
+        self.backbone = backbone
+        self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
+        self.ppm_scales = tuple(ppm_scales)
+        self.loss_settings = losses
+        mid_channels = backbone.layer2_channels + backbone.layer3_channels
+        C = reduce_dim
+        self.down_query = Reduce(mid_channels, C)
+        self.down_supp = Reduce(mid_channels, C)
+        self.aspp = ASPP(C, aspp_dilations)
+        self.bgmm = BGMiningModule(C)
+        self.scales = nn.ModuleList(ScalePath(C, has_previous=i > 0, do_pool=do_pool)
+                                    for i in range(len(self.ppm_scales)))
+        self.merge = Merge(C, len(self.ppm_scales))
+        self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.fix_bn:
+            self.backbone.eval()   # BN statistics stay fixed (the reference lets them drift)
+        return self
+
+    def bin_sizes(self, feature_size: int) -> list[int]:
+        """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
+        return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in self.ppm_scales]
+
+    # ---- the forward pass ----------------------------------------------------------------
+    def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
+                return_extras: bool = False):
+        if support_imgs.dim() != 5 or support_masks.dim() != 4:
+            raise ValueError(f"support_imgs must be B×K×3×H×W and support_masks B×K×H×W; got "
+                             f"{tuple(support_imgs.shape)} and {tuple(support_masks.shape)}")
+        if self.training and query_mask is None:
+            raise ValueError("training needs query_mask (B×H×W) for the losses")
+        if self.training and return_extras:
+            raise ValueError("return_extras is for evaluation; call model.eval() first")
+        B, K = support_imgs.shape[:2]
+        image_size = query_img.shape[-2:]
+
+        # one backbone pass for the query and all supports; the masked supports' layer4 is the only extra one
+        images = torch.cat([query_img, support_imgs.flatten(0, 1)])
+        support_target = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()       # BK×1×H×W
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            layer2, layer3 = self.backbone.mid_level(images)
+            feature_size = layer3.shape[-2:]
+            support_mask = resize(support_target, feature_size).to(layer3.dtype)         # m^k
+            high = self.backbone.high_level(torch.cat([layer3[:B], layer3[B:] * support_mask]))
+            support_high = high[B:] * resize(support_mask, high.shape[-2:])
+            prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), feature_size)
+            mid = torch.cat([layer3, layer2], dim=1)
+
+        x_query = self.aspp(self.down_query(mid[:B]))
+        x_support = self.down_supp(mid[B:])
+        support_mask = support_mask.to(x_support.dtype)
+        support_prototype = masked_average_pooling(x_support, support_mask).unflatten(0, (B, K)).mean(dim=1)
+        # in training the BG branch also sees every support (BG mining loss on them)
+        bg_logits_all = self.bgmm(torch.cat([x_query, x_support]) if self.training else x_query)
+        bg_logits = bg_logits_all[:B]
+
+        bins = self.bin_sizes(feature_size[0])
+        prior = prior.to(x_query.dtype)
+        bg_prototype = self.bgmm.bg_prototype
+        scale_features, scale_outputs = [], []
+        for path, size in zip(self.scales, bins):
+            x, outputs = path(F.adaptive_avg_pool2d(x_query, size), bg_prototype, support_prototype,
+                              resize(prior, size), resize(bg_logits, size),
+                              scale_features[-1] if scale_features else None)
+            scale_features.append(resize(x, bins[0]))
+            scale_outputs.append(outputs)
+        logits = resize(self.merge(scale_features), image_size)
+
+        if not self.training:
+            if not return_extras:
+                return logits
+            do_mask = resize(scale_outputs[0]["do_mask"].float(), image_size)[:, 0] >= 0.5
+            return logits, {"bg_logits": resize(bg_logits, image_size), "do_mask": do_mask.long(),
+                            "prior": resize(prior.float(), image_size)}
+
+        losses = self._losses(logits, scale_outputs, bg_logits_all, x_query, x_support, support_mask,
+                              support_prototype, support_masks, query_mask, class_ids)
+        return logits, losses
+
+    # ---- training losses -------------------------------------------------------------------
+    def _losses(self, logits, scale_outputs, bg_logits_all, x_query, x_support, support_mask,
+                support_prototype, support_masks, query_mask, class_ids):
+        settings = self.loss_settings
+        ignore = settings.ignore_label
+        query_mask = query_mask.long()
+        B, K = support_masks.shape[:2]
+        losses = {"main": segmentation_loss(logits, query_mask, ignore)}
+        losses["aux1"] = torch.stack([segmentation_loss(o["aux"], query_mask, ignore)
+                                      for o in scale_outputs]).mean()
+        losses["aux2"] = torch.stack([segmentation_loss(o[name], query_mask, ignore)
+                                      for o in scale_outputs for name in ("init", "second")]).mean()
+        bg_labels = torch.cat([query_mask, support_masks.flatten(0, 1).long()])
+        losses["bg"] = bg_mining_loss(bg_logits_all, bg_labels, settings.bg_alpha, ignore)
+        if settings.contrast_weight > 0:
+            proto, pixel = self._contrast(bg_logits_all, x_query, x_support, support_mask, support_prototype,
+                                          support_masks, query_mask, class_ids)
+        else:
+            proto = pixel = logits.new_zeros((), dtype=torch.float32)
+        losses["proto"], losses["pixel"] = proto, pixel
+        losses["contrast"] = (proto + pixel) / 2
+        losses["total"] = total_loss(losses, settings)
+        return losses
+
+    def _contrast(self, bg_logits_all, x_query, x_support, support_mask, support_prototype,
+                  support_masks, query_mask, class_ids):
+        """Prototype InfoNCE against the class's DO bank, the pixel term, and the bank update."""
+        if class_ids is None:
+            raise ValueError("training with contrast_weight > 0 needs class_ids (B, ids 1..N) for the "
+                             "DO memory bank; pass them or set 'contrast_weight 0'")
+        settings = self.loss_settings
+        B, K = support_masks.shape[:2]
+        C = x_query.shape[1]
+        feature_size = x_query.shape[-2:]
+        query_target = resize((query_mask == 1).unsqueeze(1).float(), feature_size).to(x_query.dtype)
+
+        # prototype level: anchor = query GT prototype, positive = P_s, negatives from the bank
+        anchor = masked_average_pooling(x_query, query_target).flatten(1)
+        negatives, negative_valid = self.memory_bank.sample(class_ids)
+        proto = prototype_infonce(anchor, support_prototype.flatten(1), negatives, negative_valid,
+                                  settings.temperature)
+        support_area = support_mask.flatten(1).sum(dim=1).view(B, K).sum(dim=1)
+        episode_valid = (query_target.flatten(1).sum(dim=1) > 0) & (support_area > 0)
+        proto = episode_mean(proto, episode_valid)
+
+        # pixel level
+        query_on = query_target >= 0.5
+        support_on = (support_mask >= 0.5).unflatten(0, (B, K))
+        pixel, pixel_valid = pixel_contrast_loss(x_query, query_on, x_support.unflatten(0, (B, K)), support_on)
+        if settings.pixel_negative:
+            pixel = pixel + pixel_negative_loss(x_query, query_on, negatives, negative_valid)
+        pixel = episode_mean(pixel, pixel_valid)
+
+        # the bank learns this episode's DOs after it has been used (MoCo order)
+        with torch.no_grad():
+            labels = torch.cat([query_mask, support_masks.flatten(0, 1).long()]).unsqueeze(1)
+            target = resize((labels == 1).float(), feature_size)
+            valid = resize((labels != settings.ignore_label).float(), feature_size)
+            do_mask = distracting_object_mask(bg_logits_all.detach(), target) * valid
+            features = torch.cat([x_query, x_support]).detach().float()
+            do_prototypes = masked_average_pooling(features, do_mask).view(-1, C)
+            keep = do_mask.flatten(1).sum(dim=1) >= MIN_DO_AREA
+            # per episode: the query's DO prototype, then its K supports'
+            do_prototypes = torch.cat([do_prototypes[:B, None], do_prototypes[B:].view(B, K, C)], dim=1)
+            keep = torch.cat([keep[:B, None], keep[B:].view(B, K)], dim=1)
+            self.memory_bank.push(do_prototypes, class_ids, keep)
+        return proto, pixel
+
+
+def build_model(cfg) -> NTRENetPP:
+    """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank."""
+    if cfg.classes != 2:
+        raise ValueError(f"config key 'classes' is {cfg.classes}; NTRENet++ predicts 2 logits "
+                         "(not target / target): set 'classes 2'")
+    if cfg.dataset not in NUM_CLASSES:
+        raise ValueError(f"config key 'dataset' is {cfg.dataset!r}; expected one of {sorted(NUM_CLASSES)}")
+    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem)
+    if cfg.pretrained:
+        load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
+    else:
+        log.warning("pretrained is '': the backbone is randomly initialised (fine for tests and the "
+                    "synthetic demo, not for ImageNet-based results)")
+    settings = LossSettings(ignore_label=cfg.ignore_label, aux_weight=cfg.aux_weight, bg_weight=cfg.bg_weight,
+                            aux1_weight=cfg.aux1_weight, aux2_weight=cfg.aux2_weight,
+                            contrast_weight=cfg.contrast_weight, bg_alpha=cfg.bg_alpha,
+                            temperature=cfg.contrast_temperature, pixel_negative=cfg.pixel_negative)
+    return NTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales,
+                     aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool,
+                     freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, losses=settings,
+                     bank_classes=NUM_CLASSES[cfg.dataset], memory_size=cfg.memory_size,
+                     num_negatives=cfg.num_negatives, seed=cfg.manual_seed)
+
+
+def parameter_counts(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(top-level module, trainable, frozen) parameter counts, one row per child."""
+    rows = []
+    for name, child in model.named_children():
+        trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in child.parameters() if not p.requires_grad)
+        rows.append((name, trainable, frozen))
+    return rows

@@ -1,0 +1,204 @@
+"""Backbones: feature sizes and channels, dilation, and weight loading in both key layouts."""
+import logging
+
+import pytest
+import torch
+
+from model.backbone import (BackboneWeightsError, ResNet, VGG16BN, build_backbone, load_backbone_weights)
+from util.config import defaults
+
+
+@pytest.mark.parametrize("layers, vgg, channels", [
+    (18, False, (128, 256, 512)), (34, False, (128, 256, 512)),
+    (50, False, (512, 1024, 2048)), (101, False, (512, 1024, 2048)), (0, True, (256, 512, 512)),
+])
+def test_output_stride_8_and_channels(layers, vgg, channels):
+    torch.manual_seed(0)
+    net = build_backbone(layers, vgg).eval()
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        layer2, layer3 = net.mid_level(x)
+        layer4 = net.high_level(layer3)
+    side = 8 if vgg else 9        # 65 → 32 → 16 → 8 (VGG max-pools) / 33 → 17 → 9 (ResNet)
+    assert layer2.shape == (1, channels[0], side, side)
+    assert layer3.shape == (1, channels[1], side, side)
+    assert layer4.shape == (1, channels[2], side, side)
+    assert (net.layer2_channels, net.layer3_channels, net.layer4_channels) == channels
+
+
+def test_resnet_dilation_and_stem():
+    net = ResNet(50, deep_stem=True)
+    assert [net.conv1.kernel_size, net.conv2.kernel_size, net.conv3.kernel_size] == [(3, 3)] * 3
+    assert net.conv3.out_channels == 128
+    for block in net.layer3:
+        assert block.conv2.dilation == (2, 2) and block.conv2.stride == (1, 1)
+    for block in net.layer4:
+        assert block.conv2.dilation == (4, 4) and block.conv2.stride == (1, 1)
+    assert net.layer3[0].downsample[0].stride == (1, 1)
+    assert ResNet(50, deep_stem=False).conv1.kernel_size == (7, 7)
+    basic = ResNet(18)
+    assert basic.layer4[1].conv1.dilation == (4, 4) and basic.layer4[0].conv1.stride == (1, 1)
+
+
+# ---- weight files in the published key layouts, generated from the architectures' definitions ----
+def _bn(prefix, ch, counters=True):
+    out = {f"{prefix}.weight": torch.rand(ch), f"{prefix}.bias": torch.rand(ch),
+           f"{prefix}.running_mean": torch.rand(ch), f"{prefix}.running_var": torch.rand(ch) + 0.5}
+    if counters:
+        out[f"{prefix}.num_batches_tracked"] = torch.tensor(7)
+    return out
+
+
+def resnet_file(depth, deep_stem, counters=True):
+    """A state dict with the key names and shapes of semseg's resnet{depth}_v2.pth (deep stem)
+    or torchvision's resnet{depth} (7×7 stem), fc included, random values."""
+    blocks = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    sd = {}
+    if deep_stem:
+        sd["conv1.weight"] = torch.randn(64, 3, 3, 3)
+        sd["conv2.weight"] = torch.randn(64, 64, 3, 3)
+        sd["conv3.weight"] = torch.randn(128, 64, 3, 3)
+        for i, ch in ((1, 64), (2, 64), (3, 128)):
+            sd.update(_bn(f"bn{i}", ch, counters))
+        inplanes = 128
+    else:
+        sd["conv1.weight"] = torch.randn(64, 3, 7, 7)
+        sd.update(_bn("bn1", 64, counters))
+        inplanes = 64
+    for layer, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+        for b in range(count):
+            p = f"layer{layer}.{b}"
+            sd[f"{p}.conv1.weight"] = torch.randn(planes, inplanes, 1, 1)
+            sd[f"{p}.conv2.weight"] = torch.randn(planes, planes, 3, 3)
+            sd[f"{p}.conv3.weight"] = torch.randn(planes * 4, planes, 1, 1)
+            for i, ch in ((1, planes), (2, planes), (3, planes * 4)):
+                sd.update(_bn(f"{p}.bn{i}", ch, counters))
+            if b == 0:
+                sd[f"{p}.downsample.0.weight"] = torch.randn(planes * 4, inplanes, 1, 1)
+                sd.update(_bn(f"{p}.downsample.1", planes * 4, counters))
+            inplanes = planes * 4
+    sd["fc.weight"] = torch.randn(1000, 2048)
+    sd["fc.bias"] = torch.randn(1000)
+    return sd
+
+
+def vgg16_bn_file():
+    """torchvision's vgg16_bn key layout: features.N (conv, bn, relu triples and pools) + classifier."""
+    sd, index, in_ch = {}, 0, 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if v == "M":
+            index += 1
+            continue
+        sd[f"features.{index}.weight"] = torch.randn(v, in_ch, 3, 3)
+        sd[f"features.{index}.bias"] = torch.randn(v)
+        sd.update(_bn(f"features.{index + 1}", v))
+        index, in_ch = index + 3, v
+    sd["classifier.0.weight"] = torch.randn(8, 8)       # shape irrelevant: classifier keys are unused
+    sd["classifier.6.bias"] = torch.randn(8)
+    return sd
+
+
+def test_semseg_v2_layout_loads_into_deep_stem_resnet(tmp_path):
+    sd = resnet_file(50, deep_stem=True)
+    path = tmp_path / "resnet50_v2.pth"
+    torch.save(sd, path)
+    net = ResNet(50, deep_stem=True)
+    report = load_backbone_weights(net, str(path))
+    assert report.missing == [] and report.unexpected == []
+    assert report.classifier_unused == ["fc.bias", "fc.weight"]
+    assert report.loaded == len(sd) - 2 == len(net.state_dict())
+    assert torch.equal(net.conv3.weight, sd["conv3.weight"])
+    assert torch.equal(net.layer4[2].bn3.running_var, sd["layer4.2.bn3.running_var"])
+
+
+def test_torchvision_layout_loads_into_7x7_stem_resnet():
+    sd = resnet_file(101, deep_stem=False)
+    net = ResNet(101, deep_stem=False)
+    report = load_backbone_weights(net, sd)
+    assert report.missing == [] and report.loaded == len(sd) - 2
+    assert torch.equal(net.layer3[22].conv2.weight, sd["layer3.22.conv2.weight"])
+
+
+def test_torchvision_vgg16_bn_layout_is_sliced_into_layers():
+    sd = vgg16_bn_file()
+    net = VGG16BN()
+    report = load_backbone_weights(net, sd)
+    assert report.missing == [] and report.unexpected == []
+    assert sorted(report.classifier_unused) == ["classifier.0.weight", "classifier.6.bias"]
+    # features.24 is the first conv of layer3, features.34 the first of layer4 (pools 33, 43 dropped)
+    assert torch.equal(net.layer3[0].weight, sd["features.24.weight"])
+    assert torch.equal(net.layer4[0].weight, sd["features.34.weight"])
+    assert torch.equal(net.layer2[21 - 14].running_mean, sd["features.21.running_mean"])
+
+
+def test_wrapped_checkpoint_with_module_prefix_and_no_bn_counters(tmp_path):
+    sd = resnet_file(50, deep_stem=True, counters=False)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, path)
+    net = ResNet(50)
+    report = load_backbone_weights(net, str(path))
+    assert report.missing == [] and len(report.benign_missing) == 3 + 16 * 3 + 4   # BN layers
+    assert torch.equal(net.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+
+
+def test_missing_backbone_key_is_reported_and_refused(caplog):
+    sd = resnet_file(50, deep_stem=True)
+    del sd["layer2.1.conv2.weight"]
+    with pytest.raises(BackboneWeightsError, match=r"layer2\.1\.conv2\.weight.*allow_missing_backbone_keys"):
+        load_backbone_weights(ResNet(50), sd)
+    with caplog.at_level(logging.WARNING):
+        report = load_backbone_weights(ResNet(50), sd, allow_missing=True)
+    assert report.missing == ["layer2.1.conv2.weight"]
+    assert "missing: layer2.1.conv2.weight" in caplog.text
+
+
+def test_file_of_another_architecture_is_refused():
+    with pytest.raises(BackboneWeightsError, match=r"layer3\.6\..*306 in all.*another architecture"):
+        load_backbone_weights(ResNet(50), resnet_file(101, deep_stem=True))      # ResNet-101 file
+    with pytest.raises(BackboneWeightsError, match="deep_stem False"):
+        load_backbone_weights(ResNet(50, deep_stem=True), resnet_file(50, deep_stem=False))
+    with pytest.raises(BackboneWeightsError, match="deep_stem True"):
+        load_backbone_weights(ResNet(50, deep_stem=False), resnet_file(50, deep_stem=True))
+
+
+def test_missing_file_names_it_and_points_to_the_readme():
+    with pytest.raises(BackboneWeightsError, match=r"initmodel/nope\.pth.*Pretrained backbones"):
+        load_backbone_weights(ResNet(18), "initmodel/nope.pth")
+
+
+def test_build_model_loads_the_configured_file(tmp_path):
+    from model import build_model
+
+    path = tmp_path / "resnet50_v2.pth"
+    sd = resnet_file(50, deep_stem=True)
+    torch.save(sd, path)
+    cfg = defaults()
+    cfg.update(pretrained=str(path), reduce_dim=16, memory_size=4, num_negatives=2)
+    model = build_model(cfg)
+    assert torch.equal(model.backbone.layer1[0].conv2.weight, sd["layer1.0.conv2.weight"])
+    cfg.pretrained = str(tmp_path / "absent.pth")
+    with pytest.raises(BackboneWeightsError, match="absent.pth"):
+        build_model(cfg)
+
+
+def test_parameter_counts_match_the_published_architectures():
+    # torchvision's counts without the classifier, plus the deep stem's extra convs
+    # (3x3 3→64, 64→64, 64→128 + 3 BN instead of 7x7 3→64 + BN) and layer1 reading 128 channels
+    stem_delta = (3 * 64 * 9 + 64 * 64 * 9 + 64 * 128 * 9 + 2 * (64 + 64 + 128)) - (3 * 64 * 49 + 2 * 64)
+    counts = {}
+    for layers in (18, 50):
+        counts[layers] = sum(p.numel() for p in ResNet(layers).parameters())
+    assert counts[18] == 11_689_512 - 513_000 + stem_delta + 64 * 64 * 9 + (128 * 64 + 2 * 64)
+    assert counts[50] == 25_557_032 - 2_049_000 + stem_delta + 64 * 64 + 64 * 256
+    assert sum(p.numel() for p in ResNet(50, deep_stem=False).parameters()) == 25_557_032 - 2_049_000
+    assert sum(p.numel() for p in VGG16BN().parameters()) == 14_723_136
+
+
+def test_model_summary_tool(capsys):
+    from tools.model_summary import main
+
+    main(["layers", "18", "reduce_dim", "16", "pretrained", "", "memory_size", "4"])
+    out = capsys.readouterr().out
+    assert "ResNet-18 (deep stem)" in out
+    assert "backbone                  0   11,324,992" in out      # frozen by default
+    assert "(21, 4, 16)" in out                                    # the bank: 20 PASCAL classes + sink

@@ -1,0 +1,273 @@
+"""The whole network: shapes, K-shot and batch consistency, frozen backbone, AMP, contract errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import build_model
+from util.config import defaults
+
+FRACTIONS = [1.0, 0.5, 0.25, 0.125]
+
+
+def make_cfg(**overrides):
+    cfg = defaults()
+    cfg.update(pretrained="", reduce_dim=16, ppm_scales=FRACTIONS, memory_size=8, num_negatives=4)
+    cfg.update(overrides)
+    return cfg
+
+
+def episode(B, K, size, seed=0):
+    """Random images, support masks with 0/1/255, a query mask, class ids."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, 3, size, size, generator=g)
+    supports = torch.randn(B, K, 3, size, size, generator=g)
+    support_masks = torch.zeros(B, K, size, size, dtype=torch.long)
+    support_masks[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    support_masks[..., :2, :] = 255
+    query_mask = torch.zeros(B, size, size, dtype=torch.long)
+    query_mask[:, size // 3:, size // 3:] = 1
+    query_mask[:, -2:, :] = 255
+    class_ids = torch.arange(1, B + 1)
+    return query, supports, support_masks, query_mask, class_ids
+
+
+_models = {}
+
+
+def model_for(name):
+    """One small model per backbone for the whole module (building ResNet-101 is not free)."""
+    if name not in _models:
+        torch.manual_seed(0)
+        layers, vgg = {"resnet18": (18, False), "resnet50": (50, False), "resnet101": (101, False),
+                       "vgg": (50, True)}[name]
+        _models[name] = build_model(make_cfg(layers=layers, vgg=vgg))
+    return _models[name]
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101", "vgg", "resnet18"])
+def test_output_shapes_train_and_eval(name):
+    model = model_for(name)       # configured 1-shot: K comes from the inputs
+    for K in (1, 5):
+        for size in (65, 97):
+            query, supports, support_masks, query_mask, class_ids = episode(2, K, size)
+            model.train()
+            logits, losses = model(query, supports, support_masks, query_mask, class_ids)
+            assert logits.shape == (2, 2, size, size)
+            assert {"main", "aux1", "aux2", "bg", "contrast", "total"} <= set(losses)
+            assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+            model.eval()
+            with torch.no_grad():
+                out = model(query, supports, support_masks)
+            assert out.shape == (2, 2, size, size)
+
+
+def test_eval_extras():
+    model = model_for("resnet18").eval()
+    query, supports, support_masks, _, _ = episode(2, 2, 65)
+    with torch.no_grad():
+        logits, extras = model(query, supports, support_masks, return_extras=True)
+        plain = model(query, supports, support_masks)
+    assert torch.equal(logits, plain)
+    assert extras["bg_logits"].shape == (2, 2, 65, 65)
+    assert extras["do_mask"].shape == (2, 65, 65) and extras["do_mask"].dtype == torch.long
+    assert set(extras["do_mask"].unique().tolist()) <= {0, 1}
+    assert extras["prior"].shape == (2, 1, 65, 65)
+    assert extras["prior"].min() >= 0 and extras["prior"].max() <= 1 + 1e-6
+
+
+def test_batch_shot_order_and_repeated_shot_consistency():
+    model = model_for("resnet18").eval()
+    query, supports, support_masks, _, _ = episode(3, 3, 65, seed=1)
+    support_masks[1, 2] = 0                      # episodes differ in their masks too
+    with torch.no_grad():
+        batched = model(query, supports, support_masks)
+        for b in range(3):
+            alone = model(query[b:b + 1], supports[b:b + 1], support_masks[b:b + 1])
+            assert torch.allclose(batched[b:b + 1], alone, atol=1e-4)
+        order = torch.tensor([2, 0, 1])
+        permuted = model(query, supports[:, order], support_masks[:, order])
+        assert torch.allclose(batched, permuted, atol=1e-4)
+        # K copies of one support = that support alone (prototypes and priors are averaged)
+        one = model(query, supports[:, :1], support_masks[:, :1])
+        repeated = model(query, supports[:, :1].repeat(1, 4, 1, 1, 1), support_masks[:, :1].repeat(1, 4, 1, 1))
+        assert torch.allclose(one, repeated, atol=1e-4)
+
+
+def test_losses_follow_the_total_formula_and_main_is_the_per_episode_cross_entropy():
+    torch.manual_seed(0)
+    cfg = make_cfg(layers=18, aux_weight=0.5, bg_weight=2.0, aux1_weight=0.3, aux2_weight=0.7, contrast_weight=0.1)
+    model = build_model(cfg).train()
+    query, supports, support_masks, query_mask, class_ids = episode(2, 2, 65)
+    logits, losses = model(query, supports, support_masks, query_mask, class_ids)
+    main = sum(F.cross_entropy(logits[b:b + 1], query_mask[b:b + 1], ignore_index=255) for b in range(2)) / 2
+    assert losses["main"].item() == pytest.approx(main.item(), abs=1e-6)
+    expected = losses["main"] + 0.5 * (2.0 * losses["bg"] + 0.3 * losses["aux1"] + 0.7 * losses["aux2"]
+                                       + 0.1 * losses["contrast"])
+    assert losses["total"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert losses["contrast"].item() == pytest.approx((losses["proto"] + losses["pixel"]).item() / 2, abs=1e-6)
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_frozen_backbone_gets_no_gradient_and_keeps_bn_statistics():
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18)).train()
+    backbone_before = _snapshot(model.backbone)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    query, supports, support_masks, query_mask, class_ids = episode(2, 2, 65)
+    _, losses = model(query, supports, support_masks, query_mask, class_ids)
+    losses["total"].backward()
+    optimizer.step()
+    assert not model.backbone.training
+    assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    for name, p in model.named_parameters():
+        if not name.startswith("backbone."):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fix_bn_false_reproduces_the_reference_drift():
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18, fix_bn=False)).train()
+    before = model.backbone.bn1.running_mean.clone()
+    query, supports, support_masks, query_mask, class_ids = episode(1, 1, 65)
+    model(query, supports, support_masks, query_mask, class_ids)
+    assert model.backbone.training and not torch.equal(before, model.backbone.bn1.running_mean)
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+def test_trainable_backbone_gets_gradient_everywhere():
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18, freeze_backbone=False, fix_bn=False)).train()
+    assert model.backbone.training
+    query, supports, support_masks, query_mask, class_ids = episode(2, 2, 65)
+    _, losses = model(query, supports, support_masks, query_mask, class_ids)
+    losses["total"].backward()
+    for name, p in model.backbone.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name   # layer4 learns through the prior
+
+
+def test_training_fills_the_bank_of_the_episode_class_only():
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18, memory_size=16)).train()
+    query, supports, support_masks, query_mask, _ = episode(2, 2, 65)
+    class_ids = torch.tensor([3, 7])
+    model(query, supports, support_masks, query_mask, class_ids)
+    bank = model.memory_bank
+    filled = bank.fill_count.tolist()
+    assert filled[3] > 0 and filled[7] > 0 and filled[3] + filled[7] <= 2 * (1 + 2)
+    assert sum(filled) == filled[3] + filled[7]
+    assert bank.sample_step.item() == 1
+    # a second step draws negatives from the bank: the prototype term then has competition
+    _, losses = model(query, supports, support_masks, query_mask, class_ids)
+    assert losses["proto"].item() > 0
+    state = model.state_dict()
+    assert {"memory_bank.prototypes", "memory_bank.fill_count", "memory_bank.write_pointer",
+            "memory_bank.sample_step"} <= set(state)
+
+
+def test_contrast_weight_zero_skips_the_bank():
+    model = build_model(make_cfg(layers=18, contrast_weight=0.0)).train()
+    query, supports, support_masks, query_mask, _ = episode(1, 1, 65)
+    _, losses = model(query, supports, support_masks, query_mask)     # class ids not needed
+    assert losses["contrast"].item() == 0.0 and model.memory_bank.fill_count.sum().item() == 0
+
+
+def test_state_dict_round_trip_gives_the_same_predictions():
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18)).train()
+    query, supports, support_masks, query_mask, class_ids = episode(2, 1, 65)
+    model(query, supports, support_masks, query_mask, class_ids)
+    torch.manual_seed(1)
+    copy = build_model(make_cfg(layers=18))
+    copy.load_state_dict(model.state_dict())
+    model.eval(), copy.eval()
+    with torch.no_grad():
+        assert torch.equal(model(query, supports, support_masks), copy(query, supports, support_masks))
+    assert torch.equal(copy.memory_bank.prototypes, model.memory_bank.prototypes)
+
+
+def test_bf16_autocast_and_channels_last():
+    model = model_for("resnet18").to(memory_format=torch.channels_last)
+    try:
+        query, supports, support_masks, query_mask, class_ids = episode(2, 2, 65)
+        query = query.contiguous(memory_format=torch.channels_last)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, losses = model(query, supports, support_masks, query_mask, class_ids)
+        losses["total"].backward()
+        assert logits.shape == (2, 2, 65, 65) and all(torch.isfinite(v) for v in losses.values())
+        assert losses["total"].dtype == torch.float32
+        model.eval()
+        with torch.no_grad():
+            reference = model(query, supports, support_masks)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low, extras = model(query, supports, support_masks, return_extras=True)
+        assert low.shape == reference.shape and torch.isfinite(low).all()
+        assert (low.float() - reference).abs().max() < 0.25 * reference.abs().max() + 0.1
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast(dtype):
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18)).cuda().train()
+    batch = [t.cuda() for t in episode(2, 2, 65)]
+    with torch.autocast("cuda", dtype=dtype):
+        logits, losses = model(*batch)
+    losses["total"].backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_bins_absolute_and_fractional():
+    model = model_for("resnet18")
+    model.ppm_scales = (60, 30, 15, 8)
+    try:
+        assert model.bin_sizes(60) == [60, 30, 15, 8]
+    finally:
+        model.ppm_scales = tuple(FRACTIONS)
+    assert model.bin_sizes(81) == [81, 40, 20, 10]
+    assert model.bin_sizes(9) == [9, 4, 2, 1]
+
+
+def test_absolute_bins_larger_than_the_feature_map_and_map_pooling_run():
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18, ppm_scales=[60, 30, 15, 8], do_pool="map")).eval()
+    query, supports, support_masks, _, _ = episode(1, 1, 65)
+    with torch.no_grad():
+        assert model(query, supports, support_masks).shape == (1, 2, 65, 65)
+
+
+def test_contract_errors_say_what_to_do():
+    model = model_for("resnet18")
+    query, supports, support_masks, query_mask, _ = episode(1, 1, 65)
+    model.train()
+    with pytest.raises(ValueError, match="query_mask"):
+        model(query, supports, support_masks)
+    with pytest.raises(ValueError, match="class_ids"):
+        model(query, supports, support_masks, query_mask)
+    with pytest.raises(ValueError, match="B×K×3×H×W"):
+        model(query, supports[:, 0], support_masks, query_mask)
+    with pytest.raises(ValueError, match="model.eval"):
+        model(query, supports, support_masks, query_mask, torch.tensor([1]), return_extras=True)
+    with pytest.raises(ValueError, match="classes 2"):
+        build_model(make_cfg(classes=1))
+
+
+def test_prior_is_computed_from_the_masked_support():
+    """An all-ignore support mask leaves a zero masked support: the prior is then exactly 0."""
+    model = model_for("resnet18").eval()
+    query, supports, support_masks, _, _ = episode(1, 1, 65)
+    with torch.no_grad():
+        _, extras = model(query, supports, torch.full_like(support_masks, 255), return_extras=True)
+    assert torch.equal(extras["prior"], torch.zeros_like(extras["prior"]))
+    assert not math.isnan(extras["bg_logits"].sum().item())

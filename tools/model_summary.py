@@ -1,0 +1,65 @@
+"""Print the trainable and frozen parameter counts of the network a config builds.
+
+    python tools/model_summary.py --config config/pascal/pascal_split0_resnet50.yaml pretrained ''
+    python tools/model_summary.py layers 101 pretrained ''        # no --config: the defaults
+
+Trailing ``KEY VALUE`` pairs override the config as in train.py. ``pretrained ''`` builds
+the backbone without a weight file (the counts do not depend on the weights).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util.config import defaults, load_cfg, merge_cfg_from_list, validate  # noqa: E402
+
+
+def backbone_name(cfg) -> str:
+    if cfg.vgg:
+        return "VGG-16-bn"
+    return f"ResNet-{cfg.layers}" + (" (deep stem)" if cfg.deep_stem else " (7x7 stem)")
+
+
+def summary(cfg) -> str:
+    from model import build_model, parameter_counts
+
+    model = build_model(cfg)
+    rows = parameter_counts(model)
+    bank = model.memory_bank.prototypes
+    lines = [f"{backbone_name(cfg)}, reduce_dim {cfg.reduce_dim}, {len(cfg.ppm_scales)} scales, "
+             f"freeze_backbone {cfg.freeze_backbone}",
+             f"{'module':14s} {'trainable':>12s} {'frozen':>12s}"]
+    for name, trainable, frozen in rows:
+        lines.append(f"{name:14s} {trainable:12,d} {frozen:12,d}")
+    lines.append(f"{'total':14s} {sum(r[1] for r in rows):12,d} {sum(r[2] for r in rows):12,d}")
+    lines.append(f"DO memory bank buffer: {tuple(bank.shape)} = {bank.numel():,d} values "
+                 f"({bank.numel() * bank.element_size() / 2**20:.1f} MiB in the checkpoint)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", help="YAML config (default: the declared defaults)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
+    args = parser.parse_args(argv)
+    if args.config:
+        cfg = load_cfg(args.config, args.opts)
+    else:
+        cfg = merge_cfg_from_list(defaults(), args.opts)
+        validate(cfg)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from model import BackboneWeightsError
+
+    try:
+        print(summary(cfg))
+    except BackboneWeightsError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
