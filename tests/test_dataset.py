@@ -120,3 +120,11 @@ def test_episode_sampler_shards_the_global_order():
     assert merged == whole
     single.set_epoch(3)
     assert list(single) != whole
+
+
+def test_episode_sampler_resumes_mid_epoch():
+    s = EpisodeSampler(10, seed=1)
+    s.set_epoch(4)
+    whole = list(s)
+    s.set_epoch(4, start=6)
+    assert list(s) == whole[6:] and len(s) == 4

@@ -108,11 +108,12 @@ class EpisodeSampler(Sampler):
             raise ValueError("no training images serve any training class; check the list and the split")
         self.num_images, self.seed, self.shuffle = num_images, seed, shuffle
         self.epoch_size = epoch_size or num_images
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.num_replicas, self.rank, self.epoch, self.start = num_replicas, rank, 0, 0
         self.per_rank = math.ceil(self.epoch_size / num_replicas)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; ``start`` skips this rank's first items (resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def global_order(self) -> list[tuple[int, int]]:
         total = self.per_rank * self.num_replicas
@@ -127,10 +128,10 @@ class EpisodeSampler(Sampler):
         return list(zip(order, (int(s) for s in seeds)))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.global_order()[self.rank::self.num_replicas])
+        return iter(self.global_order()[self.rank::self.num_replicas][self.start:])
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.per_rank - self.start
 
 
 class FewShotTrainDataset(Dataset):

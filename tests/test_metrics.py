@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from util.config import defaults
+from util.metrics import IoUAccumulator, intersection_union, pad_to_square, score_episodes
+
+
+def test_intersection_union_ignores_255():
+    pred = torch.tensor([[[1, 1, 0, 0], [1, 0, 0, 1]]])
+    target = torch.tensor([[[1, 0, 0, 255], [1, 1, 0, 0]]])
+    inter, union = intersection_union(pred, target)
+    # valid pixels: 7. fg: pred {0,1,4,7}, target {0,4,5}; bg: pred {2,5,6}, target {1,2,6,7}
+    assert inter.tolist() == [[2.0, 2.0]]
+    assert union.tolist() == [[5.0, 5.0]]
+
+
+def test_class_miou_sums_over_episodes_then_averages_classes_and_fbiou_sums_everything():
+    acc = IoUAccumulator([1, 2, 3])
+    # episode (class, fg I, fg U, bg I, bg U)
+    eps = [(1, 3, 4, 10, 12), (1, 1, 4, 5, 5), (2, 0, 5, 7, 9), (3, 6, 6, 2, 3)]
+    acc.update(torch.tensor([e[0] for e in eps]),
+               torch.tensor([[e[3], e[1]] for e in eps], dtype=torch.float64),
+               torch.tensor([[e[4], e[2]] for e in eps], dtype=torch.float64))
+    r = acc.result({1: "a", 2: "b", 3: "c"})
+    # class 1: (3+1)/(4+4) = 0.5; class 2: 0/5 = 0; class 3: 6/6 = 1
+    assert r.class_iou == pytest.approx({"a": 50.0, "b": 0.0, "c": 100.0})
+    assert r.miou == pytest.approx(50.0)
+    # fg: 10/19, bg: 24/29
+    assert r.fbiou == pytest.approx(100 * (10 / 19 + 24 / 29) / 2)
+    assert r.episodes == 4
+
+
+def test_ori_resize_scores_on_the_original_label_padded_square():
+    cfg = defaults()
+    label = torch.zeros(2, 4, dtype=torch.long)
+    label[:, :2] = 1                                     # left half foreground
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1, :, :2] = 5.0                            # predicts the left half of the canvas
+    batch = {"query_mask_ori": [label], "query_mask": torch.zeros(1, 4, 4, dtype=torch.long)}
+    inter, union, preds = score_episodes(logits, batch, cfg)
+    assert inter.tolist() == [[4.0, 4.0]] and union.tolist() == [[4.0, 4.0]]
+    assert preds[0].shape == (2, 4) and preds[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    assert pad_to_square(label).tolist()[2] == [255] * 4
+    cfg.ori_resize = False                               # scored against the canvas label instead
+    inter, union, _ = score_episodes(logits, batch, cfg)
+    assert inter.tolist() == [[8.0, 0.0]] and union.tolist() == [[16.0, 8.0]]
+    cfg.fixed_eval_size = 8                              # HSNet-style fixed-size scoring
+    inter, union, preds = score_episodes(logits, batch, cfg)
+    # align_corners maps output columns to 0, .43, .86, 1.29, 1.71, 2.14, ...: five stay > 0
+    assert preds[0].shape == (8, 8) and preds[0][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert union.tolist() == [[64.0, 40.0]] and inter.tolist() == [[24.0, 0.0]]

@@ -1,0 +1,184 @@
+"""Training and evaluation through the real code paths, on tiny generated synthetic data."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from util.config import defaults
+from util.distributed import DistInfo
+from util.trainer import NonFiniteLossError, Trainer, poly_lr
+
+TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
+            train_h=33, train_w=33, val_size=41, batch_size=4, batch_size_val=4, workers=0,
+            min_class_pixels=150, class_index_workers=1, epochs=2, epoch_size=8, print_freq=1,
+            test_num=12, test_seeds=2, val_num=8, memory_size=40, num_negatives=16, tb_images=0,
+            manual_seed=5)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    from tools.make_synthetic import main as make_synthetic
+    root = str(tmp_path_factory.mktemp("synth"))
+    make_synthetic(["--out", root, "--train", "60", "--val", "40", "--size", "64", "--workers", "1"])
+    return root
+
+
+def tiny_cfg(root, save_path, **over):
+    cfg = defaults()
+    cfg.update(TINY, data_root=root, train_list=os.path.join(root, "train.txt"),
+               val_list=os.path.join(root, "val.txt"), save_path=str(save_path))
+    cfg.update(over)
+    return cfg
+
+
+def no_dropout(model):
+    """Dropout draws per-process random masks; equality across process counts needs it off."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+            m.p = 0.0
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_poly_schedule_matches_pfenet():
+    assert poly_lr(0.025, 1, 100, 0.9) == pytest.approx(0.025 * (1 - 1 / 100) ** 0.9)
+    assert poly_lr(0.025, 100, 100, 0.9) == 0.0
+    assert poly_lr(0.01, 5, 100, 0.9, warmup_iters=10) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))
+
+
+def test_resumed_run_equals_uninterrupted_run(synth_root, tmp_path):
+    a = Trainer(tiny_cfg(synth_root, tmp_path / "a", evaluate=False), DistInfo())
+    a.train()
+    b = Trainer(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, stop_iter=3), DistInfo())
+    b.train()
+    assert len(b.history) == 3 and b.history == a.history[:3]
+    state = torch.load(tmp_path / "b" / "model" / "last.pth", weights_only=False)
+    assert state["iteration"] == 3 and state["epoch"] == 1
+    c = Trainer(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, resume="auto"), DistInfo())
+    c.train()
+    assert len(a.history) == 4 and c.history == a.history[3:]      # the same losses, bit for bit
+    wa, wc = weights(a.model), weights(c.model)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)                # memory bank buffers included
+
+
+def test_nonfinite_loss_stops_naming_iteration_and_component(synth_root, tmp_path):
+    t = Trainer(tiny_cfg(synth_root, tmp_path, evaluate=False), DistInfo())
+    forward = t.net.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        logits, losses = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:   # the first step of epoch 2
+            losses = dict(losses, bg=losses["bg"] * float("nan"))
+        return logits, losses
+    t.net.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"iteration 3: component 'bg' = nan.*last.pth\) is intact"):
+        t.train()
+    state = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                           if v.is_floating_point())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, root, save_path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from util.distributed import cleanup, init_distributed
+    info = init_distributed("cpu")
+    try:
+        cfg = tiny_cfg(root, save_path, evaluate=False, epochs=1, epoch_size=12)
+        t = Trainer(cfg, info)
+        no_dropout(t.model)
+        t.train()
+        torch.save(weights(t.model), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(synth_root, tmp_path):
+    torch.set_num_threads(1)
+    single = Trainer(tiny_cfg(synth_root, tmp_path / "single", evaluate=False, epochs=1, epoch_size=12), DistInfo())
+    no_dropout(single.model)
+    single.train()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path / "ddp"), str(tmp_path)),
+                       nprocs=2, start_method="fork")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    ws = weights(single.model)
+    bank = [k for k in ws if "bank" in k]
+    assert bank, "the DO memory bank should live in the model's buffers"
+    for k in ws:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+        if ws[k].is_floating_point():
+            torch.testing.assert_close(r0[k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
+        else:
+            assert torch.equal(r0[k], ws[k]), k
+
+
+def _eval_worker(rank, world, port, root, ckpt, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from util.distributed import cleanup, init_distributed
+    from util.tester import run_test
+    info = init_distributed("cpu")
+    try:
+        cfg = tiny_cfg(root, out_dir, weight=ckpt, save_pred=True)
+        summary = run_test(cfg, info)
+        if rank == 0:
+            with open(os.path.join(out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f)
+    finally:
+        cleanup()
+
+
+def test_sharded_evaluation_equals_single_process(synth_root, tmp_path):
+    from model import build_model
+    from util.tester import run_test
+    torch.manual_seed(0)
+    cfg = tiny_cfg(synth_root, tmp_path / "one", save_pred=True)
+    ckpt = str(tmp_path / "w.pth")
+    save_checkpoint(ckpt, build_model(cfg), cfg)
+    one = run_test(tiny_cfg(synth_root, tmp_path / "one", weight=ckpt, save_pred=True), DistInfo())
+    mp.start_processes(_eval_worker, args=(2, _free_port(), synth_root, ckpt, str(tmp_path / "two")),
+                       nprocs=2, start_method="fork")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for a, b in zip(one["per_seed"], two["per_seed"]):
+        assert a["seed"] == b["seed"] and a["episodes"] == b["episodes"] == 12
+        assert a["miou"] == b["miou"] and a["fbiou"] == b["fbiou"] and a["class_iou"] == b["class_iou"]
+    eps_one = json.loads((tmp_path / "one" / "result" / "pred_seed5" / "episodes.json").read_text())
+    eps_two = json.loads((tmp_path / "two" / "result" / "pred_seed5" / "episodes.json").read_text())
+    assert eps_one == eps_two and len(eps_one["episodes"]) == 12
+
+
+def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_path):
+    from model import build_model
+    cfg = tiny_cfg(synth_root, tmp_path)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"bad.pth' is unreadable or corrupt"):
+        load_checkpoint(str(bad), build_model(cfg), cfg)
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        load_checkpoint(str(tmp_path / "none.pth"), build_model(cfg), cfg)
+    good = tmp_path / "r18.pth"
+    save_checkpoint(str(good), build_model(cfg), cfg)
+    other = tiny_cfg(synth_root, tmp_path, layers=34)
+    with pytest.raises(CheckpointError, match=r"different network:\n  layers: checkpoint 18, config 34"):
+        load_checkpoint(str(good), build_model(other), other)
+    state = torch.load(good, weights_only=False)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, good)
+    with pytest.raises(CheckpointError, match=r"does not fit the model: 1 missing key"):
+        load_checkpoint(str(good), build_model(cfg), cfg)

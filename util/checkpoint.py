@@ -1,0 +1,129 @@
+"""Checkpoints: written atomically, loaded with errors that say what is wrong.
+
+A training checkpoint holds the model (the DO memory bank included, it is in the model's
+buffers), optimizer, GradScaler, epoch, iteration, RNG states, the config and the best
+validation score, so a resumed run continues exactly as the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from util.fileio import atomic_torch_save
+
+FORMAT = "ntrenetpp-checkpoint-v1"
+# config keys that change the shape of the network: a checkpoint must agree on them
+ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "classes", "dataset", "memory_size")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the configured model."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, epoch: int = 0,
+                    iteration: int = 0, best_miou: float = -1.0, metrics: dict | None = None) -> None:
+    """Write a checkpoint atomically (a crash leaves the previous file intact)."""
+    state = {
+        "format": FORMAT,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch, "iteration": iteration, "best_miou": best_miou,
+        "metrics": metrics or {}, "rng": rng_state(), "config": dict(cfg),
+    }
+    atomic_torch_save(state, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist; train first (sh train.sh ...) "
+                              f"or set 'weight' to best, last or an existing .pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise CheckpointError(f"checkpoint '{path}' is unreadable or corrupt ({type(e).__name__}: {e}); "
+                              f"re-download or re-train it") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"'{path}' is not a checkpoint of this project (no 'model' entry)")
+    return state
+
+
+def check_compatible(state: dict, cfg, path: str) -> None:
+    """Refuse a checkpoint trained with another architecture, naming the keys that differ."""
+    saved = state.get("config") or {}
+    diffs = [f"{k}: checkpoint {saved[k]!r}, config {cfg[k]!r}"
+             for k in ARCH_KEYS if k in saved and saved[k] != cfg[k]]
+    if diffs:
+        raise CheckpointError(f"checkpoint '{path}' was trained with a different network:\n  "
+                              + "\n  ".join(diffs) + "\nUse the config it was trained with, or override these keys.")
+
+
+def load_model_weights(model, state: dict, path: str) -> None:
+    """Load the model part strictly; a mismatch lists the missing and unexpected keys."""
+    own = unwrap(model)
+    result = own.load_state_dict(state["model"], strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model: {len(missing)} missing key(s) "
+                              f"[{show(missing)}], {len(unexpected)} unexpected key(s) [{show(unexpected)}]")
+
+
+def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_rng: bool = False) -> dict[str, Any]:
+    """Load ``path`` into ``model`` (and optimizer/scaler when given); returns the state."""
+    state = read_checkpoint(path)
+    check_compatible(state, cfg, path)
+    try:
+        load_model_weights(model, state, path)
+    except RuntimeError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model: {e}") from None
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if restore_rng and state.get("rng"):
+        set_rng_state(state["rng"])
+    return state
+
+
+def resolve_weight(weight: str, save_path: str) -> str:
+    """'best' / 'last' → the experiment's model/best.pth / model/last.pth; else a path."""
+    if weight in ("best", "last"):
+        if not save_path:
+            raise CheckpointError(f"weight '{weight}' needs save_path (the experiment folder); "
+                                  f"run through test.sh or pass save_path exp/<dataset>/<exp_name>")
+        return os.path.join(save_path, "model", f"{weight}.pth")
+    return weight
