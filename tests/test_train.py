@@ -23,7 +23,7 @@ TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_sc
 def synth_root(tmp_path_factory):
     from tools.make_synthetic import main as make_synthetic
     root = str(tmp_path_factory.mktemp("synth"))
-    make_synthetic(["--out", root, "--train", "60", "--val", "40", "--size", "64", "--workers", "1"])
+    make_synthetic(["--out", root, "--train", "60", "--val", "80", "--size", "64", "--workers", "1"])
     return root
 
 
@@ -182,3 +182,53 @@ def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_pa
     torch.save(state, good)
     with pytest.raises(CheckpointError, match=r"does not fit the model: 1 missing key"):
         load_checkpoint(str(good), build_model(cfg), cfg)
+
+
+def test_end_to_end_through_the_entry_points(synth_root, tmp_path):
+    """train.py then test.py as a user runs them (config file + KEY VALUE overrides)."""
+    import train
+    import test as test_entry
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(
+        "DATA:\n  dataset: synthetic\n"
+        f"  data_root: {synth_root}\n  train_list: {synth_root}/train.txt\n  val_list: {synth_root}/val.txt\n"
+        "  min_class_pixels: 150\n  class_index_workers: 1\n  workers: 0\n"
+        "MODEL:\n  layers: 18\n  pretrained: ''\n  reduce_dim: 16\n  ppm_scales: [1.0, 0.5]\n"
+        "TRAIN:\n  train_h: 33\n  train_w: 33\n  batch_size: 4\n  epochs: 1\n  epoch_size: 8\n"
+        "  manual_seed: 7\n  val_num: 8\n  tb_images: 1\n"
+        "TEST:\n  val_size: 41\n  batch_size_val: 3\n  test_num: 10\n  test_seeds: 2\n")
+    exp = tmp_path / "exp"
+    metrics = train.main(["--config", str(cfg_path), "save_path", str(exp)])
+    assert metrics["episodes"] == 8 and 0 <= metrics["miou"] <= 100
+    assert (exp / "model" / "best.pth").is_file() and (exp / "model" / "last.pth").is_file()
+    assert (exp / "config.yaml").is_file() and (exp / "train.log").is_file()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(exp))
+    summary = test_entry.main(["--config", str(cfg_path), "save_path", str(exp), "weight", "last",
+                               "shot", "2", "save_pred", "True", "vis", "2"])
+    result = json.loads(open(summary["json_path"]).read())
+    assert set(result) >= {"miou_mean", "miou_std", "fbiou_mean", "fbiou_std", "episodes", "shot", "weight",
+                           "per_seed"}
+    assert result["episodes"] == 10 and result["shot"] == 2 and result["weight"].endswith("last.pth")
+    assert [p["seed"] for p in result["per_seed"]] == [7, 8]
+    assert set(result["per_seed"][0]["class_iou"]) == {"red disc", "green square", "blue triangle",
+                                                       "yellow star", "cyan ring"}
+    mious = [p["miou"] for p in result["per_seed"]]
+    assert result["miou_mean"] == pytest.approx(sum(mious) / 2)
+    assert result["miou_std"] == pytest.approx(abs(mious[0] - mious[1]) / 2 ** 0.5)
+    listing = json.loads((exp / "result" / "pred_seed7" / "episodes.json").read_text())["episodes"]
+    assert [e["episode"] for e in listing] == list(range(10))
+    import cv2
+    for e in listing[:3]:
+        pred = cv2.imread(str(exp / "result" / "pred_seed7" / e["prediction"]), cv2.IMREAD_GRAYSCALE)
+        label = cv2.imread(os.path.join(synth_root, e["query_label"]), cv2.IMREAD_GRAYSCALE)
+        assert pred.shape == label.shape and set(pred.ravel().tolist()) <= {0, 1}
+    assert len(os.listdir(exp / "result" / "vis_seed7")) == 2
+
+
+def test_launcher_rejects_unknown_dataset_and_config():
+    import subprocess
+    r = subprocess.run(["sh", "train.sh", "nosuch", "split0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown dataset 'nosuch'" in r.stderr
+    r = subprocess.run(["sh", "test.sh", "pascal", "split7_resnet50"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no config config/pascal/pascal_split7_resnet50.yaml" in r.stderr
+    assert "split0_resnet50" in r.stderr

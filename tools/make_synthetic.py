@@ -1,6 +1,6 @@
 """Write the synthetic few-shot segmentation dataset (VOC layout, no download needed).
 
-    python tools/make_synthetic.py --out data/synthetic [--train 2000 --val 500 --size 160]
+    python tools/make_synthetic.py --out data/synthetic [--train 2000 --val 500 --size 80]
 
 20 classes (util.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with
 a colour or texture, 2-4 objects of distinct classes per image on a textured background,
@@ -302,13 +302,13 @@ def _parse(argv):
     p.add_argument("--out", default="data/synthetic", help="output folder (the config's data_root)")
     p.add_argument("--train", type=int, default=2000, help="number of training images")
     p.add_argument("--val", type=int, default=500, help="number of evaluation images")
-    p.add_argument("--size", type=int, default=160, help="nominal side; each side is drawn in [0.75, 1.25]x this")
+    p.add_argument("--size", type=int, default=80, help="nominal side; each side is drawn in [0.75, 1.25]x this")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (non-negative)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     p.add_argument("--band", type=int, default=3, help="width in px of the 255 band along outlines (0: none)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    p.add_argument("--min-class-pixels", type=int, default=2048,
-                   help="only for the printed statistics: pixels for an image to count for a class")
+    p.add_argument("--min-class-pixels", type=int, default=512,
+                   help="only for the printed statistics: pixels for an image to count for a class (the synthetic configs use 512)")
     args = p.parse_args(argv)
     if args.train < 0 or args.val < 0 or args.train + args.val == 0:
         p.error("--train and --val must be >= 0 and not both 0")

@@ -294,3 +294,22 @@ def parse_args_with_overrides(parser, argv=None):
     if flags:
         parser.error(f"unknown option(s) {flags}; config overrides are written KEY VALUE without dashes")
     return args, opts
+
+
+def default_save_path(config_path: str, dataset: str) -> str:
+    """exp/<dataset>/<exp_name>, exp_name from config/<dataset>/<dataset>_<exp_name>.yaml."""
+    stem = os.path.splitext(os.path.basename(config_path))[0]
+    return os.path.join("exp", dataset, stem[len(dataset) + 1:] if stem.startswith(dataset + "_") else stem)
+
+
+def experiment_cfg(description: str, argv=None) -> CfgNode:
+    """What train.py and test.py share: ``--config CFG [KEY VALUE ...]`` → validated config,
+    with ``save_path`` defaulting to the experiment folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="config/<dataset>/<dataset>_<exp>.yaml")
+    args, opts = parse_args_with_overrides(parser, argv)
+    cfg = load_cfg(args.config, opts)
+    cfg.save_path = cfg.save_path or default_save_path(args.config, cfg.dataset)
+    return cfg
