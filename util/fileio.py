@@ -12,6 +12,9 @@ import os
 import tempfile
 from typing import Any, Callable, Iterator
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -22,6 +25,7 @@ def atomic_path(path: str) -> Iterator[str]:
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should follow the umask like open()
     try:
         yield tmp
         os.replace(tmp, path)
