@@ -13,8 +13,9 @@ import torch
 from util.fileio import atomic_write
 from util.transform import IMAGENET_MEAN, IMAGENET_STD
 
-TILE = 160
-TITLE_H = 22
+TILE = 160                    # side of one square tile, in pixels
+TITLE_H = 22                  # height of the title band above the tiles
+TILE_GAP = 2                  # white margin at each tile's right and bottom, so tiles read apart
 FG_COLOUR = (255, 64, 64)     # RGB
 DO_COLOUR = (255, 0, 255)
 OUTLINE_COLOUR = (0, 255, 0)
@@ -27,6 +28,18 @@ def denormalize(img: torch.Tensor) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
+def to_rgb(img) -> np.ndarray:
+    """A panel image: a normalised 3×H×W tensor (what evaluation keeps) or an H×W×3 uint8
+    RGB array (what the predictor keeps, at the original size)."""
+    if isinstance(img, torch.Tensor):
+        return denormalize(img)
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"panel images are 3×H×W normalised tensors or H×W×3 uint8 RGB arrays; "
+                         f"got {arr.dtype} array of shape {arr.shape}")
+    return arr
+
+
 def tint(image: np.ndarray, mask: np.ndarray, colour=FG_COLOUR, alpha: float = 0.5) -> np.ndarray:
     """``image`` with pixels where ``mask == 1`` blended towards ``colour``."""
     out = image.astype(np.float32)
@@ -36,6 +49,7 @@ def tint(image: np.ndarray, mask: np.ndarray, colour=FG_COLOUR, alpha: float = 0
 
 
 def outline(image: np.ndarray, mask: np.ndarray, colour=OUTLINE_COLOUR, thickness: int = 2) -> np.ndarray:
+    """``image`` with the outline of ``mask == 1`` drawn on it."""
     contours, _ = cv2.findContours((mask == 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     out = np.ascontiguousarray(image.copy())
     cv2.drawContours(out, contours, -1, colour, thickness)
@@ -48,10 +62,19 @@ def heatmap(prob: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
+def overlay(image: np.ndarray, mask: np.ndarray, colour=FG_COLOUR, alpha: float = 0.5) -> np.ndarray:
+    """The prediction as users see it: ``mask`` tinted on the image, with its outline."""
+    thickness = max(1, round(max(image.shape[:2]) / 250))
+    return outline(tint(image, mask, colour, alpha), mask, colour, thickness)
+
+
 def _fit(tile: np.ndarray, size: int = TILE) -> np.ndarray:
+    """``tile`` scaled to fit a size×size white square (less the gap), top-left."""
     h, w = tile.shape[:2]
-    scale = size / max(h, w)
-    resized = cv2.resize(tile, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_NEAREST)
+    scale = (size - TILE_GAP) / max(h, w)
+    # area averaging keeps large photos readable when shrunk; nearest keeps small masks crisp
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
+    resized = cv2.resize(tile, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interpolation)
     canvas = np.full((size, size, 3), 255, np.uint8)
     canvas[:resized.shape[0], :resized.shape[1]] = resized
     return canvas
@@ -68,27 +91,57 @@ def _as_np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def canvas_extent(label: np.ndarray, ignore_label: int = 255) -> tuple[int, int]:
+    """Height and width of the image on an evaluation canvas. EvalResize pastes the resized
+    image top-left and fills the label's remainder with ignore, so the rows and columns past
+    the last one holding a non-ignore pixel are padding the network saw but nobody scores
+    (all-ignore rows at the image's own bottom edge go with them; they are not scored either)."""
+    valid = label != ignore_label
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    if rows.size == 0:
+        return label.shape[0], label.shape[1]
+    return int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
 def panel_image(sample: dict, tile: int = TILE) -> np.ndarray:
     """Render one episode (the dict evaluate() keeps per sample) as an H×W×3 uint8 RGB array.
 
-    Keys: ``support_imgs`` K×3×H×W, ``support_masks`` K×H×W, ``query_img`` 3×H×W, ``pred``
-    H×W (0/1); optional ``query_mask`` (ground truth, 0/1/255), ``bg_map`` (BG probability
-    H×W), ``do_mask`` (H×W 0/1), ``class_name``, ``iou`` (percent).
+    Keys: ``support_imgs`` (K normalised 3×H×W tensors or H×W×3 uint8 RGB arrays; supports
+    may differ in size), ``support_masks`` (K H×W), ``query_img``, ``pred`` H×W (0/1), all
+    maps at the query image's size; optional ``query_mask`` (ground truth, 0/1/255),
+    ``bg_map`` (BG probability H×W), ``do_mask`` (H×W 0/1), ``class_name``, ``iou`` (percent).
+    The panel is ``TITLE_H + tile`` high and ``tile`` wide per tile: one per support, the
+    query, the prediction, and one each for the ground truth, BG map and DO mask if given.
+    Tensor images are evaluation canvases: each is cropped to the image on it (its label's
+    extent, :func:`canvas_extent`), so the padding does not show.
     """
     tiles = []
     for k, (img, mask) in enumerate(zip(sample["support_imgs"], sample["support_masks"])):
-        tiles.append(_label(_fit(outline(denormalize(img), _as_np(mask)), tile), f"support {k + 1}"))
-    query = denormalize(sample["query_img"])
+        mask = _as_np(mask)
+        if isinstance(img, torch.Tensor):
+            h, w = canvas_extent(mask)
+            img, mask = img[:, :h, :w], mask[:h, :w]
+        tiles.append(_label(_fit(outline(to_rgb(img), mask), tile), f"support {k + 1}"))
+    query_img = sample["query_img"]
+    gt = _as_np(sample["query_mask"]) if sample.get("query_mask") is not None else None
+    if isinstance(query_img, torch.Tensor):
+        h, w = canvas_extent(gt) if gt is not None else tuple(query_img.shape[-2:])
+        query = to_rgb(query_img[:, :h, :w])
+    else:
+        query = to_rgb(query_img)
+        h, w = query.shape[:2]
+
+    def crop(x):
+        return _as_np(x)[:h, :w]
     tiles.append(_label(_fit(query, tile), "query"))
-    if sample.get("query_mask") is not None:
-        gt = _as_np(sample["query_mask"])
-        tiles.append(_label(_fit(tint(query, gt), tile), "ground truth"))
-    tiles.append(_label(_fit(tint(query, _as_np(sample["pred"])), tile), "prediction"))
+    if gt is not None:
+        tiles.append(_label(_fit(overlay(query, crop(gt)), tile), "ground truth"))
+    tiles.append(_label(_fit(overlay(query, crop(sample["pred"])), tile), "prediction"))
     if sample.get("bg_map") is not None:
-        blend = (0.5 * query + 0.5 * heatmap(_as_np(sample["bg_map"]))).astype(np.uint8)
+        blend = (0.5 * query + 0.5 * heatmap(crop(sample["bg_map"]))).astype(np.uint8)
         tiles.append(_label(_fit(blend, tile), "mined BG"))
     if sample.get("do_mask") is not None:
-        tiles.append(_label(_fit(tint(query, _as_np(sample["do_mask"]), DO_COLOUR), tile), "mined DO"))
+        tiles.append(_label(_fit(tint(query, crop(sample["do_mask"]), DO_COLOUR), tile), "mined DO"))
     row = np.concatenate(tiles, axis=1)
     title = np.full((TITLE_H, row.shape[1], 3), 255, np.uint8)
     text = str(sample.get("class_name", ""))
@@ -102,5 +155,6 @@ def save_panel(path: str, sample: dict, tile: int = TILE) -> np.ndarray:
     """Render and write a panel PNG atomically; returns the RGB array."""
     image = panel_image(sample, tile)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, bgr))
+    # full compression: a third of OpenCV's default size, for a few ms more
+    atomic_write(path, lambda tmp: cv2.imwrite(tmp, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9]))
     return image

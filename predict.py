@@ -1,0 +1,119 @@
+"""Segment your own images: python predict.py --config CFG --weight CKPT \\
+    --support a.jpg a_mask.png [--support b.jpg b_mask.png ...] --query q1.jpg [q2.jpg ...] --out DIR [KEY VALUE ...]
+
+K is the number of --support pairs. Masks are 0/1 or 0/255 single-channel PNGs (255 in a
+0/1 mask is ignored), or class-id / palette PNGs with --class-id C. Writes per query
+<out>/<stem>_mask.png (0/1, the query's size), <out>/<stem>_overlay.jpg and, with --panels,
+<out>/<stem>_panel.png (supports, query, prediction, mined BG and DO).
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import cv2
+
+from model.predictor import PredictInputError, Predictor, check_query_files, read_supports, resolve_device
+from util.checkpoint import CheckpointError
+from util.config import KEYS, ConfigError, load_cfg, parse_args_with_overrides
+from util.fileio import atomic_write
+from util.vis import overlay, save_panel
+
+log = logging.getLogger("ntrenetpp")
+
+
+def write_image(path: str, rgb_or_grey, params=()) -> None:
+    """Write a PNG/JPEG atomically; RGB arrays are converted to OpenCV's BGR."""
+    image = cv2.cvtColor(rgb_or_grey, cv2.COLOR_RGB2BGR) if rgb_or_grey.ndim == 3 else rgb_or_grey
+
+    def write(tmp):
+        if not cv2.imwrite(tmp, image, list(params)):
+            raise OSError(f"could not write '{path}'")
+    atomic_write(path, write)
+
+
+def output_stems(queries: list[str]) -> list[str]:
+    """File stems of the queries; two queries with one stem would overwrite each other."""
+    stems = [os.path.splitext(os.path.basename(q))[0] for q in queries]
+    seen: dict[str, str] = {}
+    for stem, q in zip(stems, queries):
+        if stem in seen:
+            raise PredictInputError(f"queries '{seen[stem]}' and '{q}' would both write {stem}_mask.png; "
+                                    f"rename one or run them with different --out folders")
+        seen[stem] = q
+    return stems
+
+
+def split_trailing_overrides(queries: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
+    """``--query a.jpg b.jpg shot 5``: argparse hands every word to --query; from the first
+    word that is a declared config key (and not a file) on, the words are overrides."""
+    for i, word in enumerate(queries):
+        if word in KEYS and not os.path.exists(word):
+            return queries[:i], queries[i:] + opts
+    return queries, opts
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the config the checkpoint was trained with")
+    parser.add_argument("--weight", required=True, help="checkpoint file (e.g. exp/<dataset>/<exp>/model/best.pth)")
+    parser.add_argument("--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                        help="an annotated example; repeat for K shots")
+    parser.add_argument("--query", nargs="+", action="extend", required=True, metavar="IMAGE",
+                        help="image(s) to segment")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--class-id", type=int, default=None,
+                        help="target class in class-id / palette masks (pixels == C are the target)")
+    parser.add_argument("--class-name", default="", help="name shown in the panel titles")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: fp16 on CUDA, bf16 on the CPU (or set the key: amp bf16)")
+    parser.add_argument("--panels", action="store_true", help="also write <stem>_panel.png per query")
+    args, opts = parse_args_with_overrides(parser, argv)
+    args.query, opts = split_trailing_overrides(args.query, opts)
+    if not args.query:
+        parser.error("--query needs at least one image before the KEY VALUE overrides")
+    return args, opts
+
+
+def main(argv=None) -> list[str]:
+    """Run and return the written paths; bad input exits with status 2 and one clear line."""
+    args, opts = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_cfg(args.config, opts)
+        # every input is checked before the checkpoint is loaded
+        stems = output_stems(args.query)
+        supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
+        check_query_files(args.query)
+        device = resolve_device(args.device)
+        amp = cfg.amp
+        if args.amp and amp == "none":
+            amp = "fp16" if device.type == "cuda" else "bf16"
+        predictor = Predictor.from_checkpoint(cfg, args.weight, device=device, amp=amp)
+        predictions = predictor.iter_predict(supports, args.query, args.class_id, args.class_name)
+        written, seconds = [], 0.0
+        for stem in stems:
+            t0 = time.perf_counter()
+            pred = next(predictions)
+            seconds += time.perf_counter() - t0
+            paths = [os.path.join(args.out, f"{stem}_mask.png"), os.path.join(args.out, f"{stem}_overlay.jpg")]
+            write_image(paths[0], pred.mask)
+            write_image(paths[1], overlay(pred.image, pred.mask), (cv2.IMWRITE_JPEG_QUALITY, 90))
+            if args.panels:
+                paths.append(os.path.join(args.out, f"{stem}_panel.png"))
+                save_panel(paths[2], pred.panel_sample())
+            log.info("%s: %.1f%% foreground -> %s", stem, 100 * pred.mask.mean(), ", ".join(paths))
+            written += paths
+    except (PredictInputError, CheckpointError, ConfigError) as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("%d query(ies), %d-shot, %s on %s%s: %.3f s per query (reading and network)", len(stems),
+             len(supports), args.weight, predictor.device, f" ({amp})" if amp != "none" else "",
+             seconds / len(stems))
+    return written
+
+
+if __name__ == "__main__":
+    main()
