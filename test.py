@@ -20,4 +20,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import run
+    run(main)

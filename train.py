@@ -31,4 +31,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import run
+    run(main)

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from util.amp import autocast
-from util.checkpoint import load_checkpoint
+from util.metrics import to_original_size
+from util.checkpoint import build_model_from_checkpoint
 from util.transform import eval_transform
 from util.vis import panel_image
 
-from .ntrenet import build_model
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 MaskInput = Union[str, os.PathLike, np.ndarray]
@@ -234,12 +234,6 @@ def read_query(source, index: int = 0) -> Query:
     return Query(read_rgb(source, _describe(source, index, "query")), _stem(source, f"query{index + 1}"))
 
 
-def to_original_size(maps: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
-    """Canvas maps (1×C×S×S) → 1×C×height×width, as ori_resize scoring maps logits: the
-    canvas covers the square of the longer side, so upsample to it and crop top-left."""
-    side = max(height, width)
-    kwargs = {"align_corners": True} if mode == "bilinear" else {}
-    return F.interpolate(maps.float(), size=(side, side), mode=mode, **kwargs)[:, :, :height, :width]
 
 
 class Predictor:
@@ -259,8 +253,7 @@ class Predictor:
         """Build the network of ``cfg`` and load ``weight_path`` (a checkpoint of another
         architecture is a CheckpointError naming the keys that differ)."""
         resolve_device(device, amp)      # a wrong device fails before the model is built
-        model = build_model(cfg)
-        load_checkpoint(weight_path, model, cfg)
+        model, _ = build_model_from_checkpoint(weight_path, cfg)
         return cls(model, cfg, device, amp)
 
     def _prepare(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,13 @@ if [ ! -f "$config" ]; then
     ls "config/$dataset" | sed "s/^${dataset}_/  /; s/\.yaml$//" >&2
     exit 2
 fi
+for arg in "$@"; do
+    if [ "$arg" = "save_path" ]; then
+        echo "$mode.sh keeps each experiment in exp/$dataset/$exp_name; to use another folder run" \
+             "python $mode.py --config $config save_path DIR ... directly" >&2
+        exit 2
+    fi
+done
 exp_dir=exp/$dataset/$exp_name
 mkdir -p "$exp_dir/model" "$exp_dir/result"
 cp "$config" "$exp_dir/"

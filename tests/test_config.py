@@ -68,3 +68,12 @@ def test_every_shipped_config_loads(path):
     dataset = path.split("/")[1]
     assert cfg.dataset == dataset
     assert f"split{cfg.split}" in path
+
+
+def test_yaml_float_strings_and_count_bounds(tmp_path):
+    cfg = load_cfg(write(tmp_path, "TRAIN:\n  weight_decay: 1e-4\n"))   # YAML reads 1e-4 as a string
+    assert cfg.weight_decay == 1e-4
+    with pytest.raises(ConfigError, match="key 'print_freq' is 0; it must be at least 1"):
+        load_cfg(write(tmp_path, "TRAIN:\n  print_freq: 0\n"))
+    with pytest.raises(ConfigError, match="key 'workers' is -1; it must not be negative"):
+        load_cfg(write(tmp_path, "TRAIN:\n  workers: -1\n"))

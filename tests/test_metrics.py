@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from util.config import defaults
-from util.metrics import IoUAccumulator, intersection_union, pad_to_square, score_episodes
+from util.metrics import IoUAccumulator, intersection_union, score_episodes, to_original_size
 
 
 def test_intersection_union_ignores_255():
@@ -40,7 +40,8 @@ def test_ori_resize_scores_on_the_original_label_padded_square():
     inter, union, preds = score_episodes(logits, batch, cfg)
     assert inter.tolist() == [[4.0, 4.0]] and union.tolist() == [[4.0, 4.0]]
     assert preds[0].shape == (2, 4) and preds[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
-    assert pad_to_square(label).tolist()[2] == [255] * 4
+    # cropping the upsampled square equals scoring the 255-padded square
+    assert to_original_size(logits, 2, 4).shape == (1, 2, 2, 4)
     cfg.ori_resize = False                               # scored against the canvas label instead
     inter, union, _ = score_episodes(logits, batch, cfg)
     assert inter.tolist() == [[8.0, 0.0]] and union.tolist() == [[16.0, 8.0]]

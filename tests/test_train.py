@@ -53,14 +53,14 @@ def test_poly_schedule_matches_pfenet():
 
 
 def test_resumed_run_equals_uninterrupted_run(synth_root, tmp_path):
-    a = Trainer(tiny_cfg(synth_root, tmp_path / "a", evaluate=False), DistInfo())
+    a = Trainer(tiny_cfg(synth_root, tmp_path / "a", evaluate=False), DistInfo(), keep_history=True)
     a.train()
-    b = Trainer(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, stop_iter=3), DistInfo())
+    b = Trainer(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, stop_iter=3), DistInfo(), keep_history=True)
     b.train()
     assert len(b.history) == 3 and b.history == a.history[:3]
     state = torch.load(tmp_path / "b" / "model" / "last.pth", weights_only=False)
     assert state["iteration"] == 3 and state["epoch"] == 1
-    c = Trainer(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, resume="auto"), DistInfo())
+    c = Trainer(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, resume="auto"), DistInfo(), keep_history=True)
     c.train()
     assert len(a.history) == 4 and c.history == a.history[3:]      # the same losses, bit for bit
     wa, wc = weights(a.model), weights(c.model)
@@ -232,3 +232,14 @@ def test_launcher_rejects_unknown_dataset_and_config():
     r = subprocess.run(["sh", "test.sh", "pascal", "split7_resnet50"], capture_output=True, text=True)
     assert r.returncode == 2 and "no config config/pascal/pascal_split7_resnet50.yaml" in r.stderr
     assert "split0_resnet50" in r.stderr
+
+
+def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_path):
+    Trainer(tiny_cfg(synth_root, tmp_path, stop_iter=2), DistInfo()).train()   # 2 iterations per epoch
+    best = torch.load(tmp_path / "model" / "best.pth", weights_only=False)
+    last = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    assert best["epoch"] == 1 and last["epoch"] == 1 and last["iteration"] == 2
+    assert last["metrics"]["episodes"] == 8 and last["metrics"]["iters_per_epoch"] == 2
+    resumed = Trainer(tiny_cfg(synth_root, tmp_path, resume="auto", batch_size=2), DistInfo())
+    with pytest.raises(ValueError, match="trained with 2 iterations per epoch, this run has 4"):
+        resumed.train()

@@ -40,11 +40,20 @@ def main(argv=None) -> dict:
     args, opts = parse_args_with_overrides(parser, argv)
     cfg = load_cfg(args.config, opts)
     cfg.update(save_pred=False, vis=0, save_path="")
-    setup_logger("", 0)
-    base = run_test(cfg, DistInfo(), model=AllForeground(), write_json=False)
+    res = None
     if args.compare:
         with open(args.compare) as f:
             res = json.load(f)
+        # score the very episodes the result scored: its seeds, count and shots
+        cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
+                   manual_seed=res.get("manual_seed", cfg.manual_seed))
+        for key in ("dataset", "split", "val_list"):
+            if key in res and res[key] != cfg[key]:
+                raise SystemExit(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
+                                 f"{cfg[key]!r}: pass the same config and overrides as that test run")
+    setup_logger("", 0)
+    base = run_test(cfg, DistInfo(), model=AllForeground(), write_json=False)
+    if res is not None:
         print(f"\n{'':24s}{'class mIoU':>18s}{'FB-IoU':>18s}")
         print(f"{'NTRENet++ (' + os.path.basename(res['weight']) + ')':24s}"
               f"{res['miou_mean']:10.2f} ± {res['miou_std']:4.2f}{res['fbiou_mean']:11.2f} ± {res['fbiou_std']:4.2f}")
@@ -55,4 +64,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import run  # noqa: E402
+    run(main)

@@ -86,4 +86,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import run  # noqa: E402
+    run(main)

@@ -191,7 +191,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # One image
 # --------------------------------------------------------------------------------------
-def render_image(seed, size: int = 160, band: int = 3,
+def render_image(seed, size: int = 80, band: int = 3,
                  main_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Render one image from ``seed`` (anything ``np.random.default_rng`` takes).
 

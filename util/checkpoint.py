@@ -6,6 +6,7 @@ validation score, so a resumed run continues exactly as the uninterrupted one wo
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 from typing import Any
@@ -17,7 +18,8 @@ from util.fileio import atomic_torch_save
 
 FORMAT = "ntrenetpp-checkpoint-v1"
 # config keys that change the shape of the network: a checkpoint must agree on them
-ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "classes", "dataset", "memory_size")
+ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
+             "dataset", "memory_size")
 
 
 class CheckpointError(RuntimeError):
@@ -66,8 +68,12 @@ def save_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, epoch: i
 
 def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist; train first (sh train.sh ...) "
-                              f"or set 'weight' to best, last or an existing .pth file")
+        folder = os.path.dirname(path)
+        present = sorted(f for f in os.listdir(folder) if f.endswith(".pth")) if os.path.isdir(folder) else []
+        hint = (f"{folder} holds {', '.join(present)}" if present else
+                "train first (sh train.sh ...)")
+        raise CheckpointError(f"checkpoint '{path}' does not exist; {hint}. best.pth is written only when "
+                              f"validation runs (evaluate True); choose with 'weight best|last|PATH'")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, ...
@@ -117,6 +123,29 @@ def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_
     if restore_rng and state.get("rng"):
         set_rng_state(state["rng"])
     return state
+
+
+def build_model_from_checkpoint(path: str, cfg):
+    """The network of ``cfg`` with checkpoint ``path`` loaded, and the checkpoint's state.
+
+    The checkpoint holds the backbone, so the ImageNet weight file (``pretrained``) is not
+    needed — nor read — to evaluate or predict.
+    """
+    from model import build_model
+
+    state = read_checkpoint(path)
+    check_compatible(state, cfg, path)
+    bare = cfg.copy()
+    bare.pretrained = ""
+    quiet = logging.getLogger("model.ntrenet")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)   # the "randomly initialised" warning would be wrong here
+    try:
+        model = build_model(bare)
+    finally:
+        quiet.setLevel(level)
+    load_model_weights(model, state, path)
+    return model, state
 
 
 def resolve_weight(weight: str, save_path: str) -> str:

@@ -173,6 +173,11 @@ def check_value(name: str, value: Any, where: str = "config") -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an int")
     elif t == "float":
+        if isinstance(value, str):   # YAML 1.1 reads PFENet's `weight_decay: 1e-4` as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a float") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a float")
         value = float(value)
@@ -262,9 +267,13 @@ def validate(cfg: CfgNode) -> None:
     if cfg.rotate_min > cfg.rotate_max:
         raise ConfigError(f"rotate_min ({cfg.rotate_min}) is larger than rotate_max ({cfg.rotate_max})")
     for name in ("train_h", "train_w", "val_size", "batch_size", "batch_size_val", "test_num", "test_seeds",
-                 "reduce_dim", "memory_size"):
+                 "reduce_dim", "memory_size", "epochs", "print_freq", "val_freq"):
         if cfg[name] < 1:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
+    for name in ("workers", "class_index_workers", "epoch_size", "stop_iter", "ckpt_freq_iters", "warmup_iters",
+                 "num_negatives", "val_num", "vis", "tb_images", "fixed_eval_size"):
+        if cfg[name] < 0:
+            raise ConfigError(f"key '{name}' is {cfg[name]}; it must not be negative")
     if not cfg.ppm_scales or any(not isinstance(s, (int, float)) or s <= 0 for s in cfg.ppm_scales):
         raise ConfigError(f"key 'ppm_scales' is {cfg.ppm_scales}; expected positive sizes or fractions")
 

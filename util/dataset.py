@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -57,6 +58,13 @@ def binarize(label: np.ndarray, class_id: int, ignore_label: int = 255) -> np.nd
     return out
 
 
+PREPARE_COMMAND = {
+    "pascal": "python tools/prepare_pascal.py --voc VOCdevkit/VOC2012 --sbd benchmark_RELEASE/dataset --out data/pascal",
+    "coco": "python tools/prepare_coco.py --coco <folder with train2014/ val2014/ annotations/> --out data/coco",
+    "synthetic": "python tools/make_synthetic.py --out data/synthetic",
+}
+
+
 @dataclass
 class SplitData:
     """A list file resolved against data_root, with its filtered class index."""
@@ -69,6 +77,9 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
     """Read the training or evaluation list of ``cfg`` and index it for the active classes
     (training classes when ``train``, held-out ones otherwise)."""
     list_path = cfg.train_list if train else cfg.val_list
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"list file '{list_path}' ({'train_list' if train else 'val_list'}) does not exist; "
+                                f"build the {cfg.dataset} data with: {PREPARE_COMMAND[cfg.dataset]}")
     pairs = read_list(list_path, cfg.data_root, check_files=cfg.check_files)
     train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
     table, cached = load_area_table(list_path, cfg.data_root, [lab for _, lab in pairs],
@@ -80,6 +91,21 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
              len(index.images), len(pairs), len(active), "training" if train else "held-out",
              "cached" if cached else "built")
     return SplitData(pairs, index, active)
+
+
+def load_split_rank0_first(cfg, train: bool) -> SplitData:
+    """:func:`load_split` where rank 0 builds the class-index cache and the other processes
+    then read it, instead of every process scanning the labels at once."""
+    from util.distributed import barrier, is_main_process
+
+    split = load_split(cfg, train) if is_main_process() else None
+    barrier()
+    return split if split is not None else load_split(cfg, train)
+
+
+def worker_init(_=None) -> None:
+    """DataLoader workers: one process per core is the parallelism, so no OpenCV threads."""
+    cv2.setNumThreads(0)
 
 
 def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
@@ -153,13 +179,9 @@ class FewShotTrainDataset(Dataset):
 
     def draw(self, position: int, rng: np.random.Generator) -> tuple[int, int, list[int]]:
         """(query list position, class id, support list positions) of one episode."""
-        index = self.split.index
-        query = index.images[position]
-        classes = index.classes_of[query]
-        class_id = classes[int(rng.integers(len(classes)))]
-        candidates = [i for i in index.images_of[class_id] if i != query]
-        supports = rng.choice(len(candidates), self.shot, replace=False)
-        return query, class_id, [candidates[i] for i in supports]
+        query = self.split.index.images[position]
+        class_id, supports = draw_class_and_supports(self.split.index, query, self.shot, rng)
+        return query, class_id, supports
 
     def load(self, list_pos: int, class_id: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = read_pair(*self.split.pairs[list_pos])
@@ -177,6 +199,17 @@ class FewShotTrainDataset(Dataset):
             "support_masks": torch.stack([m for _, m in s]),
             "class_id": class_id,
         }
+
+
+def draw_class_and_supports(index: ClassIndex, query: int, shot: int,
+                            rng: np.random.Generator) -> tuple[int, list[int]]:
+    """The episode rule (protocol.md): a class uniformly among the query's eligible ones, then
+    ``shot`` distinct images of that class, never the query."""
+    classes = index.classes_of[query]
+    class_id = classes[int(rng.integers(len(classes)))]
+    candidates = [i for i in index.images_of[class_id] if i != query]
+    picks = rng.choice(len(candidates), shot, replace=False)
+    return class_id, [candidates[i] for i in picks]
 
 
 @dataclass(frozen=True)
@@ -202,11 +235,8 @@ def draw_episodes(index: ClassIndex, num_episodes: int, shot: int, seed: int) ->
         if not order:
             order = [images[i] for i in rng.permutation(len(images))][::-1]
         query = order.pop()
-        classes = index.classes_of[query]
-        class_id = classes[int(rng.integers(len(classes)))]
-        candidates = [i for i in index.images_of[class_id] if i != query]
-        picks = rng.choice(len(candidates), shot, replace=False)
-        episodes.append(Episode(e, query, class_id, tuple(candidates[i] for i in picks)))
+        class_id, supports = draw_class_and_supports(index, query, shot, rng)
+        episodes.append(Episode(e, query, class_id, tuple(supports)))
     return episodes
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from util.amp import autocast, synchronize
 from util.classes import class_name
-from util.dataset import FewShotEvalDataset, eval_collate
+from util.dataset import FewShotEvalDataset, eval_collate, worker_init
 from util.fileio import atomic_write, atomic_write_json
 from util.metrics import IoUAccumulator, IoUResult, score_episodes
 
@@ -33,7 +33,7 @@ class EvalOutput:
 
 def eval_loader(dataset: FewShotEvalDataset, cfg) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=cfg.workers,
-                      collate_fn=eval_collate, pin_memory=torch.cuda.is_available(),
+                      collate_fn=eval_collate, pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
                       persistent_workers=False, generator=torch.Generator())  # leaves the global RNG alone
 
 

@@ -12,8 +12,11 @@ import os
 import tempfile
 from typing import Any, Callable, Iterator
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -25,7 +28,7 @@ def atomic_path(path: str) -> Iterator[str]:
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should follow the umask like open()
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should follow the umask like open()
     try:
         yield tmp
         os.replace(tmp, path)
@@ -57,7 +60,12 @@ def atomic_write_json(path: str, obj: Any, indent: int | None = 2) -> None:
 def atomic_torch_save(obj: Any, path: str) -> None:
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
 
 
 def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> list[tuple[str, str]]:

@@ -30,13 +30,14 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor, ignore_label: i
     return torch.stack(inter, 1).double(), torch.stack(union, 1).double()
 
 
-def pad_to_square(label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
-    """Pad an H×W label to L×L (L = longer side) with ``ignore_label``, top-left aligned."""
-    h, w = label.shape[-2:]
-    side = max(h, w)
-    out = label.new_full((side, side), ignore_label)
-    out[:h, :w] = label
-    return out
+def to_original_size(maps: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
+    """Canvas maps (N×C×S×S) → N×C×height×width, PFENet's ori_resize mapping: the canvas
+    covers the square of the longer side (the label padded with ignore there), so upsample to
+    that square (bilinear, align_corners=True) and crop top-left. Scoring the crop equals
+    scoring the padded square, whose padding is ignored."""
+    side = max(height, width)
+    kwargs = {"align_corners": True} if mode == "bilinear" else {}
+    return F.interpolate(maps.float(), size=(side, side), mode=mode, **kwargs)[:, :, :height, :width]
 
 
 def score_episodes(logits: torch.Tensor, batch: dict, cfg) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -66,13 +67,11 @@ def score_episodes(logits: torch.Tensor, batch: dict, cfg) -> tuple[torch.Tensor
     # original labels differ in size, so each episode is upsampled on its own
     for i, label in enumerate(batch["query_mask_ori"]):
         label = label.to(logits.device)
-        target = pad_to_square(label, ignore)
-        pred = F.interpolate(logits[i:i + 1].float(), size=target.shape, mode="bilinear",
-                             align_corners=True).argmax(1)
-        inter, union = intersection_union(pred, target[None], ignore)
+        pred = to_original_size(logits[i:i + 1], *label.shape).argmax(1)
+        inter, union = intersection_union(pred, label[None], ignore)
         inters.append(inter)
         unions.append(union)
-        preds.append(pred[0, :label.shape[0], :label.shape[1]])
+        preds.append(pred[0])
     return torch.cat(inters), torch.cat(unions), preds
 
 

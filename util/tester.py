@@ -11,9 +11,9 @@ import os
 import statistics
 import time
 
-from util.checkpoint import load_checkpoint, resolve_weight
-from util.dataset import FewShotEvalDataset, load_split
-from util.distributed import DistInfo, barrier
+from util.checkpoint import build_model_from_checkpoint, resolve_weight
+from util.dataset import FewShotEvalDataset, load_split_rank0_first
+from util.distributed import DistInfo
 from util.evaluate import evaluate
 from util.fileio import atomic_write_json
 
@@ -34,21 +34,15 @@ def format_seed_table(seed: int, result, ms: float) -> str:
 
 def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
     """Evaluate the configured checkpoint (or ``model`` as given) and write the JSON result."""
-    from model import build_model
-
     weight_path = resolve_weight(cfg.weight, cfg.save_path) if model is None else "(in-memory model)"
     ckpt_info = ""
     if model is None:
-        model = build_model(cfg).to(info.device)
-        state = load_checkpoint(weight_path, model, cfg)
+        model, state = build_model_from_checkpoint(weight_path, cfg)
+        model = model.to(info.device)
         ckpt_info = f" (epoch {state.get('epoch')}, iteration {state.get('iteration')})"
     log.info("checkpoint: %s%s; %d-shot, %d seed(s) x %d episodes", weight_path, ckpt_info, cfg.shot,
              cfg.test_seeds, cfg.test_num)
-    if info.is_main:
-        split = load_split(cfg, train=False)
-    barrier()
-    if not info.is_main:
-        split = load_split(cfg, train=False)
+    split = load_split_rank0_first(cfg, train=False)
     result_dir = os.path.join(cfg.save_path or ".", "result")
     per_seed = []
     for seed in test_seeds(cfg):
@@ -71,6 +65,8 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
         "miou_mean": statistics.fmean(mious), "miou_std": std(mious),
         "fbiou_mean": statistics.fmean(fbious), "fbiou_std": std(fbious),
         "episodes": cfg.test_num, "seeds": len(per_seed), "shot": cfg.shot, "weight": weight_path,
+        "dataset": cfg.dataset, "split": cfg.split, "use_split_coco": cfg.use_split_coco,
+        "val_list": cfg.val_list, "manual_seed": cfg.manual_seed,
         "checkpoint_epoch": None if not ckpt_info else state.get("epoch"),
         "scoring": ("fixed %d" % cfg.fixed_eval_size) if cfg.fixed_eval_size else
                    ("ori_resize" if cfg.ori_resize else "val_size canvas"),

@@ -13,15 +13,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-import cv2
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from util.amp import autocast, synchronize
-from util.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.config import dump_cfg
-from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split
+from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split_rank0_first, worker_init
 from util.distributed import DistInfo, barrier
 from util.evaluate import evaluate
 from util.fileio import atomic_write_text
@@ -44,10 +43,6 @@ def poly_lr(base_lr: float, it: int, max_iter: int, power: float, warmup_iters: 
     return base_lr * (1 - min(it, max_iter) / max_iter) ** power
 
 
-def _worker_init(_):
-    cv2.setNumThreads(0)   # one loader process per core is the parallelism; no nested threads
-
-
 def train_loader(dataset: FewShotTrainDataset, cfg, info: DistInfo) -> DataLoader:
     if cfg.batch_size % info.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by "
@@ -55,7 +50,7 @@ def train_loader(dataset: FewShotTrainDataset, cfg, info: DistInfo) -> DataLoade
     sampler = dataset.sampler(cfg.epoch_size, cfg.manual_seed, info.world_size, info.rank)
     return DataLoader(dataset, batch_size=cfg.batch_size // info.world_size, sampler=sampler,
                       num_workers=cfg.workers, pin_memory=info.device.type == "cuda", drop_last=True,
-                      persistent_workers=cfg.workers > 0, worker_init_fn=_worker_init,
+                      persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
                       # its own generator: creating an epoch's iterator must not advance the global
                       # torch RNG (dropout's), or a resumed run would drift from the uninterrupted one
                       generator=torch.Generator().manual_seed(cfg.manual_seed))
@@ -82,8 +77,10 @@ def build_training(cfg, info: DistInfo):
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     net = model
     if info.distributed:
-        # the DO bank is kept identical by its own gather; with BN fixed no buffer can drift, so
-        # skip re-sending every buffer (41-158 MiB of bank) from rank 0 at each forward
+        # the DO bank is kept identical by its own gather: never re-send its 41-158 MiB from rank 0
+        # at each forward; other buffers (BN statistics) are broadcast only when they can drift
+        bank = [name for name, _ in model.named_buffers() if name.startswith("memory_bank.")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, bank)
         net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                                       broadcast_buffers=not cfg.fix_bn)
     if cfg.compile:
@@ -92,19 +89,19 @@ def build_training(cfg, info: DistInfo):
 
 
 class Trainer:
-    def __init__(self, cfg, info: DistInfo, writer=None):
+    def __init__(self, cfg, info: DistInfo, writer=None, keep_history: bool = False):
         self.cfg, self.info, self.writer = cfg, info, writer
+        self.keep_history = keep_history
         self.model_dir = os.path.join(cfg.save_path, "model")
         torch.manual_seed(cfg.manual_seed + info.rank)   # dropout differs per rank, init is broadcast
-        # rank 0 builds the class-index caches, the others then read them
-        if info.is_main:
-            train_split, val_split = load_split(cfg, True), (load_split(cfg, False) if cfg.evaluate else None)
-        barrier()
-        if not info.is_main:
-            train_split, val_split = load_split(cfg, True), (load_split(cfg, False) if cfg.evaluate else None)
+        train_split = load_split_rank0_first(cfg, True)
+        val_split = load_split_rank0_first(cfg, False) if cfg.evaluate else None
         self.train_set = FewShotTrainDataset(cfg, split=train_split)
         self.loader = train_loader(self.train_set, cfg, info)
         self.iters_per_epoch = len(self.loader)
+        if self.iters_per_epoch == 0:
+            raise ValueError(f"an epoch has no iteration: {len(self.loader.sampler)} episodes per process, fewer than "
+                             f"the per-process batch {self.loader.batch_size}; raise epoch_size or lower batch_size")
         self.max_iter = cfg.epochs * self.iters_per_epoch
         self.val_set = None
         if cfg.evaluate:
@@ -115,7 +112,7 @@ class Trainer:
         self.state = TrainState()
         self.pending: list[torch.Tensor] = []    # stacked loss values since the last read-back
         self.loss_names: list[str] = []
-        self.history: list[dict] = []            # per-iteration loss values, read back at each flush
+        self.history: list[dict] = []            # per-iteration loss values (keep_history, for tests)
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_path(self, name: str) -> str:
@@ -124,7 +121,8 @@ class Trainer:
     def save(self, name: str, metrics: dict | None = None) -> None:
         if self.info.is_main:
             save_checkpoint(self.checkpoint_path(name), self.model, self.cfg, self.optimizer, self.scaler,
-                            self.state.epoch, self.state.iteration, self.state.best_miou, metrics)
+                            self.state.epoch, self.state.iteration, self.state.best_miou,
+                            dict(metrics or {}, iters_per_epoch=self.iters_per_epoch))
         barrier()
 
     def maybe_resume(self) -> None:
@@ -136,6 +134,11 @@ class Trainer:
             log.info("resume auto: no %s yet, starting from scratch", path)
             return
         state = load_checkpoint(path, self.model, self.cfg, self.optimizer, self.scaler, restore_rng=True)
+        saved_ipe = state.get("metrics", {}).get("iters_per_epoch", self.iters_per_epoch)
+        if saved_ipe != self.iters_per_epoch:
+            raise ValueError(f"{path} was trained with {saved_ipe} iterations per epoch, this run has "
+                             f"{self.iters_per_epoch}: resume with the same batch_size, epoch_size and "
+                             f"process count, or start a new experiment")
         if self.info.rank:   # dropout streams stay distinct per rank after a resume too
             torch.manual_seed(self.cfg.manual_seed + self.info.rank + state["iteration"])
         self.state = TrainState(state["iteration"] // self.iters_per_epoch, state["iteration"], state["best_miou"])
@@ -151,15 +154,23 @@ class Trainer:
         first_it = self.state.iteration - len(self.pending) + 1
         self.pending.clear()
         bad = ~torch.isfinite(values)
-        if bad.any():
-            row, col = [int(x) for x in bad.nonzero()[0]]
+        # every rank must stop together: gradients are all-reduced, so one rank's NaN is everyone's
+        any_bad = torch.tensor(float(bad.any()), device=self.info.device)
+        if self.info.distributed:
+            torch.distributed.all_reduce(any_bad, op=torch.distributed.ReduceOp.MAX)
+        if any_bad.item():
             last = self.checkpoint_path("last")
+            where = "on another process"
+            if bad.any():
+                row, col = [int(x) for x in bad.nonzero()[0]]
+                where = (f"at iteration {first_it + row}: component '{self.loss_names[col]}' = "
+                         f"{values[row, col].item()}")
             raise NonFiniteLossError(
-                f"non-finite loss at iteration {first_it + row}: component '{self.loss_names[col]}' = "
-                f"{values[row, col].item()}. Training stopped; the last good checkpoint "
+                f"non-finite loss {where}. Training stopped; the last good checkpoint "
                 f"({last if os.path.isfile(last) else 'none written yet'}) is intact. "
                 f"Try a lower base_lr, amp none, or check the data.")
-        self.history += [dict(zip(self.loss_names, row.tolist())) for row in values]
+        if self.keep_history:
+            self.history += [dict(zip(self.loss_names, row.tolist())) for row in values]
         if self.writer is not None:
             for r in range(values.shape[0]):
                 for c, name in enumerate(self.loss_names):
@@ -197,7 +208,7 @@ class Trainer:
         self.pending.append(torch.stack([losses[k].detach().float() for k in self.loss_names]))
 
     def validate(self) -> dict:
-        out = evaluate(self.net, self.val_set, self.cfg, self.info.device, keep_samples=self.cfg.tb_images)
+        out = evaluate(self.model, self.val_set, self.cfg, self.info.device, keep_samples=self.cfg.tb_images)
         r = out.result
         log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",
                  self.state.epoch, r.miou, r.fbiou, r.episodes, out.ms_per_episode)
@@ -211,6 +222,12 @@ class Trainer:
                     self.writer.add_image(f"val/episode_{i}", panel_image(sample), self.state.epoch,
                                           dataformats="HWC")
         return {"miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou, "episodes": r.episodes}
+
+    def stop_reached(self) -> bool:
+        if self.cfg.stop_iter and self.state.iteration >= self.cfg.stop_iter:
+            log.info("stop_iter %d reached: saved %s", self.cfg.stop_iter, self.checkpoint_path("last"))
+            return True
+        return False
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -240,13 +257,16 @@ class Trainer:
                 self.state.iteration += 1
                 if self.state.iteration % cfg.print_freq == 0:
                     self.flush_losses(lr, t_start, it_start)
+                # at an epoch's end the block below validates and saves; a mid-epoch save there
+                # would let a resume skip that epoch's validation
+                if self.state.iteration % self.iters_per_epoch == 0:
+                    continue
                 if cfg.ckpt_freq_iters and self.state.iteration % cfg.ckpt_freq_iters == 0:
                     self.flush_losses(lr, t_start, it_start)
                     self.save("last", metrics)
-                if cfg.stop_iter and self.state.iteration >= cfg.stop_iter:
+                if self.stop_reached():
                     self.flush_losses(lr, t_start, it_start)
                     self.save("last", metrics)
-                    log.info("stop_iter %d reached: saved %s", cfg.stop_iter, self.checkpoint_path("last"))
                     return metrics
             self.flush_losses(lr, t_start, it_start)
             self.state.epoch += 1
@@ -257,6 +277,8 @@ class Trainer:
                     self.save("best", metrics)
                     log.info("new best class mIoU %.2f: saved %s", metrics["miou"], self.checkpoint_path("best"))
             self.save("last", metrics)
+            if self.stop_reached():
+                return metrics
         synchronize(self.info.device)
         log.info("training done: %d iterations, best validation class mIoU %.2f", self.state.iteration,
                  self.state.best_miou)
