@@ -4,6 +4,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 
 def write_tree(root, labels, list_name="list.txt", prefix="img"):
@@ -56,3 +57,12 @@ def tiny_pascal(tmp_path):
     cfg.update(dataset="pascal", data_root=root, train_list=list_path, val_list=list_path,
                train_h=33, train_w=33, val_size=41, class_index_workers=1, test_num=20)
     return cfg, root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and they thrash on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

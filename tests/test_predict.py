@@ -21,13 +21,7 @@ TINY = dict(layers=18, pretrained="", reduce_dim=8, ppm_scales=[1.0, 0.5], val_s
             memory_size=8, num_negatives=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from threads, and they thrash on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**over):

@@ -92,10 +92,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, root, save_path, out_dir):
+def _join_group(rank, world, port):
+    """What torchrun sets for a process, on loopback."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank, world, port, root, save_path, out_dir):
+    _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     info = init_distributed("cpu")
     try:
@@ -128,9 +133,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(synth_root, 
 
 
 def _eval_worker(rank, world, port, root, ckpt, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     from util.tester import run_test
     info = init_distributed("cpu")

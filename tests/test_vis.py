@@ -11,13 +11,7 @@ from util.vis import (DO_COLOUR, FG_COLOUR, OUTLINE_COLOUR, TILE, TILE_GAP, TITL
                       heatmap, outline, overlay, panel_image, save_panel, tint, to_rgb)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and they thrash on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def normalised(image):
