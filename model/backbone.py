@@ -31,6 +31,38 @@ README_HINT = "see the README section 'Pretrained backbones' for where these fil
 # --------------------------------------------------------------------------------------
 # ResNet
 # --------------------------------------------------------------------------------------
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``. With BN in eval mode (fixed statistics: the frozen backbone) it is an
+    affine map per channel, folded into the convolution's weight and bias: one pass over the
+    activations instead of two. Same value up to float rounding; gradients (a trainable
+    backbone) flow through the fold to the conv and BN parameters alike."""
+    if bn.training or bn.running_var is None or bn.weight is None:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class ConvBNSequential(nn.Sequential):
+    """An ``nn.Sequential`` (same keys) whose Conv2d → BatchNorm2d pairs run as :func:`conv_bn`."""
+
+    def forward(self, x):
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            if isinstance(m, nn.Conv2d) and i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d):
+                x = conv_bn(m, modules[i + 1], x)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
+
+
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
@@ -50,8 +82,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(conv_bn(self.conv1, self.bn1, x))
+        out = conv_bn(self.conv2, self.bn2, out)
         return self.relu(out + identity)
 
 
@@ -73,10 +105,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.relu(conv_bn(self.conv1, self.bn1, x))
+        out = self.relu(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, out)
+        return self.relu(out.add_(identity))
 
 
 RESNET_SPECS = {
@@ -132,7 +164,7 @@ class ResNet(nn.Module):
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilation: int = 1):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
+            downsample = ConvBNSequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion))
         layers = [block(self.inplanes, planes, stride, dilation, downsample)]
@@ -141,10 +173,10 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def layer0(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(conv_bn(self.conv1, self.bn1, x))
         if self.deep_stem:
-            x = self.relu(self.bn2(self.conv2(x)))
-            x = self.relu(self.bn3(self.conv3(x)))
+            x = self.relu(conv_bn(self.conv2, self.bn2, x))
+            x = self.relu(conv_bn(self.conv3, self.bn3, x))
         return self.maxpool(x)
 
     def mid_level(self, x):
@@ -193,7 +225,7 @@ class VGG16BN(nn.Module):
                 features += [nn.Conv2d(in_ch, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 in_ch = v
         for name, (start, stop) in VGG_SLICES.items():
-            setattr(self, name, nn.Sequential(*features[start:stop]))
+            setattr(self, name, ConvBNSequential(*features[start:stop]))
         self.layer2_channels, self.layer3_channels, self.layer4_channels = 256, 512, 512
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -31,18 +31,56 @@ class LossSettings:
     pixel_negative: bool = False
 
 
+def target_margin(logits: torch.Tensor, size) -> torch.Tensor:
+    """``z_1 − z_0`` of N×2×h×w logits, in fp32, bilinearly upsampled to ``size`` → N×H×W.
+
+    With two classes every log-probability is a function of this margin alone
+    (``log p_1 = −softplus(−d)``, ``log p_0 = −softplus(d)``), and upsampling is linear, so
+    resizing the one-channel margin equals resizing both logits and subtracting: half the
+    interpolation, and no log-softmax across a channel dimension of 2.
+    """
+    return resize((logits[:, 1:2].float() - logits[:, 0:1].float()), size)[:, 0]
+
+
+def segmentation_losses(logit_maps, label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
+    """:func:`segmentation_loss` of every N×2×h×w map of ``logit_maps`` against the same
+    N×H×W label → a tensor of one loss per map.
+
+    Maps of the same size are upsampled in one call, and the label-derived masks are built
+    once, not once per map.
+    """
+    size = label.shape[-2:]
+    N = label.shape[0]
+    valid = label != ignore_label
+    # CE = softplus(d) where the label is 0, softplus(−d) where it is 1 (d = z_1 − z_0)
+    sign = torch.where(label == 1, -1.0, 1.0)
+    sign = torch.where(valid, sign, 0.0)            # ignored pixels: softplus(0) · 0 below
+    valid_f = valid.to(torch.float32)
+    count = valid_f.flatten(1).sum(dim=1).clamp_min(1)
+    losses = [None] * len(logit_maps)
+    groups: dict = {}
+    for i, m in enumerate(logit_maps):
+        groups.setdefault(tuple(m.shape[-2:]), []).append(i)
+    for members in groups.values():
+        margins = torch.cat([logit_maps[i] for i in members]) if len(members) > 1 else logit_maps[members[0]]
+        margin = target_margin(margins, size).view(len(members), N, *size)
+        per_pixel = F.softplus(margin * sign) * valid_f          # 0 where ignored
+        per_image = per_pixel.flatten(2).sum(dim=2) / count       # G×N
+        for j, i in enumerate(members):
+            losses[i] = per_image[j].mean()
+    return torch.stack(losses)
+
+
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
-    """Cross-entropy of N×2×h×w logits, bilinearly upsampled to the N×H×W label (ignore 255).
+    """Cross-entropy of N×2×h×w logits, bilinearly upsampled to the N×H×W label (0/1, ignore 255).
 
     Averaged over each image's valid pixels, then over images: what the reference's 4 GPUs ×
     1 episode computed, and the same value however a batch is split across ranks (a
-    batch-wide pixel mean is not). An image with no valid pixel contributes 0.
+    batch-wide pixel mean is not). An image with no valid pixel contributes 0. Computed
+    from the upsampled logit margin (:func:`target_margin`); equals
+    ``F.cross_entropy(resize(logits), label, ignore_index=255)`` per image (tested).
     """
-    logits = resize(logits, label.shape[-2:]).float()
-    label = label.long()
-    per_pixel = F.cross_entropy(logits, label, ignore_index=ignore_label, reduction="none")   # 0 where ignored
-    valid = (label != ignore_label).flatten(1).sum(dim=1)
-    return (per_pixel.flatten(1).sum(dim=1) / valid.clamp_min(1)).mean()
+    return segmentation_losses([logits], label, ignore_label)[0]
 
 
 def bg_mining_loss(bg_logits: torch.Tensor, label: torch.Tensor, alpha: float = 0.5,
@@ -51,12 +89,14 @@ def bg_mining_loss(bg_logits: torch.Tensor, label: torch.Tensor, alpha: float = 
 
     ``bg_logits``: N×2×h×w (channel 1 = BG), upsampled to the N×H×W label (1 = target).
     Target pixels must not be BG; every valid pixel is weakly pulled towards BG.
+    With ``d = z_BG − z_0`` (upsampled): ``CE(z, 0) = softplus(d)``, ``CE(z, 1) = softplus(d) − d``.
     """
-    log_prob = F.log_softmax(resize(bg_logits, label.shape[-2:]).float(), dim=1)
+    d = target_margin(bg_logits, label.shape[-2:])
+    not_bg = F.softplus(d)                                   # −log p(not BG)
     target = (label == 1).float()
     valid = (label != ignore_label).float()
-    not_bg_term = -(log_prob[:, 0] * target).sum(dim=(1, 2)) / (target.sum(dim=(1, 2)) + BG_TARGET_EPS)
-    bg_term = -(log_prob[:, 1] * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+    not_bg_term = (not_bg * target).sum(dim=(1, 2)) / (target.sum(dim=(1, 2)) + BG_TARGET_EPS)
+    bg_term = ((not_bg - d) * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
     return (not_bg_term + alpha * bg_term).mean()
 
 
@@ -94,7 +134,7 @@ def max_cosine(query: torch.Tensor, candidates: torch.Tensor, candidate_on: torc
         best = similarity.masked_fill_(~candidate_on[:, None, :], -2.0).argmax(dim=2)   # B×M
     chosen = torch.gather(candidates, 1, best.unsqueeze(-1).expand(-1, -1, candidates.shape[-1]))
     cosine = (query * chosen).sum(dim=-1)
-    return torch.where(candidate_on.any(dim=1, keepdim=True), cosine, torch.full_like(cosine, -1.0))
+    return torch.where(candidate_on.any(dim=1, keepdim=True), cosine, -1.0)
 
 
 def pixel_contrast_loss(query_feature: torch.Tensor, query_target: torch.Tensor,

@@ -22,15 +22,58 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def _memory_format(x: torch.Tensor):
+    """channels_last for a 4-d tensor laid out so (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _SpatialSum(torch.autograd.Function):
+    """``Σ_hw X·m`` → N×C×1×1 (``m`` N×1×h×w, or None for ``Σ_hw X``), whose backward writes
+    ``dX`` in X's own memory format. Autograd's own backward broadcasts the N×C×1×1 gradient
+    into a new NCHW tensor, so a channels_last feature map would get an NCHW gradient and the
+    layers below would convert it, or run slower on it."""
+
+    @staticmethod
+    def forward(ctx, feature, mask):
+        ctx.feature_meta = (feature.shape, feature.dtype, _memory_format(feature))
+        mask_needs_grad = mask is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(feature if mask_needs_grad else None, mask)
+        product = feature if mask is None else feature * mask
+        return product.sum(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        feature, mask = ctx.saved_tensors
+        shape, dtype, memory_format = ctx.feature_meta
+        grad_feature = grad_mask = None
+        if ctx.needs_input_grad[0]:
+            grad_feature = torch.empty(shape, dtype=dtype, device=grad.device, memory_format=memory_format)
+            if mask is None:
+                grad_feature.copy_(grad.expand(shape))
+            else:
+                torch.mul(grad, mask, out=grad_feature)
+        if mask is not None and ctx.needs_input_grad[1]:
+            grad_mask = (grad * feature).sum(dim=1, keepdim=True)
+        return grad_feature, grad_mask
+
+
+def spatial_sum(feature: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_hw X·m`` (N×C×h×w, N×1×h×w → N×C×1×1), gradient in X's memory format."""
+    if not (torch.is_grad_enabled() and (feature.requires_grad or (mask is not None and mask.requires_grad))):
+        return (feature if mask is None else feature * mask).sum(dim=(2, 3), keepdim=True)
+    return _SpatialSum.apply(feature, mask)
+
+
 def masked_average_pooling(feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``MAP(X, m) = Σ X·m / (Σ m + 5e-4)``: N×C×h×w, N×1×h×w → N×C×1×1."""
-    total = (feature * mask).sum(dim=(2, 3), keepdim=True)
-    return total / (mask.sum(dim=(2, 3), keepdim=True) + MAP_EPS)
+    return spatial_sum(feature, mask) / (mask.sum(dim=(2, 3), keepdim=True) + MAP_EPS)
 
 
 def global_masked_pooling(feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The reference's DO pooling: ``Σ X·m / (h·w)`` (the mask area is not used)."""
-    return (feature * mask).mean(dim=(2, 3), keepdim=True)
+    return spatial_sum(feature, mask) / (feature.shape[2] * feature.shape[3])
 
 
 def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, size) -> torch.Tensor:
@@ -69,6 +112,68 @@ def distracting_object_mask(bg_logits: torch.Tensor, target: torch.Tensor) -> to
 
 def _conv1x1_relu(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.ReLU(inplace=True))
+
+
+def fuse_concat(conv: nn.Conv2d, maps, prototypes=(), scalar_maps=()) -> torch.Tensor:
+    """``conv(concat([*maps, *(expand(p) for p in prototypes), *scalar_maps], dim=1))`` for a
+    1×1 ``conv``, without building the concatenation.
+
+    ``maps``: N×Ci×h×w feature maps (a single tensor counts as one); ``prototypes``:
+    N×Cp×1×1 (or 1×Cp×1×1, shared); ``scalar_maps``: N×1×h×w. The 1×1 convolution of a
+    concatenation is the sum of the convolutions of its parts with the matching weight
+    slices; a prototype is the same at every pixel, so its part is one matrix-vector product
+    per image, added as a per-image bias; a one-channel map adds a per-channel multiple of
+    itself. Same value as the concatenated form up to float rounding (tested), without the
+    concatenated tensor, the expanded copies, their share of the arithmetic — and with every
+    part's gradient a plain tensor in its own memory format (a slice of a concatenation's
+    gradient is neither contiguous nor channels_last, which costs a copy in the backward of
+    whatever produced the part).
+    """
+    return fuse_concat_weight(conv.weight, conv.bias, maps, prototypes, scalar_maps)
+
+
+def fuse_concat_weight(weight: torch.Tensor, bias, maps, prototypes=(), scalar_maps=()) -> torch.Tensor:
+    """:func:`fuse_concat` with the 1×1 convolution given as its ``weight`` (out×in×1×1) and ``bias``."""
+    if isinstance(maps, torch.Tensor):
+        maps = [maps]
+    flat = weight.flatten(1)                                          # out×in
+    out, offset = None, 0
+    for x in maps:
+        width = x.shape[1]
+        part = F.conv2d(x, weight[:, offset:offset + width], bias if out is None else None)
+        out = part if out is None else out.add_(part)   # in place: a conv output is not saved for backward
+        offset += width
+    if prototypes:
+        shift = 0
+        for p in prototypes:
+            width = p.shape[1]
+            shift = shift + F.linear(p.flatten(1), flat[:, offset:offset + width])
+            offset += width
+        out = out.add_(shift.to(out.dtype)[:, :, None, None])
+    for m in scalar_maps:
+        # addcmul keeps ``out``'s memory format (a broadcast product alone would come out NCHW)
+        out = out.addcmul_(flat[:, offset].to(out.dtype).view(1, -1, 1, 1), m.to(out.dtype))
+        offset += 1
+    if offset != flat.shape[1]:
+        raise ValueError(f"fuse_concat: the inputs have {offset} channels, the conv takes {flat.shape[1]}")
+    return out
+
+
+def _fuse_relu(block: nn.Sequential, maps, prototypes=(), scalar_maps=()):
+    """A ``_conv1x1_relu`` block applied to ``concat(maps, expanded prototypes, scalar maps)``."""
+    conv, relu = block
+    return relu(fuse_concat(conv, maps, prototypes, scalar_maps))
+
+
+def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``: the identity at x's own size, a plain average pool
+    where the size divides x's (the same windows), adaptive pooling otherwise."""
+    h, w = x.shape[-2:]
+    if h == size and w == size:
+        return x
+    if h % size == 0 and w % size == 0:
+        return F.avg_pool2d(x, (h // size, w // size))
+    return F.adaptive_avg_pool2d(x, size)
 
 
 def _expand_like(prototype: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
@@ -131,9 +236,16 @@ class ASPP(nn.Module):
         self.fuse = nn.Sequential(nn.Conv2d(channels * (2 + len(dilations)), channels, 1), nn.ReLU(inplace=True))
 
     def forward(self, x):
-        pooled = self.image_pool(x.mean(dim=(2, 3), keepdim=True)).expand_as(x)
-        branches = [pooled, self.pointwise(x)] + [conv(x) for conv in self.atrous]
-        return self.fuse(torch.cat(branches, dim=1))
+        pooled = self.image_pool(spatial_sum(x) / (x.shape[2] * x.shape[3]))   # mean: N×C×1×1
+        branches = [self.pointwise(x)] + [conv(x) for conv in self.atrous]
+        # fuse(concat(expand(pooled), branches)): the pooled branch is constant over the image,
+        # so its share of the 1×1 convolution is a per-image bias (no expanded copy, no extra GEMM);
+        # the branches are summed through their weight slices (no concatenation)
+        conv, relu = self.fuse
+        C = pooled.shape[1]
+        out = fuse_concat_weight(conv.weight[:, C:], conv.bias, branches)
+        out = out.add_(F.linear(pooled.flatten(1), conv.weight.flatten(1)[:, :C]).to(out.dtype)[:, :, None, None])
+        return relu(out)
 
 
 class BGMiningModule(nn.Module):
@@ -152,7 +264,8 @@ class BGMiningModule(nn.Module):
         self.head = SegmentationHead(channels, classes)
 
     def forward(self, x):
-        x = self.fuse(torch.cat([x, _expand_like(self.bg_prototype, x)], dim=1))
+        conv, relu, dropout = self.fuse     # fuse = 1×1 on concat(X, expand(P_BG)), ReLU, Dropout2d
+        x = dropout(relu(fuse_concat(conv, x, [self.bg_prototype])))
         return self.head(self.residual(x))
 
 
@@ -164,7 +277,7 @@ class BGEliminating(nn.Module):
         self.fuse = _conv1x1_relu(channels * 2, channels)
 
     def forward(self, query_bin, bg_prototype):
-        return self.fuse(torch.cat([query_bin, _expand_like(bg_prototype, query_bin)], dim=1))
+        return _fuse_relu(self.fuse, query_bin, [bg_prototype])
 
 
 class TargetMatching(nn.Module):
@@ -185,12 +298,12 @@ class TargetMatching(nn.Module):
         self.second_head = SegmentationHead(channels, classes)
 
     def forward(self, x_bg, support_prototype, prior_bin, query_bin):
-        x_act = self.support_merge(torch.cat([x_bg, _expand_like(support_prototype, x_bg), prior_bin], dim=1))
+        x_act = _fuse_relu(self.support_merge, x_bg, [support_prototype], [prior_bin])
         x_act = self.support_residual(x_act)
         init_logits = self.init_head(x_act)
         init_fg = init_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
         query_prototype = masked_average_pooling(query_bin, init_fg)
-        x_self = self.self_merge(torch.cat([x_act, _expand_like(query_prototype, x_act), prior_bin], dim=1))
+        x_self = _fuse_relu(self.self_merge, x_act, [query_prototype], [prior_bin])
         x_self = self.self_residual(x_self)
         return x_self, init_logits, self.second_head(x_self)
 
@@ -213,7 +326,7 @@ class DOEliminating(nn.Module):
         target = second_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
         do_mask = distracting_object_mask(bg_logits_bin, target)
         do_prototype = self.pool(query_bin, do_mask)
-        return self.fuse(torch.cat([x_self, _expand_like(do_prototype, x_self)], dim=1)), do_mask
+        return _fuse_relu(self.fuse, x_self, [do_prototype]), do_mask
 
 
 class ScaleEnrichment(nn.Module):
@@ -228,7 +341,7 @@ class ScaleEnrichment(nn.Module):
 
     def forward(self, x, previous=None):
         if self.inter_scale is not None:
-            x = self.inter_scale(torch.cat([x, resize(previous, x.shape[-2:])], dim=1)) + x
+            x = _fuse_relu(self.inter_scale, [x, resize(previous, x.shape[-2:])]) + x
         x = self.residual(x)
         return x, self.aux_head(x)
 
@@ -262,4 +375,4 @@ class Merge(nn.Module):
         self.head = SegmentationHead(channels, classes)
 
     def forward(self, scale_features):
-        return self.head(self.residual(self.fuse(torch.cat(scale_features, dim=1))))
+        return self.head(self.residual(_fuse_relu(self.fuse, scale_features)))

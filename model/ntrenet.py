@@ -12,10 +12,10 @@ from util.classes import NUM_CLASSES
 
 from .backbone import build_backbone, load_backbone_weights
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
-                     prototype_infonce, segmentation_loss, total_loss)
+                     prototype_infonce, segmentation_losses, total_loss)
 from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask,
-                      masked_average_pooling, prior_mask, resize)
+                      masked_average_pooling, pool_to, prior_mask, resize)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,27 @@ class NTRENetPP(nn.Module):
         return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in self.ppm_scales]
 
     # ---- the forward pass ----------------------------------------------------------------
+    def backbone_features(self, query_img, support_imgs, support_masks):
+        """The frozen part of the forward: ``(F, prior, m)`` with ``F = concat(layer3, layer2)``
+        of the query and all supports (B(1+K)×(layer3+layer2)×h×w, query first), the prior
+        (B×1×h×w) and the support masks at feature size (BK×1×h×w).
+
+        One backbone pass for the query and all supports; the masked supports' layer4 (with the
+        query's, for the prior) is the only extra one.
+        """
+        B, K = support_imgs.shape[:2]
+        images = torch.cat([query_img, support_imgs.flatten(0, 1)])
+        support_target = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()       # BK×1×H×W
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            layer2, layer3 = self.backbone.mid_level(images)
+            feature_size = layer3.shape[-2:]
+            support_mask = resize(support_target, feature_size).to(layer3.dtype)         # m^k
+            high = self.backbone.high_level(torch.cat([layer3[:B], layer3[B:] * support_mask]))
+            support_high = high[B:] * resize(support_mask, high.shape[-2:])
+            prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), feature_size)
+            mid = torch.cat([layer3, layer2], dim=1)
+        return mid, prior, support_mask
+
     def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
                 return_extras: bool = False):
         if support_imgs.dim() != 5 or support_masks.dim() != 4:
@@ -84,18 +105,8 @@ class NTRENetPP(nn.Module):
             raise ValueError("return_extras is for evaluation; call model.eval() first")
         B, K = support_imgs.shape[:2]
         image_size = query_img.shape[-2:]
-
-        # one backbone pass for the query and all supports; the masked supports' layer4 is the only extra one
-        images = torch.cat([query_img, support_imgs.flatten(0, 1)])
-        support_target = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()       # BK×1×H×W
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            layer2, layer3 = self.backbone.mid_level(images)
-            feature_size = layer3.shape[-2:]
-            support_mask = resize(support_target, feature_size).to(layer3.dtype)         # m^k
-            high = self.backbone.high_level(torch.cat([layer3[:B], layer3[B:] * support_mask]))
-            support_high = high[B:] * resize(support_mask, high.shape[-2:])
-            prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), feature_size)
-            mid = torch.cat([layer3, layer2], dim=1)
+        mid, prior, support_mask = self.backbone_features(query_img, support_imgs, support_masks)
+        feature_size = mid.shape[-2:]
 
         x_query = self.aspp(self.down_query(mid[:B]))
         x_support = self.down_supp(mid[B:])
@@ -110,7 +121,7 @@ class NTRENetPP(nn.Module):
         bg_prototype = self.bgmm.bg_prototype
         scale_features, scale_outputs = [], []
         for path, size in zip(self.scales, bins):
-            x, outputs = path(F.adaptive_avg_pool2d(x_query, size), bg_prototype, support_prototype,
+            x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
                               resize(prior, size), resize(bg_logits, size),
                               scale_features[-1] if scale_features else None)
             scale_features.append(resize(x, bins[0]))
@@ -135,11 +146,13 @@ class NTRENetPP(nn.Module):
         ignore = settings.ignore_label
         query_mask = query_mask.long()
         B, K = support_masks.shape[:2]
-        losses = {"main": segmentation_loss(logits, query_mask, ignore)}
-        losses["aux1"] = torch.stack([segmentation_loss(o["aux"], query_mask, ignore)
-                                      for o in scale_outputs]).mean()
-        losses["aux2"] = torch.stack([segmentation_loss(o[name], query_mask, ignore)
-                                      for o in scale_outputs for name in ("init", "second")]).mean()
+        # all 1 + 3·scales segmentation losses against the query label at once (same-size maps share
+        # one upsampling): main, the auxiliary heads, then the initial and second predictions
+        n = len(scale_outputs)
+        values = segmentation_losses([logits] + [o["aux"] for o in scale_outputs]
+                                     + [o[name] for o in scale_outputs for name in ("init", "second")],
+                                     query_mask, ignore)
+        losses = {"main": values[0], "aux1": values[1:1 + n].mean(), "aux2": values[1 + n:].mean()}
         bg_labels = torch.cat([query_mask, support_masks.flatten(0, 1).long()])
         losses["bg"] = bg_mining_loss(bg_logits_all, bg_labels, settings.bg_alpha, ignore)
         if settings.contrast_weight > 0:
@@ -183,8 +196,8 @@ class NTRENetPP(nn.Module):
 
         # the bank learns this episode's DOs after it has been used (MoCo order)
         with torch.no_grad():
-            labels = torch.cat([query_mask, support_masks.flatten(0, 1).long()]).unsqueeze(1)
-            target = resize((labels == 1).float(), feature_size)
+            labels = torch.cat([query_mask, support_masks.flatten(0, 1)]).unsqueeze(1)
+            target = torch.cat([query_target, support_mask]).float()     # already at feature size
             valid = resize((labels != settings.ignore_label).float(), feature_size)
             do_mask = distracting_object_mask(bg_logits_all.detach(), target) * valid
             features = torch.cat([x_query, x_support]).detach().float()

@@ -1,0 +1,469 @@
+"""How fast does a training step, an evaluation episode and the data loader run, and how close
+is the step to what the device can do?
+
+    python tools/benchmark.py --config config/pascal/pascal_split0_resnet50.yaml --device cpu \
+        [--json OUT] [--reps 5] [--warmup 2] [--skip eval,loader] [KEY VALUE ...]
+
+``KEY VALUE`` overrides any config key, e.g. ``amp bf16 channels_last True compile True shot 5
+batch_size 8 train_h 641 layers 101``. No dataset or weight file is needed: the step and the
+evaluation run on random images with realistic 0/1/255 masks (``pretrained`` is forced to
+'' — random weights time the same), and the loader reads a small synthetic VOC-layout tree
+generated at the configured resolution in a temporary folder.
+
+Every time is the median of ``--reps`` repetitions after ``--warmup`` untimed ones, with the
+device synchronised before and after each repetition. Measured:
+
+- ``backbone_ms``: the frozen part of one step alone: the backbone's mid-level pass over the
+  B·(K+1) images, the layer4 pass over the query and the masked supports, and the prior;
+- ``train_step_ms``: ``util.trainer.Trainer.step`` itself — host-to-device copy, forward, all
+  losses, backward, SGD step (and the DO bank update);
+- ``eval_episode_ms`` (one episode per forward) and ``eval_batched_episode_ms`` (per episode,
+  ``batch_size_val`` episodes per forward, at least 4) at ``val_size``;
+- ``loader_episodes_per_s``: ``util.trainer.train_loader`` alone, configured workers, after the
+  first batch (worker start-up) — and ``loader_vs_step``, its rate over the step's;
+- ``step_gflop`` and ``backbone_gflop``: counted with ``torch.utils.flop_counter`` (2 per
+  multiply-add, convolutions and matrix products, forward and backward);
+- ``peak_gflops``: the forward of a 3×3 convolution 256→256 channels (CPU: 4×256×64×64, CUDA:
+  32×256×128×128) under the same autocast dtype, the faster of the contiguous and
+  channels_last layouts — the device's own best on the operation the heads are made of;
+  ``peak_fwdbwd_gflops`` is the same convolution with its backward (informational);
+- ``efficiency`` = (``step_gflop`` / ``train_step_ms``) / ``peak_gflops``;
+- ``peak_mem_mib``: CUDA max allocated during the step, or the process's peak resident set
+  during the step on CPU; ``params_trainable`` / ``params_frozen``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util.amp import autocast, synchronize  # noqa: E402
+from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
+from util.distributed import DistInfo  # noqa: E402
+
+FIELDS = ("backbone_ms", "train_step_ms", "eval_episode_ms", "eval_batched_episode_ms",
+          "loader_episodes_per_s", "loader_vs_step", "step_gflop", "backbone_gflop", "peak_gflops",
+          "peak_fwdbwd_gflops", "achieved_gflops", "efficiency", "peak_mem_mib", "params_trainable",
+          "params_frozen")
+PEAK_SHAPE = {"cpu": (4, 64), "cuda": (32, 128)}   # (N, side) of the peak convolution's input
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_masks(n: int, size: tuple[int, int], generator: torch.Generator, band: int = 3) -> torch.Tensor:
+    """``n`` H×W labels like real episodes: an ellipse of target (1) at a random place and
+    size on background (0), a ``band``-pixel 255 ring along its outline."""
+    H, W = size
+    yy = torch.arange(H, dtype=torch.float32)[:, None]
+    xx = torch.arange(W, dtype=torch.float32)[None, :]
+    out = torch.zeros(n, H, W, dtype=torch.uint8)
+    for i in range(n):
+        cy, cx, ry, rx = (torch.rand(4, generator=generator) * torch.tensor([0.5, 0.5, 0.3, 0.3])
+                          + torch.tensor([0.25, 0.25, 0.1, 0.1])).tolist()
+        dist = ((yy / H - cy) / ry) ** 2 + ((xx / W - cx) / rx) ** 2
+        edge = 2 * band / min(H * ry, W * rx)           # band width in the normalised radius
+        out[i][dist < 1 + edge] = 255
+        out[i][dist < 1 - edge] = 1
+    return out
+
+
+def make_batch(batch_size: int, shot: int, size: tuple[int, int], num_classes: int = 20, seed: int = 0,
+               pin: bool = False) -> dict:
+    """One collated episode batch as the training loader gives it (CPU tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    B, K = batch_size, shot
+    batch = {
+        "query_img": torch.randn(B, 3, *size, generator=g),
+        "query_mask": random_masks(B, size, g).long(),
+        "support_imgs": torch.randn(B, K, 3, *size, generator=g),
+        "support_masks": random_masks(B * K, size, g).long().view(B, K, *size),
+        "class_id": torch.randint(1, num_classes + 1, (B,), generator=g),
+    }
+    if pin:
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+# ----------------------------------------------------------------------------- timing
+def timed(fn, device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of ``reps`` calls of ``fn`` after ``warmup`` calls, device-synchronised."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def count_gflop(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+class PeakMemory:
+    """Peak memory of a region: CUDA max allocated, or the process's peak RSS (VmHWM, reset
+    through /proc/self/clear_refs where the kernel allows; else the lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _hwm_kib() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            kib = self._hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.mib = kib / 1024
+        return False
+
+
+# ----------------------------------------------------------------------------- measurements
+def measure_peak(device: torch.device, amp: str, warmup: int, reps: int) -> tuple[float, float]:
+    """(forward, forward+backward) GFLOP/s of a 256→256 3×3 convolution, best layout."""
+    N, S = PEAK_SHAPE[device.type]
+    inner = 10 if device.type == "cuda" else 1
+    gflop = 2 * N * S * S * 256 * 256 * 9 / 1e9
+    g = torch.Generator().manual_seed(0)
+    best_fwd = best_bwd = 0.0
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(N, 256, S, S, generator=g).to(device, memory_format=fmt)
+        w = (torch.randn(256, 256, 3, 3, generator=g) * 0.02).to(device, memory_format=fmt)
+
+        def fwd():
+            with torch.no_grad(), autocast(device, amp):
+                for _ in range(inner):
+                    F.conv2d(x, w, padding=1)
+
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def fwd_bwd():
+            for _ in range(inner):
+                with autocast(device, amp):
+                    y = F.conv2d(xg, wg, padding=1)
+                y.backward(torch.ones_like(y))
+
+        t = statistics.median(timed(fwd, device, warmup, reps)) / inner
+        best_fwd = max(best_fwd, gflop / (t / 1000))
+        t = statistics.median(timed(fwd_bwd, device, warmup, reps)) / inner
+        best_bwd = max(best_bwd, 3 * gflop / (t / 1000))
+    return best_fwd, best_bwd
+
+
+def make_trainer(cfg, info: DistInfo):
+    """A ``Trainer`` without datasets: the model, optimizer and ``step`` of the real one."""
+    from util.trainer import Trainer, build_training
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.info, trainer.writer = cfg, info, None
+    trainer.model, trainer.net, trainer.optimizer, trainer.scaler = build_training(cfg, info)
+    trainer.pending, trainer.loss_names, trainer.history = [], [], []
+    return trainer
+
+
+def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=print,
+        tune_malloc: bool = True) -> dict:
+    """Every measurement of the module docstring for ``cfg`` on ``device``; returns the dict.
+
+    ``tune_malloc``: on CPU, first apply ``util.host_memory.keep_freed_memory`` (what a CPU
+    training run should do), for the peak convolution as for everything else.
+    """
+    from util.classes import NUM_CLASSES
+    from util.host_memory import keep_freed_memory
+
+    malloc_tuned = keep_freed_memory() if (tune_malloc and device.type == "cpu") else False
+    torch.manual_seed(cfg.manual_seed)
+    info = DistInfo(device=device)
+    B, K = cfg.batch_size, cfg.shot
+    size = (cfg.train_h, cfg.train_w)
+    pin = device.type == "cuda"
+    res: dict = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
+                 "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "config": {k: cfg[k] for k in ("dataset", "layers", "vgg", "shot", "batch_size", "train_h",
+                                                "train_w", "val_size", "batch_size_val", "reduce_dim",
+                                                "amp", "channels_last", "compile", "workers")},
+                 "reps": reps, "warmup": warmup, "malloc_tuned": malloc_tuned}
+    res.update({k: None for k in FIELDS})
+
+    log("peak: 3x3 convolution 256->256 ...")
+    # cheap next to a step, and the denominator of the efficiency: more repetitions
+    res["peak_gflops"], res["peak_fwdbwd_gflops"] = measure_peak(device, cfg.amp, max(warmup, 2), max(10, 3 * reps))
+
+    trainer = make_trainer(cfg, info)
+    model = trainer.model
+    res["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res["params_frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    batch = make_batch(B, K, size, NUM_CLASSES.get(cfg.dataset, 20), cfg.manual_seed, pin)
+
+    # ---- backbone alone (everything the frozen part of the step runs)
+    log("backbone ...")
+    q = batch["query_img"].to(device)
+    s = batch["support_imgs"].to(device)
+    m = batch["support_masks"].to(device)
+    if cfg.channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+
+    def backbone():
+        with torch.no_grad(), autocast(device, cfg.amp):
+            model.backbone_features(q, s, m)
+
+    model.train()
+    res["backbone_gflop"] = count_gflop(backbone)
+    res["backbone_ms"] = statistics.median(timed(backbone, device, warmup, reps))
+
+    # ---- the training step
+    log("training step ...")
+
+    def step():          # learning rate 0: the same arithmetic, and every repetition sees the same weights
+        trainer.step(batch, 0.0)
+        trainer.pending.clear()
+
+    net = trainer.net
+    trainer.net = model                       # count on the plain module (torch.compile aside)
+    res["step_gflop"] = count_gflop(step)
+    trainer.net = net
+    with PeakMemory(device) as mem:
+        times = timed(step, device, warmup, reps)
+    res["train_step_ms"] = statistics.median(times)
+    res["train_step_ms_all"] = [round(t, 2) for t in times]
+    res["peak_mem_mib"] = mem.mib
+    trainer.step(batch, 0.0)                  # the losses are finite (read back once, outside timing)
+    res["losses"] = {k: float(v) for k, v in zip(trainer.loss_names, trainer.pending.pop())}
+    res["achieved_gflops"] = res["step_gflop"] / (res["train_step_ms"] / 1000)
+    res["efficiency"] = res["achieved_gflops"] / res["peak_gflops"]
+    if device.type == "cuda":
+        res["sync_free"] = step_is_sync_free(trainer, batch)
+
+    if cfg.amp != "none":
+        log("losses under amp vs fp32 ...")
+        res["amp_loss_check"] = amp_loss_check(model, batch, cfg, device)
+
+    # ---- evaluation episodes
+    if "eval" not in skip:
+        log("evaluation ...")
+        res["eval_episode_ms"], res["eval_batched_episode_ms"], res["eval_batch"] = \
+            measure_eval(trainer.net, cfg, device, warmup, reps)
+        model.train()
+
+    # ---- the loader
+    if "loader" not in skip:
+        log("loader ...")
+        res["loader_episodes_per_s"] = measure_loader(cfg, info)
+        res["loader_vs_step"] = res["loader_episodes_per_s"] / (B / (res["train_step_ms"] / 1000))
+    return res
+
+
+def step_is_sync_free(trainer, batch) -> bool:
+    """Run forward, losses and backward with CUDA's sync debug mode set to 'error'."""
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        trainer.step(batch, 0.0)
+        trainer.pending.clear()
+        return True
+    except RuntimeError as e:
+        print(f"host-device sync inside the step: {e}", file=sys.stderr)
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def amp_loss_check(model, batch, cfg, device) -> dict:
+    """Every loss of one training forward in fp32 and under ``cfg.amp``, same weights, same DO
+    bank, dropout off: {name: [fp32, amp, |difference|]}."""
+    import copy
+
+    values = {}
+    inputs = [batch[k].to(device) for k in ("query_img", "support_imgs", "support_masks", "query_mask",
+                                             "class_id")]
+    for amp in ("none", cfg.amp):
+        twin = copy.deepcopy(model).train()
+        for m in twin.modules():
+            if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+                m.p = 0.0
+        with torch.no_grad(), autocast(device, amp):
+            _, losses = twin(*inputs[:3], query_mask=inputs[3], class_ids=inputs[4])
+        values[amp] = {k: float(v) for k, v in losses.items()}
+        del twin
+    return {k: [values["none"][k], values[cfg.amp][k], abs(values["none"][k] - values[cfg.amp][k])]
+            for k in values["none"]}
+
+
+def measure_eval(net, cfg, device, warmup, reps):
+    """(ms per episode one at a time, ms per episode batched, the batch) at ``val_size``."""
+    size = (cfg.val_size, cfg.val_size)
+    out = []
+    batched = max(cfg.batch_size_val, 4)
+    net.eval()
+    for n in (1, batched):
+        batch = make_batch(n, cfg.shot, size, seed=1)
+        q, s, m = (batch[k].to(device) for k in ("query_img", "support_imgs", "support_masks"))
+        if cfg.channels_last:
+            q = q.contiguous(memory_format=torch.channels_last)
+
+        def episode():
+            with torch.no_grad(), autocast(device, cfg.amp):
+                net(q, s, m)
+
+        out.append(statistics.median(timed(episode, device, warmup, reps)) / n)
+    return out[0], out[1], batched
+
+
+def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
+    """Episodes per second of the configured training loader on a synthetic tree at the
+    configured resolution (first batch, i.e. worker start-up, excluded)."""
+    from tools.make_synthetic import main as make_synthetic
+    from util.dataset import FewShotTrainDataset, load_split
+    from util.trainer import train_loader
+
+    B = cfg.batch_size
+    batches = batches or max(12, 2 * max(cfg.workers, 1))
+    images = max(40, 2 * B * (cfg.shot + 1))
+    with tempfile.TemporaryDirectory(prefix="ntrenet_bench_") as root:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            make_synthetic(["--out", root, "--train", str(images), "--val", "0",
+                            "--size", str(max(cfg.train_h, cfg.train_w)), "--workers", str(os.cpu_count() or 1)])
+        lcfg = cfg.copy()
+        lcfg.update(dataset="synthetic", data_root=root, train_list=os.path.join(root, "train.txt"),
+                    class_index_workers=1, epoch_size=B * (batches + 1), min_class_pixels=64)
+        dataset = FewShotTrainDataset(lcfg, split=load_split(lcfg, True, use_cache=False))
+        loader = train_loader(dataset, lcfg, info)
+        loader.sampler.set_epoch(0)
+        it = iter(loader)
+        next(it)                                 # worker start-up
+        t0 = time.perf_counter()
+        n = 0
+        for batch in it:
+            n += batch["query_img"].shape[0]
+        rate = n / (time.perf_counter() - t0)
+        del it, loader
+    return rate
+
+
+# ----------------------------------------------------------------------------- reporting
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+ROWS = (("backbone_ms", "backbone forward (B·(K+1) images + masked layer4 + prior)", "ms", "{:.1f}"),
+        ("train_step_ms", "training step (fwd, losses, bwd, SGD)", "ms", "{:.1f}"),
+        ("eval_episode_ms", "evaluation episode, 1 per forward", "ms", "{:.1f}"),
+        ("eval_batched_episode_ms", "evaluation episode, batched", "ms", "{:.1f}"),
+        ("loader_episodes_per_s", "training loader alone", "episodes/s", "{:.1f}"),
+        ("loader_vs_step", "loader rate / step rate", "x", "{:.1f}"),
+        ("step_gflop", "step arithmetic", "GFLOP", "{:.1f}"),
+        ("backbone_gflop", "backbone arithmetic", "GFLOP", "{:.1f}"),
+        ("achieved_gflops", "step throughput", "GFLOP/s", "{:.1f}"),
+        ("peak_gflops", "peak: 3x3 conv 256->256 forward", "GFLOP/s", "{:.1f}"),
+        ("peak_fwdbwd_gflops", "3x3 conv 256->256 forward+backward", "GFLOP/s", "{:.1f}"),
+        ("efficiency", "step throughput / peak", "", "{:.3f}"),
+        ("peak_mem_mib", "peak memory during the step", "MiB", "{:.0f}"),
+        ("params_trainable", "trainable parameters", "", "{:,d}"),
+        ("params_frozen", "frozen parameters", "", "{:,d}"))
+
+
+def format_table(res: dict) -> str:
+    c = res["config"]
+    head = (f"{res['machine']} | torch {res['torch']}, {res['threads']} threads | {res['date']}\n"
+            f"{'VGG-16-bn' if c['vgg'] else 'ResNet-' + str(c['layers'])}, {c['shot']}-shot, batch "
+            f"{c['batch_size']}, {c['train_h']}x{c['train_w']} (eval {c['val_size']}, batch "
+            f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}, "
+            f"compile {c['compile']}, workers {c['workers']}"
+            + (", malloc tuned" if res.get("malloc_tuned") else ""))
+    lines = [head, f"{'measure':58s} {'value':>14s}  unit", "-" * 80]
+    for key, label, unit, fmt in ROWS:
+        v = res.get(key)
+        text = "skipped" if v is None else fmt.format(v)
+        lines.append(f"{label:58s} {text:>14s}  {unit}")
+    for name, (full, low, diff) in (res.get("amp_loss_check") or {}).items():
+        lines.append(f"{'loss ' + name + ': fp32 / ' + c['amp'] + ' / |diff|':58s} {full:9.4f} {low:9.4f} {diff:9.2e}")
+    if res.get("sync_free") is not None:
+        lines.append(f"{'no host-device sync in the step (CUDA sync debug mode)':58s} {str(res['sync_free']):>14s}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="CPU: leave glibc malloc as it is (see util/host_memory.py) to compare")
+    parser.add_argument("--skip", default="", help="comma-separated measurements to skip: eval, loader")
+    args, opts = parse_args_with_overrides(parser, argv)
+    skip = {x for x in args.skip.split(",") if x}
+    if skip - {"eval", "loader"}:
+        parser.error(f"--skip takes eval and/or loader (comma-separated); got {args.skip!r}")
+    cfg = load_cfg(args.config, opts)
+    cfg.pretrained = ""                       # random weights time the same; no weight file needed
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA GPU")
+    device = torch.device(args.device)
+    import logging
+    logging.getLogger("model.ntrenet").setLevel(logging.ERROR)   # the 'random backbone' warning
+    res = run(cfg, device, args.reps, args.warmup, skip, tune_malloc=not args.default_malloc, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(res))
+    if args.json:
+        from util.fileio import atomic_write_json
+        atomic_write_json(args.json, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Host-memory allocator tuning for CPU training and evaluation.
+
+PyTorch's CPU tensors come straight from ``malloc``. glibc serves every block above its
+mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh ``mmap`` and returns it with
+``munmap`` when freed, so every large activation of every step is new memory: the kernel
+zero-fills it page by page on first touch. At PASCAL size (ResNet-50, 473², batch 4) that is
+about 4 million page faults and 6–7 s of system time per backbone pass on the 2-core dev
+machine (docs/benchmarks.md). :func:`keep_freed_memory` makes glibc serve large blocks from
+its heap and never give freed memory back, so from the second step on the same pages are
+reused: no faults, and the step's arithmetic runs close to the device's peak.
+
+The cost: the process keeps its peak heap (what the step needs anyway). Not glibc (musl,
+macOS, Windows) → nothing is changed. The same effect without code:
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615 python ...``; or
+preload jemalloc / tcmalloc.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc as the module docstring says; True if applied (idempotent)."""
+    global _applied
+    if _applied:
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mmap for no block (so large blocks come from the reusable heap); never trim the heap
+    # (-1 is SIZE_MAX for glibc's size_t threshold)
+    ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+    _applied = ok
+    if not ok:
+        log.debug("mallopt refused the settings; allocator left as it is")
+    return ok
