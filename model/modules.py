@@ -22,7 +22,7 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
-def _memory_format(x: torch.Tensor):
+def memory_format_of(x: torch.Tensor):
     """channels_last for a 4-d tensor laid out so (and not also plain contiguous), else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -37,7 +37,7 @@ class _SpatialSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feature, mask):
-        ctx.feature_meta = (feature.shape, feature.dtype, _memory_format(feature))
+        ctx.feature_meta = (feature.shape, feature.dtype, memory_format_of(feature))
         mask_needs_grad = mask is not None and ctx.needs_input_grad[1]
         ctx.save_for_backward(feature if mask_needs_grad else None, mask)
         product = feature if mask is None else feature * mask
@@ -88,12 +88,14 @@ def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, size) -> to
     hq, wq = query_high.shape[-2:]
     query = query_high.flatten(2)                                   # B×D×M
     support = support_high.flatten(3).transpose(2, 3).reshape(B, -1, D)   # B×KN×D
-    query = query / (query.norm(dim=1, keepdim=True) + COSINE_EPS)
-    support = support / (support.norm(dim=2, keepdim=True) + COSINE_EPS)
-    # one bmm for all shots; the query is shared, so it is never copied per shot
+    support = support * (support.norm(dim=2, keepdim=True) + COSINE_EPS).reciprocal()
+    # one bmm for all shots; the query is shared, so it is never copied per shot. The query's
+    # norm is the same for every support pixel, so it divides the max afterwards (B×M values,
+    # not another pass over B×D×M features)
     similarity = torch.bmm(support, query).view(B, K, -1, hq * wq)   # B×K×N×M
     # the N×M products may run in low precision; the reduced map is normalised in fp32
-    best = similarity.amax(dim=2).float()                           # B×K×M
+    query_norm = query.norm(dim=1).float() + COSINE_EPS              # B×M
+    best = similarity.amax(dim=2).float() / query_norm[:, None]      # B×K×M
     low = best.amin(dim=2, keepdim=True)
     high = best.amax(dim=2, keepdim=True)
     best = (best - low) / (high - low + COSINE_EPS)
@@ -181,6 +183,21 @@ def _expand_like(prototype: torch.Tensor, feature: torch.Tensor) -> torch.Tensor
     return prototype.expand(feature.shape[0], -1, feature.shape[2], feature.shape[3])
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (element-wise; kept values scaled by 1/(1−p) in training) with a faster
+    CPU path: one ``torch.rand`` draw per element, thresholded and scaled in place, then one
+    multiply. ATen's CPU dropout draws with ``bernoulli_`` and then divides and multiplies in
+    separate passes — about twice the time (docs/benchmarks.md), and the network runs ~20 of
+    them per step. Same distribution; the mask is drawn in fp32 whatever the input's dtype.
+    Other devices keep PyTorch's own (fused) kernel."""
+
+    def forward(self, x):
+        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
+            return super().forward(x)
+        keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p).mul_(1 / (1 - self.p))
+        return x * keep.to(x.dtype)
+
+
 class ResidualBlock(nn.Module):
     """PFENet's ``x + (3×3 conv, ReLU, 3×3 conv, ReLU)(x)``."""
 
@@ -201,17 +218,25 @@ class SegmentationHead(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            nn.Dropout(0.1), nn.Conv2d(channels, classes, 1))
+            Dropout(0.1), nn.Conv2d(channels, classes, 1))
 
     def forward(self, x):
         return self.body(x)
 
 
 class Reduce(nn.Sequential):
-    """``down_query`` / ``down_supp``: 1×1 conv (no bias), ReLU, Dropout2d(0.5)."""
+    """``down_query`` / ``down_supp``: 1×1 conv (no bias), ReLU, Dropout2d(0.5).
+
+    Called with a list of maps it reduces their channel concatenation (``F = concat(layer3,
+    layer2)``) without building it (:func:`fuse_concat`).
+    """
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+
+    def forward(self, x):
+        conv, relu, dropout = self
+        return dropout(relu(fuse_concat(conv, x)))
 
 
 class ASPP(nn.Module):
@@ -228,7 +253,7 @@ class ASPP(nn.Module):
         def branch(kernel, dilation=1):
             return nn.Sequential(
                 nn.Conv2d(channels, channels, kernel, padding=dilation if kernel == 3 else 0, dilation=dilation),
-                nn.ReLU(inplace=True), nn.Dropout(0.5))
+                nn.ReLU(inplace=True), Dropout(0.5))
 
         self.image_pool = branch(1)
         self.pointwise = branch(1)

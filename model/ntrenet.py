@@ -15,7 +15,7 @@ from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_
                      prototype_infonce, segmentation_losses, total_loss)
 from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask,
-                      masked_average_pooling, pool_to, prior_mask, resize)
+                      masked_average_pooling, memory_format_of, pool_to, prior_mask, resize)
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,22 @@ class NTRENetPP(nn.Module):
         """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
         return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in self.ppm_scales]
 
+    def _input_format(self):
+        return memory_format_of(next(m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d)))
+
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_img, support_imgs, support_masks):
-        """The frozen part of the forward: ``(F, prior, m)`` with ``F = concat(layer3, layer2)``
-        of the query and all supports (B(1+K)×(layer3+layer2)×h×w, query first), the prior
-        (B×1×h×w) and the support masks at feature size (BK×1×h×w).
+        """The frozen part of the forward: ``(F, prior, m)`` with ``F = [layer3, layer2]`` of the
+        query and all supports (two B(1+K)×·×h×w maps, query first; the network uses their
+        channel concatenation, which is never built), the prior (B×1×h×w) and the support masks
+        at feature size (BK×1×h×w).
 
         One backbone pass for the query and all supports; the masked supports' layer4 (with the
         query's, for the prior) is the only extra one.
         """
         B, K = support_imgs.shape[:2]
-        images = torch.cat([query_img, support_imgs.flatten(0, 1)])
+        # laid out like the first convolution's weight (channels_last when the model is)
+        images = torch.cat([query_img, support_imgs.flatten(0, 1)]).contiguous(memory_format=self._input_format())
         support_target = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()       # BK×1×H×W
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             layer2, layer3 = self.backbone.mid_level(images)
@@ -91,8 +96,7 @@ class NTRENetPP(nn.Module):
             high = self.backbone.high_level(torch.cat([layer3[:B], layer3[B:] * support_mask]))
             support_high = high[B:] * resize(support_mask, high.shape[-2:])
             prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), feature_size)
-            mid = torch.cat([layer3, layer2], dim=1)
-        return mid, prior, support_mask
+        return [layer3, layer2], prior, support_mask
 
     def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
                 return_extras: bool = False):
@@ -106,10 +110,10 @@ class NTRENetPP(nn.Module):
         B, K = support_imgs.shape[:2]
         image_size = query_img.shape[-2:]
         mid, prior, support_mask = self.backbone_features(query_img, support_imgs, support_masks)
-        feature_size = mid.shape[-2:]
+        feature_size = mid[0].shape[-2:]
 
-        x_query = self.aspp(self.down_query(mid[:B]))
-        x_support = self.down_supp(mid[B:])
+        x_query = self.aspp(self.down_query([f[:B] for f in mid]))
+        x_support = self.down_supp([f[B:] for f in mid])
         support_mask = support_mask.to(x_support.dtype)
         support_prototype = masked_average_pooling(x_support, support_mask).unflatten(0, (B, K)).mean(dim=1)
         # in training the BG branch also sees every support (BG mining loss on them)

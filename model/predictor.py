@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from util.amp import autocast
+from util.amp import autocast, to_device
 from util.metrics import to_original_size
 from util.checkpoint import build_model_from_checkpoint
 from util.transform import eval_transform
@@ -244,7 +244,7 @@ class Predictor:
         self.device = resolve_device(device, amp)
         self.cfg = cfg
         self.amp = amp
-        self.model = model.to(self.device).eval()
+        self.model = to_device(model, cfg, self.device).eval()
         self.transform = eval_transform(cfg)
 
     @classmethod
@@ -302,8 +302,6 @@ class Predictor:
             image = query.image
             query_t, _ = self._prepare(image)
             query_t = query_t[None].to(self.device)
-            if self.cfg.channels_last:
-                query_t = query_t.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
                 logits, extras = self.model(query_t, support_imgs, support_masks, return_extras=True)
             h, w = image.shape[:2]

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.amp import autocast, synchronize  # noqa: E402
+from util.amp import autocast, synchronize, use_channels_last  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 
@@ -225,6 +225,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
                  "config": {k: cfg[k] for k in ("dataset", "layers", "vgg", "shot", "batch_size", "train_h",
                                                 "train_w", "val_size", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
+                 "channels_last_used": use_channels_last(cfg, device),
                  "reps": reps, "warmup": warmup, "malloc_tuned": malloc_tuned}
     res.update({k: None for k in FIELDS})
 
@@ -243,8 +244,6 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     q = batch["query_img"].to(device)
     s = batch["support_imgs"].to(device)
     m = batch["support_masks"].to(device)
-    if cfg.channels_last:
-        q = q.contiguous(memory_format=torch.channels_last)
 
     def backbone():
         with torch.no_grad(), autocast(device, cfg.amp):
@@ -296,6 +295,38 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     return res
 
 
+def profile_step(cfg, device: torch.device, trace: str, warmup: int = 2, top: int = 25,
+                 tune_malloc: bool = True) -> str:
+    """Profile one training step after ``warmup`` ones; write a Chrome trace to ``trace`` and
+    return the operator table sorted by self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from util.classes import NUM_CLASSES
+    from util.host_memory import keep_freed_memory
+
+    if tune_malloc and device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(cfg.manual_seed)
+    trainer = make_trainer(cfg, DistInfo(device=device))
+    batch = make_batch(cfg.batch_size, cfg.shot, (cfg.train_h, cfg.train_w), NUM_CLASSES.get(cfg.dataset, 20),
+                       cfg.manual_seed, device.type == "cuda")
+    for _ in range(max(warmup, 1)):
+        trainer.step(batch, 0.0)
+    trainer.pending.clear()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        with record_function("train_step"):
+            trainer.step(batch, 0.0)
+        synchronize(device)
+    trainer.pending.clear()
+    if trace:
+        prof.export_chrome_trace(trace)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return (prof.key_averages().table(sort_by=key, row_limit=top) + "\n\nby input shape:\n"
+            + prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=top))
+
+
 def step_is_sync_free(trainer, batch) -> bool:
     """Run forward, losses and backward with CUDA's sync debug mode set to 'error'."""
     try:
@@ -340,8 +371,6 @@ def measure_eval(net, cfg, device, warmup, reps):
     for n in (1, batched):
         batch = make_batch(n, cfg.shot, size, seed=1)
         q, s, m = (batch[k].to(device) for k in ("query_img", "support_imgs", "support_masks"))
-        if cfg.channels_last:
-            q = q.contiguous(memory_format=torch.channels_last)
 
         def episode():
             with torch.no_grad(), autocast(device, cfg.amp):
@@ -420,7 +449,8 @@ def format_table(res: dict) -> str:
     head = (f"{res['machine']} | torch {res['torch']}, {res['threads']} threads | {res['date']}\n"
             f"{'VGG-16-bn' if c['vgg'] else 'ResNet-' + str(c['layers'])}, {c['shot']}-shot, batch "
             f"{c['batch_size']}, {c['train_h']}x{c['train_w']} (eval {c['val_size']}, batch "
-            f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}, "
+            f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}"
+            + (f" (-> {res['channels_last_used']})" if c['channels_last'] == 'auto' else "") + ", "
             f"compile {c['compile']}, workers {c['workers']}"
             + (", malloc tuned" if res.get("malloc_tuned") else ""))
     lines = [head, f"{'measure':58s} {'value':>14s}  unit", "-" * 80]
@@ -446,6 +476,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--default-malloc", action="store_true",
                         help="CPU: leave glibc malloc as it is (see util/host_memory.py) to compare")
     parser.add_argument("--skip", default="", help="comma-separated measurements to skip: eval, loader")
+    parser.add_argument("--profile", default="", metavar="OUT",
+                        help="instead of the measurements: profile one training step with torch.profiler, print "
+                             "the operators by self time and write a Chrome trace to OUT (open in "
+                             "chrome://tracing or ui.perfetto.dev)")
+    parser.add_argument("--top", type=int, default=25, help="with --profile: operators listed")
     args, opts = parse_args_with_overrides(parser, argv)
     skip = {x for x in args.skip.split(",") if x}
     if skip - {"eval", "loader"}:
@@ -457,6 +492,9 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     import logging
     logging.getLogger("model.ntrenet").setLevel(logging.ERROR)   # the 'random backbone' warning
+    if args.profile:
+        print(profile_step(cfg, device, args.profile, args.warmup, args.top, tune_malloc=not args.default_malloc))
+        return {}
     res = run(cfg, device, args.reps, args.warmup, skip, tune_malloc=not args.default_malloc, log=lambda m: print(m, file=sys.stderr))
     print(format_table(res))
     if args.json:

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Key:
     name: str
-    type: str          # 'int' | 'float' | 'bool' | 'str' | 'list'
+    type: str          # 'int' | 'float' | 'bool' | 'auto' (True, False or 'auto') | 'str' | 'list'
     default: Any
     help: str
     choices: tuple = ()
@@ -106,7 +106,9 @@ SCHEMA: tuple[Key, ...] = (
     _k("warmup_iters", "int", 0, "linear learning-rate warm-up iterations"),
     _k("manual_seed", "int", 321, "seed of training and of the evaluation episode lists"),
     _k("amp", "str", "none", "mixed precision", ("none", "bf16", "fp16")),
-    _k("channels_last", "bool", False, "channels_last memory format"),
+    _k("channels_last", "auto", "auto",
+       "channels_last memory format for the network: True, False, or 'auto' (on for CPU, where it is "
+       "measured faster; off on CUDA)"),
     _k("compile", "bool", False, "wrap the model in torch.compile"),
     _k("sync_bn", "bool", False, "convert trainable BatchNorm to SyncBatchNorm under DDP"),
     _k("print_freq", "int", 10, "iterations between log lines"),
@@ -169,6 +171,9 @@ def check_value(name: str, value: Any, where: str = "config") -> Any:
     if t == "bool":
         if not isinstance(value, bool):
             raise bad("a bool (True/False)")
+    elif t == "auto":
+        if not (isinstance(value, bool) or value == "auto"):
+            raise bad("True, False or 'auto'")
     elif t == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an int")

@@ -62,8 +62,6 @@ def evaluate(model, dataset: FewShotEvalDataset, cfg, device: torch.device, pred
         q = batch["query_img"].to(device, non_blocking=True)
         s = batch["support_imgs"].to(device, non_blocking=True)
         m = batch["support_masks"].to(device, non_blocking=True)
-        if cfg.channels_last:
-            q = q.contiguous(memory_format=torch.channels_last)
         synchronize(device)
         t0 = time.perf_counter()
         with autocast(device, cfg.amp):

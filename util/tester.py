@@ -11,6 +11,7 @@ import os
 import statistics
 import time
 
+from util.amp import to_device
 from util.checkpoint import build_model_from_checkpoint, resolve_weight
 from util.dataset import FewShotEvalDataset, load_split_rank0_first
 from util.distributed import DistInfo
@@ -38,7 +39,7 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
     ckpt_info = ""
     if model is None:
         model, state = build_model_from_checkpoint(weight_path, cfg)
-        model = model.to(info.device)
+        model = to_device(model, cfg, info.device)
         ckpt_info = f" (epoch {state.get('epoch')}, iteration {state.get('iteration')})"
     log.info("checkpoint: %s%s; %d-shot, %d seed(s) x %d episodes", weight_path, ckpt_info, cfg.shot,
              cfg.test_seeds, cfg.test_num)
