@@ -155,3 +155,76 @@ def test_spatial_sum_gradient_keeps_the_memory_format(channels_last):
         (grad_new,), (grad_old,) = torch.autograd.grad(new, x, g), torch.autograd.grad(old, x, g)
         assert torch.allclose(grad_new, grad_old, atol=1e-6)
         assert grad_new.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_cpu_dropout_keeps_the_distribution_scale_layout_and_gradient():
+    from model.modules import Dropout
+
+    drop = Dropout(0.1).train()
+    x = torch.randn(4, 8, 50, 50).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005          # 80 000 draws: std 0.001
+    assert torch.allclose(y[kept], x[kept] / 0.9, rtol=1e-6, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, kept)
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.9))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)                                   # seeded: the same mask
+    low = drop(x.detach().bfloat16())
+    assert low.dtype == torch.bfloat16 and 0.85 < (low != 0).float().mean().item() < 0.95
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_reduce_of_a_list_equals_reduce_of_the_concatenation():
+    from model.modules import Reduce
+
+    torch.manual_seed(0)
+    reduce = Reduce(12, 5).eval()
+    a, b = torch.randn(2, 8, 6, 6), torch.randn(2, 4, 6, 6)
+    assert torch.allclose(reduce([a, b]), torch.nn.Sequential(*reduce)(torch.cat([a, b], 1)), atol=1e-6)
+
+
+def test_prior_mask_equals_pfenets_per_shot_formula():
+    """Support normalised, query norm divided out of the max: the same prior as PFENet's
+    cos = s·q / (|s||q| + 1e-7), max over support pixels, min-max per image, resized, mean over shots."""
+    from model.modules import prior_mask, resize
+
+    g = torch.Generator().manual_seed(0)
+    B, K, D, h, w = 2, 3, 16, 7, 9
+    query = torch.rand(B, D, h, w, generator=g)
+    support = torch.rand(B, K, D, h, w, generator=g) * (torch.rand(B, K, 1, h, w, generator=g) > 0.5)
+    expected = []
+    for k in range(K):
+        q, s = query.flatten(2), support[:, k].flatten(2)                       # B×D×M
+        cos = torch.bmm(s.transpose(1, 2), q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None, :] + 1e-7)
+        best = cos.max(dim=1).values
+        low, high = best.min(dim=1, keepdim=True).values, best.max(dim=1, keepdim=True).values
+        expected.append(resize(((best - low) / (high - low + 1e-7)).view(B, 1, h, w), (13, 17)))
+    expected = torch.stack(expected).mean(dim=0)
+    assert torch.allclose(prior_mask(query, support, (13, 17)), expected, atol=1e-5)
+
+
+def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
+    from model import build_model
+    from util.amp import to_device, use_channels_last
+
+    cfg = defaults()
+    cfg.update(TINY)
+    assert cfg.channels_last == "auto" and use_channels_last(cfg, torch.device("cpu"))
+    assert not use_channels_last(cfg, torch.device("cuda"))
+    cfg.channels_last = False
+    assert not use_channels_last(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    cfg.channels_last = "auto"
+    fast = to_device(build_model(cfg), cfg, torch.device("cpu")).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = benchmark.make_batch(2, 2, (65, 65))
+    inputs = [batch[k] for k in ("query_img", "support_imgs", "support_masks")]   # plain NCHW tensors
+    with torch.no_grad():
+        assert torch.allclose(fast(*inputs), plain(*inputs), atol=1e-4)

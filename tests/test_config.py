@@ -77,3 +77,13 @@ def test_yaml_float_strings_and_count_bounds(tmp_path):
         load_cfg(write(tmp_path, "TRAIN:\n  print_freq: 0\n"))
     with pytest.raises(ConfigError, match="key 'workers' is -1; it must not be negative"):
         load_cfg(write(tmp_path, "TRAIN:\n  workers: -1\n"))
+
+
+def test_channels_last_takes_a_bool_or_auto(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("TRAIN:\n  channels_last: true\n")
+    assert load_cfg(str(path)).channels_last is True
+    assert load_cfg(str(path), ["channels_last", "auto"]).channels_last == "auto"
+    assert load_cfg(str(path), ["channels_last", "False"]).channels_last is False
+    with pytest.raises(ConfigError, match="channels_last.*True, False or 'auto'"):
+        load_cfg(str(path), ["channels_last", "yes"])
