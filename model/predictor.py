@@ -28,6 +28,7 @@ from PIL import Image
 from util.amp import autocast, to_device
 from util.metrics import to_original_size
 from util.checkpoint import build_model_from_checkpoint
+from util.distributed import DeviceError, pick_device
 from util.transform import eval_transform
 from util.vis import panel_image
 
@@ -320,13 +321,10 @@ def resolve_device(device: str | torch.device, amp: str = "none") -> torch.devic
     """'auto' → CUDA when available; 'cuda' without a GPU, or fp16 off CUDA, is an error
     saying what to use instead."""
     if not isinstance(device, torch.device):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise PredictInputError(f"--device {device} but no CUDA device is available here; use --device cpu")
-        if device != "cpu" and not device.startswith("cuda"):
-            raise PredictInputError(f"--device {device!r} is not a device; use cpu, cuda or auto")
-        device = torch.device(device)
+        try:
+            device = pick_device(device)
+        except DeviceError as e:
+            raise PredictInputError(f"--device: {e}") from None
     if amp not in ("none", "bf16", "fp16"):
         raise PredictInputError(f"amp {amp!r} is not a precision; use none, bf16 or fp16")
     if amp == "fp16" and device.type != "cuda":

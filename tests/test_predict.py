@@ -260,7 +260,7 @@ def test_other_usage_errors(files, tmp_path, capsys):
     assert "would both write q1_mask.png" in err
     if not torch.cuda.is_available():
         err = run_cli(files, tmp_path, capsys, *support, "--query", path(files, "q1.jpg"), "--device", "cuda")
-        assert "no CUDA device" in err and "--device cpu" in err
+        assert "no CUDA device" in err and "use cpu" in err
     # overrides after --query's images are overrides, not images
     err = run_cli(files, tmp_path, capsys, *support, "--query", path(files, "q1.jpg"), "val_size", "41",
                   "reduce_dm", "8")

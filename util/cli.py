@@ -10,7 +10,8 @@ from util.config import ConfigError
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean bad input (config, files, checkpoints, weights) rather than a bug."""
     from model import BackboneWeightsError
-    return (ConfigError, CheckpointError, BackboneWeightsError, FileNotFoundError)
+    from util.distributed import DeviceError
+    return (ConfigError, CheckpointError, BackboneWeightsError, DeviceError, FileNotFoundError)
 
 
 def run(main, argv=None):
