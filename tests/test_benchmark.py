@@ -228,3 +228,27 @@ def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
     inputs = [batch[k] for k in ("query_img", "support_imgs", "support_masks")]   # plain NCHW tensors
     with torch.no_grad():
         assert torch.allclose(fast(*inputs), plain(*inputs), atol=1e-4)
+
+
+@pytest.mark.parametrize("pixel_negative", [False, True])
+def test_training_step_reads_no_tensor_value_on_the_host(pixel_negative):
+    """No .item()/bool(tensor)/nonzero/boolean-mask indexing anywhere in forward, losses,
+    backward, optimizer and DO-bank update — steps with the bank empty, filling and full."""
+    from util.distributed import DistInfo
+
+    cfg = defaults()
+    cfg.update(TINY, pixel_negative=pixel_negative, memory_size=2)
+    torch.manual_seed(0)
+    trainer = benchmark.make_trainer(cfg, DistInfo(device=torch.device("cpu")))
+    for i in range(3):
+        batch = benchmark.make_batch(2, 1, (65, 65), seed=i)
+        batch["class_id"] = torch.tensor([3, 3])                  # one class: its bank fills up
+        assert benchmark.host_sync_ops(lambda: trainer.step(batch, 0.01)) == []
+    assert int(trainer.model.memory_bank.fill_count[3]) == 2
+
+
+def test_the_sync_detector_sees_host_reads_and_mask_indexing():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    ops = benchmark.host_sync_ops(lambda: (x.sum().item(), x[x > 1], bool(x.any()), x.nonzero()))
+    assert ops == ["aten::_local_scalar_dense", "aten::index with a boolean mask",
+                   "aten::_local_scalar_dense", "aten::nonzero"]
