@@ -8,6 +8,7 @@ import torch.nn as nn
 from model.modules import fuse_concat
 from tools import benchmark
 from util.config import defaults
+from util.distributed import DistInfo
 
 TINY = dict(dataset="pascal", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5], train_h=65,
             train_w=65, val_size=65, batch_size=2, batch_size_val=2, shot=1, workers=1, memory_size=8,
@@ -234,8 +235,6 @@ def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
 def test_training_step_reads_no_tensor_value_on_the_host(pixel_negative):
     """No .item()/bool(tensor)/nonzero/boolean-mask indexing anywhere in forward, losses,
     backward, optimizer and DO-bank update — steps with the bank empty, filling and full."""
-    from util.distributed import DistInfo
-
     cfg = defaults()
     cfg.update(TINY, pixel_negative=pixel_negative, memory_size=2)
     torch.manual_seed(0)
@@ -252,3 +251,25 @@ def test_the_sync_detector_sees_host_reads_and_mask_indexing():
     ops = benchmark.host_sync_ops(lambda: (x.sum().item(), x[x > 1], bool(x.any()), x.nonzero()))
     assert ops == ["aten::_local_scalar_dense", "aten::index with a boolean mask",
                    "aten::_local_scalar_dense", "aten::nonzero"]
+
+
+def test_bf16_losses_match_fp32_within_the_stated_tolerance(monkeypatch):
+    """docs/benchmarks.md states every loss under bf16 autocast within 2e-2 of fp32 (CPU)."""
+    cfg = defaults()
+    cfg.update(TINY, amp="bf16")
+    torch.manual_seed(0)
+    model = benchmark.make_trainer(cfg, DistInfo()).model
+    batch = benchmark.make_batch(2, 1, (65, 65))
+    check = benchmark.amp_loss_check(model, batch, cfg, torch.device("cpu"))
+    assert set(check) == {"main", "aux1", "aux2", "bg", "proto", "pixel", "contrast", "total"}
+    for name, (full, low, diff) in check.items():
+        assert diff == abs(full - low) and diff < 2e-2, (name, full, low)
+
+
+def test_profile_writes_a_trace_and_lists_the_convolutions(tmp_path, monkeypatch):
+    cfg = defaults()
+    cfg.update(TINY)
+    trace = tmp_path / "step.json"
+    table = benchmark.profile_step(cfg, torch.device("cpu"), str(trace), warmup=1, top=10)
+    assert "convolution" in table and "by input shape" in table
+    assert json.loads(trace.read_text())["traceEvents"]
