@@ -88,14 +88,14 @@ def prior_mask(query_high: torch.Tensor, support_high: torch.Tensor, size) -> to
     hq, wq = query_high.shape[-2:]
     query = query_high.flatten(2)                                   # B×D×M
     support = support_high.flatten(3).transpose(2, 3).reshape(B, -1, D)   # B×KN×D
+    # unit vectors on both sides, so the products stay within [-1, 1] in any autocast dtype
+    # (fp16 included); a multiply by the reciprocal norm is a cheaper pass than a broadcast divide
+    query = query * (query.norm(dim=1, keepdim=True) + COSINE_EPS).reciprocal()
     support = support * (support.norm(dim=2, keepdim=True) + COSINE_EPS).reciprocal()
-    # one bmm for all shots; the query is shared, so it is never copied per shot. The query's
-    # norm is the same for every support pixel, so it divides the max afterwards (B×M values,
-    # not another pass over B×D×M features)
+    # one bmm for all shots; the query is shared, so it is never copied per shot
     similarity = torch.bmm(support, query).view(B, K, -1, hq * wq)   # B×K×N×M
     # the N×M products may run in low precision; the reduced map is normalised in fp32
-    query_norm = query.norm(dim=1).float() + COSINE_EPS              # B×M
-    best = similarity.amax(dim=2).float() / query_norm[:, None]      # B×K×M
+    best = similarity.amax(dim=2).float()                            # B×K×M
     low = best.amin(dim=2, keepdim=True)
     high = best.amax(dim=2, keepdim=True)
     best = (best - low) / (high - low + COSINE_EPS)

@@ -239,7 +239,9 @@ def read_query(source, index: int = 0) -> Query:
 
 class Predictor:
     """A trained NTRENet++ applied to user images. ``Predictor(model, cfg, device, amp)``
-    wraps a model in memory; :meth:`from_checkpoint` builds and loads one."""
+    wraps a model in memory — moving it to ``device`` in the memory format ``cfg`` asks for
+    there (in place: an optimizer kept on the same model sees the new layout);
+    :meth:`from_checkpoint` builds and loads one."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: str | torch.device = "cpu", amp: str = "none"):
         self.device = resolve_device(device, amp)

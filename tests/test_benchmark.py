@@ -190,8 +190,8 @@ def test_reduce_of_a_list_equals_reduce_of_the_concatenation():
 
 
 def test_prior_mask_equals_pfenets_per_shot_formula():
-    """Support normalised, query norm divided out of the max: the same prior as PFENet's
-    cos = s·q / (|s||q| + 1e-7), max over support pixels, min-max per image, resized, mean over shots."""
+    """All shots in one product: the same prior as PFENet's cos = s·q / (|s||q| + 1e-7) per shot,
+    max over support pixels, min-max per image, resized, mean over shots."""
     from model.modules import prior_mask, resize
 
     g = torch.Generator().manual_seed(0)
@@ -253,8 +253,9 @@ def test_the_sync_detector_sees_host_reads_and_mask_indexing():
                    "aten::_local_scalar_dense", "aten::nonzero"]
 
 
-def test_bf16_losses_match_fp32_within_the_stated_tolerance(monkeypatch):
-    """docs/benchmarks.md states every loss under bf16 autocast within 2e-2 of fp32 (CPU)."""
+def test_bf16_losses_match_fp32_within_the_stated_tolerance():
+    """Every loss under CPU bf16 autocast within 2e-2 of fp32 at this tiny size (at PASCAL size
+    docs/benchmarks.md records at most 9.3e-4)."""
     cfg = defaults()
     cfg.update(TINY, amp="bf16")
     torch.manual_seed(0)
@@ -263,10 +264,10 @@ def test_bf16_losses_match_fp32_within_the_stated_tolerance(monkeypatch):
     check = benchmark.amp_loss_check(model, batch, cfg, torch.device("cpu"))
     assert set(check) == {"main", "aux1", "aux2", "bg", "proto", "pixel", "contrast", "total"}
     for name, (full, low, diff) in check.items():
-        assert diff == abs(full - low) and diff < 2e-2, (name, full, low)
+        assert abs(full - low) < 2e-2, (name, full, low)
 
 
-def test_profile_writes_a_trace_and_lists_the_convolutions(tmp_path, monkeypatch):
+def test_profile_writes_a_trace_and_lists_the_convolutions(tmp_path):
     cfg = defaults()
     cfg.update(TINY)
     trace = tmp_path / "step.json"

@@ -1,4 +1,5 @@
 """Training and evaluation through the real code paths, on tiny generated synthetic data."""
+import copy
 import json
 import os
 import socket
@@ -246,3 +247,41 @@ def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_pa
     resumed = Trainer(tiny_cfg(synth_root, tmp_path, resume="auto", batch_size=2), DistInfo())
     with pytest.raises(ValueError, match="trained with 2 iterations per epoch, this run has 4"):
         resumed.train()
+
+
+@pytest.mark.parametrize("saved_layout,resumed_layout", [(torch.contiguous_format, torch.channels_last),
+                                                         (torch.channels_last, torch.contiguous_format)])
+def test_optimizer_state_follows_the_parameter_layout_on_resume(saved_layout, resumed_layout):
+    """A checkpoint written in one memory format and resumed in the other (a GPU run resumed on
+    the CPU under channels_last auto) continues SGD exactly; fused stays as this run built it."""
+    from model.modules import memory_format_of
+    from util.checkpoint import load_optimizer_state
+
+    def setup(layout, fused):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(4, 6, 3).to(memory_format=layout)
+        return conv, torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused)
+
+    def step(conv, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, 7, 7, generator=g).contiguous(memory_format=memory_format_of(conv.weight))
+        opt.zero_grad()
+        (conv(x) * torch.randn(2, 6, 5, 5, generator=g)).sum().backward()
+        opt.step()
+
+    reference, ref_opt = setup(saved_layout, True)
+    step(reference, ref_opt, 1)
+    saved = {"model": {k: v.clone() for k, v in reference.state_dict().items()},
+             "optimizer": copy.deepcopy(ref_opt.state_dict())}   # as written to disk
+    saved["optimizer"]["param_groups"][0]["fused"] = None          # as checkpoints from before fused SGD
+    step(reference, ref_opt, 2)
+
+    resumed, opt = setup(resumed_layout, True)
+    resumed.load_state_dict(saved["model"])
+    load_optimizer_state(opt, saved["optimizer"])
+    assert opt.param_groups[0]["fused"] is True
+    buffer = opt.state[resumed.weight]["momentum_buffer"]
+    assert buffer.stride() == resumed.weight.stride()
+    step(resumed, opt, 2)
+    assert torch.allclose(resumed.weight, reference.weight, atol=1e-6)
+    assert torch.allclose(resumed.bias, reference.bias, atol=1e-6)

@@ -29,7 +29,13 @@ device synchronised before and after each repetition. Measured:
   ``peak_fwdbwd_gflops`` is the same convolution with its backward (informational);
 - ``efficiency`` = (``step_gflop`` / ``train_step_ms``) / ``peak_gflops``;
 - ``peak_mem_mib``: CUDA max allocated during the step, or the process's peak resident set
-  during the step on CPU; ``params_trainable`` / ``params_frozen``.
+  during the step on CPU; ``params_trainable`` / ``params_frozen``;
+- ``sync_free``: no operator of the step reads a tensor value on the host (:func:`host_sync_ops`
+  on any device; on CUDA also CUDA's sync-debug mode);
+- under ``amp``, ``amp_loss_check``: every loss of one forward in fp32 and in the low precision.
+
+``--profile OUT`` instead profiles one step with ``torch.profiler``: operators by self time and
+by input shape, and a Chrome trace in OUT.
 """
 from __future__ import annotations
 
@@ -331,14 +337,23 @@ def profile_step(cfg, device: torch.device, trace: str, warmup: int = 2, top: in
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::nonzero",
             "aten::nonzero_static", "aten::masked_select", "aten::unique", "aten::_unique", "aten::_unique2",
             "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave", "aten::equal",
-            "aten::allclose")
+            "aten::allclose", "aten::bincount")
 MASK_INDEX_OPS = ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
+
+
+def _device_to_host(name, args, kwargs) -> bool:
+    if name == "aten::copy_":                      # copy_(dst, src)
+        return args[0].device.type == "cpu" and args[1].device.type == "cuda"
+    target = kwargs.get("device")
+    return args[0].device.type == "cuda" and target is not None and torch.device(target).type == "cpu"
 
 
 def host_sync_ops(fn) -> list[str]:
     """The operators of :data:`SYNC_OPS` that ``fn()`` runs (forward, backward and optimizer
-    alike), in order, and boolean-mask indexing (``x[mask]``, whose size depends on the mask) —
-    on any device, so a CPU test can prove a CUDA step sync-free."""
+    alike), in order, boolean-mask indexing (``x[mask]``, whose size depends on the mask) and
+    copies from a CUDA tensor to the CPU. The first two are visible on any device, so a CPU test
+    checks a step for them; a device-to-host copy (``.cpu()``, ``.tolist()``, ``.numpy()``) only
+    exists on a GPU, where this sees the copy and CUDA's sync-debug mode sees the rest."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen: list[str] = []
@@ -351,6 +366,8 @@ def host_sync_ops(fn) -> list[str]:
             elif name in MASK_INDEX_OPS and any(
                     isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
                 seen.append(name + " with a boolean mask")
+            elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs or {}):
+                seen.append(name + " from CUDA to the CPU")
             return func(*args, **(kwargs or {}))
 
     with Recorder():
@@ -518,9 +535,9 @@ def main(argv=None) -> dict:
                         help="CPU: leave glibc malloc as it is (see util/host_memory.py) to compare")
     parser.add_argument("--skip", default="", help="comma-separated measurements to skip: eval, loader")
     parser.add_argument("--profile", default="", metavar="OUT",
-                        help="instead of the measurements: profile one training step with torch.profiler, print "
-                             "the operators by self time and write a Chrome trace to OUT (open in "
-                             "chrome://tracing or ui.perfetto.dev)")
+                        help="instead of the measurements (and --json): profile one training step with "
+                             "torch.profiler, print the operators by self time and write a Chrome trace to OUT "
+                             "(open in chrome://tracing or ui.perfetto.dev)")
     parser.add_argument("--top", type=int, default=25, help="with --profile: operators listed")
     args, opts = parse_args_with_overrides(parser, argv)
     skip = {x for x in args.skip.split(",") if x}

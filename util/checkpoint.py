@@ -106,6 +106,26 @@ def load_model_weights(model, state: dict, path: str) -> None:
                               f"[{show(missing)}], {len(unexpected)} unexpected key(s) [{show(unexpected)}]")
 
 
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, then each per-parameter state tensor (SGD's
+    momentum) laid out like its parameter, and the optimizer's own implementation flags
+    (``fused``, ``foreach``) as this run built them.
+
+    A checkpoint keeps the memory layout of the run that wrote it (NCHW on CUDA, channels_last
+    on the CPU with ``channels_last auto``); the fused SGD kernel walks parameter, gradient and
+    buffer memory as one layout, so a mismatch would silently pair each weight with another
+    weight's momentum. ``load_state_dict`` would also replace the flags with the saved ones."""
+    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p).copy_(v)       # empty_like keeps p's strides
+
+
 def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_rng: bool = False) -> dict[str, Any]:
     """Load ``path`` into ``model`` (and optimizer/scaler when given); returns the state."""
     state = read_checkpoint(path)
@@ -117,7 +137,7 @@ def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_
             raise
         raise CheckpointError(f"checkpoint '{path}' does not fit the model: {e}") from None
     if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     if restore_rng and state.get("rng"):

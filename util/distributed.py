@@ -43,7 +43,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} was asked for but there is no CUDA device here (torch sees "
                               "no GPU): use cpu, or install the CUDA build of torch")
-        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+        if ":" not in name:
+            return torch.device("cuda", local_rank)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            pass
     raise DeviceError(f"{name!r} is not a device; use cpu, cuda, cuda:N or auto")
 
 
