@@ -274,3 +274,13 @@ def test_profile_writes_a_trace_and_lists_the_convolutions(tmp_path):
     table = benchmark.profile_step(cfg, torch.device("cpu"), str(trace), warmup=1, top=10)
     assert "convolution" in table and "by input shape" in table
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_cpu_process_tuning_flushes_denormals():
+    from util.host_memory import tune_cpu_process
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)     # a denormal float32
+    applied = tune_cpu_process(malloc=False)
+    assert applied == {"malloc_tuned": False, "flush_denormal": True}
+    assert (tiny * 1.0).item() == 0.0
+    assert (torch.tensor([1e-30]) * 1.0).item() == pytest.approx(1e-30)   # normal values untouched

@@ -214,13 +214,13 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
         tune_malloc: bool = True) -> dict:
     """Every measurement of the module docstring for ``cfg`` on ``device``; returns the dict.
 
-    ``tune_malloc``: on CPU, first apply ``util.host_memory.keep_freed_memory`` (what a CPU
-    training run should do), for the peak convolution as for everything else.
+    On the CPU it first applies ``util.host_memory.tune_cpu_process`` as train.py and test.py
+    do (denormals flushed; with ``tune_malloc``, glibc malloc keeps freed memory).
     """
     from util.classes import NUM_CLASSES
-    from util.host_memory import keep_freed_memory
+    from util.host_memory import tune_cpu_process
 
-    malloc_tuned = keep_freed_memory() if (tune_malloc and device.type == "cpu") else False
+    tuned = tune_cpu_process(tune_malloc) if device.type == "cpu" else {}
     torch.manual_seed(cfg.manual_seed)
     info = DistInfo(device=device)
     B, K = cfg.batch_size, cfg.shot
@@ -232,7 +232,8 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
                                                 "train_w", "val_size", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
                  "channels_last_used": use_channels_last(cfg, device),
-                 "reps": reps, "warmup": warmup, "malloc_tuned": malloc_tuned}
+                 "reps": reps, "warmup": warmup, "malloc_tuned": tuned.get("malloc_tuned", False),
+                 "flush_denormal": tuned.get("flush_denormal", False)}
     res.update({k: None for k in FIELDS})
 
     log("peak: 3x3 convolution 256->256 ...")
@@ -307,10 +308,10 @@ def profile_step(cfg, device: torch.device, trace: str, warmup: int = 2, top: in
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from util.classes import NUM_CLASSES
-    from util.host_memory import keep_freed_memory
+    from util.host_memory import tune_cpu_process
 
-    if tune_malloc and device.type == "cpu":
-        keep_freed_memory()
+    if device.type == "cpu":
+        tune_cpu_process(tune_malloc)
     torch.manual_seed(cfg.manual_seed)
     trainer = make_trainer(cfg, DistInfo(device=device))
     batch = make_batch(cfg.batch_size, cfg.shot, (cfg.train_h, cfg.train_w), NUM_CLASSES.get(cfg.dataset, 20),
@@ -510,7 +511,8 @@ def format_table(res: dict) -> str:
             f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}"
             + (f" (-> {res['channels_last_used']})" if c['channels_last'] == 'auto' else "") + ", "
             f"compile {c['compile']}, workers {c['workers']}"
-            + (", malloc tuned" if res.get("malloc_tuned") else ""))
+            + (", malloc tuned" if res.get("malloc_tuned") else "")
+            + (", denormals flushed" if res.get("flush_denormal") else ""))
     lines = [head, f"{'measure':58s} {'value':>14s}  unit", "-" * 80]
     for key, label, unit, fmt in ROWS:
         v = res.get(key)

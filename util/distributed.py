@@ -54,8 +54,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this process's device. On
-    the CPU, also keep freed memory for reuse (util.host_memory: measured 17% faster frozen
-    backbone passes at PASCAL size, docs/benchmarks.md)."""
+    the CPU, also keep freed memory for reuse and flush denormals to zero
+    (util.host_memory.tune_cpu_process; docs/benchmarks.md has what each bought)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,8 +63,8 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        from util.host_memory import keep_freed_memory
-        keep_freed_memory()
+        from util.host_memory import tune_cpu_process
+        tune_cpu_process()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistInfo(rank, local_rank, world_size, device)
