@@ -284,3 +284,17 @@ def test_cpu_process_tuning_flushes_denormals():
     assert applied == {"malloc_tuned": False, "flush_denormal": True}
     assert (tiny * 1.0).item() == 0.0
     assert (torch.tensor([1e-30]) * 1.0).item() == pytest.approx(1e-30)   # normal values untouched
+
+
+def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    config = "config/pascal/pascal_split0_resnet50.yaml"
+    for extra, expected in ((["channels_last", "yes"], "expected True, False or 'auto'"),
+                            (["--reps", "0"], "--reps must be at least 1"),
+                            (["amp", "fp16"], "amp fp16 needs --device cuda")):
+        done = subprocess.run([sys.executable, "tools/benchmark.py", "--config", config, "--device", "cpu", *extra],
+                              capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stderr and "Traceback" not in done.stderr

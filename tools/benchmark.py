@@ -495,9 +495,9 @@ ROWS = (("backbone_ms", "backbone forward (B·(K+1) images + masked layer4 + pri
         ("step_gflop", "step arithmetic", "GFLOP", "{:.1f}"),
         ("backbone_gflop", "backbone arithmetic", "GFLOP", "{:.1f}"),
         ("achieved_gflops", "step throughput", "GFLOP/s", "{:.1f}"),
-        ("peak_gflops", "peak: 3x3 conv 256->256 forward", "GFLOP/s", "{:.1f}"),
+        ("peak_gflops", "peak: 3x3 conv 256->256 forward, same dtype", "GFLOP/s", "{:.1f}"),
         ("peak_fwdbwd_gflops", "3x3 conv 256->256 forward+backward", "GFLOP/s", "{:.1f}"),
-        ("efficiency", "step throughput / peak", "", "{:.3f}"),
+        ("efficiency", "efficiency = step throughput / peak", "", "{:.3f}"),
         ("peak_mem_mib", "peak memory during the step", "MiB", "{:.0f}"),
         ("params_trainable", "trainable parameters", "", "{:,d}"),
         ("params_frozen", "frozen parameters", "", "{:,d}"))
@@ -526,8 +526,12 @@ def format_table(res: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --config CFG [--device cpu|cuda] [options] [KEY VALUE ...]",
+        epilog="Trailing KEY VALUE pairs override any config key (no dashes), e.g.\n"
+               "  amp bf16 channels_last True shot 5 batch_size 8 train_h 641 layers 101\n"
+               "The module docstring (tools/benchmark.py) says what each measurement is.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="", help="also write the results here")
@@ -542,6 +546,8 @@ def main(argv=None) -> dict:
                              "(open in chrome://tracing or ui.perfetto.dev)")
     parser.add_argument("--top", type=int, default=25, help="with --profile: operators listed")
     args, opts = parse_args_with_overrides(parser, argv)
+    if args.reps < 1 or args.warmup < 0:
+        parser.error(f"--reps must be at least 1 and --warmup at least 0; got {args.reps} and {args.warmup}")
     skip = {x for x in args.skip.split(",") if x}
     if skip - {"eval", "loader"}:
         parser.error(f"--skip takes eval and/or loader (comma-separated); got {args.skip!r}")
@@ -549,11 +555,21 @@ def main(argv=None) -> dict:
     cfg.pretrained = ""                       # random weights time the same; no weight file needed
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU")
+    if cfg.amp == "fp16" and args.device != "cuda":
+        parser.error("amp fp16 needs --device cuda; use 'amp bf16' on the CPU")
     device = torch.device(args.device)
     import logging
     logging.getLogger("model.ntrenet").setLevel(logging.ERROR)   # the 'random backbone' warning
     if args.profile:
-        print(profile_step(cfg, device, args.profile, args.warmup, args.top, tune_malloc=not args.default_malloc))
+        folder = os.path.dirname(os.path.abspath(args.profile))
+        os.makedirs(folder, exist_ok=True)
+        table = profile_step(cfg, device, args.profile, args.warmup, args.top, tune_malloc=not args.default_malloc)
+        print(f"{machine_name(device)} | {'VGG-16-bn' if cfg.vgg else 'ResNet-' + str(cfg.layers)}, {cfg.shot}-shot, "
+              f"batch {cfg.batch_size}, {cfg.train_h}x{cfg.train_w}, amp {cfg.amp}, channels_last "
+              f"{use_channels_last(cfg, device)} | one training step\n{table}")
+        if not os.path.isfile(args.profile):
+            raise SystemExit(f"error: the profiler did not write the trace '{args.profile}' (see the message above)")
+        print(f"Chrome trace: {args.profile} (open in chrome://tracing or ui.perfetto.dev)")
         return {}
     res = run(cfg, device, args.reps, args.warmup, skip, tune_malloc=not args.default_malloc, log=lambda m: print(m, file=sys.stderr))
     print(format_table(res))
@@ -564,4 +580,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from util.cli import run as run_cli     # a config mistake: one line and exit status 2
+    run_cli(main)
