@@ -178,11 +178,6 @@ def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, size)
 
 
-def _expand_like(prototype: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """Tile an N×C×1×1 (or 1×C×1×1) prototype over ``feature``'s batch and pixels."""
-    return prototype.expand(feature.shape[0], -1, feature.shape[2], feature.shape[3])
-
-
 class Dropout(nn.Dropout):
     """``nn.Dropout`` (element-wise; kept values scaled by 1/(1−p) in training) with a faster
     CPU path: one ``torch.rand`` draw per element, thresholded and scaled in place, then one
