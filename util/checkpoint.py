@@ -95,9 +95,13 @@ def check_compatible(state: dict, cfg, path: str) -> None:
 
 
 def load_model_weights(model, state: dict, path: str) -> None:
-    """Load the model part strictly; a mismatch lists the missing and unexpected keys."""
+    """Load the model part strictly; a mismatch lists the missing and unexpected keys, and a
+    tensor of another shape is a CheckpointError too."""
     own = unwrap(model)
-    result = own.load_state_dict(state["model"], strict=False)
+    try:
+        result = own.load_state_dict(state["model"], strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model: {e}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         def show(keys):
@@ -130,12 +134,7 @@ def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_
     """Load ``path`` into ``model`` (and optimizer/scaler when given); returns the state."""
     state = read_checkpoint(path)
     check_compatible(state, cfg, path)
-    try:
-        load_model_weights(model, state, path)
-    except RuntimeError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"checkpoint '{path}' does not fit the model: {e}") from None
+    load_model_weights(model, state, path)
     if optimizer is not None and state.get("optimizer") is not None:
         load_optimizer_state(optimizer, state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
