@@ -210,41 +210,61 @@ def make_trainer(cfg, info: DistInfo):
     return trainer
 
 
-def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=print,
-        tune_malloc: bool = True) -> dict:
-    """Every measurement of the module docstring for ``cfg`` on ``device``; returns the dict.
-
-    On the CPU it first applies ``util.host_memory.tune_cpu_process`` as train.py and test.py
-    do (denormals flushed; with ``tune_malloc``, glibc malloc keeps freed memory).
-    """
+def prepare(cfg, device: torch.device, tune_malloc: bool = True):
+    """``(trainer, batch, tuned)`` for timing ``cfg``'s training step on ``device``: on the CPU
+    first ``util.host_memory.tune_cpu_process`` as train.py and test.py do (denormals flushed;
+    with ``tune_malloc``, glibc malloc keeps freed memory — ``tuned`` says what was applied),
+    then the seeded trainer and one random batch as the training loader gives it."""
     from util.classes import NUM_CLASSES
     from util.host_memory import tune_cpu_process
 
     tuned = tune_cpu_process(tune_malloc) if device.type == "cpu" else {}
     torch.manual_seed(cfg.manual_seed)
-    info = DistInfo(device=device)
-    B, K = cfg.batch_size, cfg.shot
-    size = (cfg.train_h, cfg.train_w)
-    pin = device.type == "cuda"
+    trainer = make_trainer(cfg, DistInfo(device=device))
+    batch = make_batch(cfg.batch_size, cfg.shot, (cfg.train_h, cfg.train_w), NUM_CLASSES.get(cfg.dataset, 20),
+                       cfg.manual_seed, device.type == "cuda")
+    return trainer, batch, tuned
+
+
+def step_fn(trainer, batch):
+    """One training step at learning rate 0 (the same arithmetic; every repetition sees the
+    same weights), its loss values dropped."""
+    def step():
+        trainer.step(batch, 0.0)
+        trainer.pending.clear()
+    return step
+
+
+def describe(cfg) -> str:
+    """'ResNet-50, 1-shot, batch 4, 473x473': the network and step size of ``cfg``."""
+    net = "VGG-16-bn" if cfg["vgg"] else f"ResNet-{cfg['layers']}"
+    return f"{net}, {cfg['shot']}-shot, batch {cfg['batch_size']}, {cfg['train_h']}x{cfg['train_w']}"
+
+
+def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=print,
+        tune_malloc: bool = True) -> dict:
+    """Every measurement of the module docstring for ``cfg`` on ``device``; returns the dict.
+
+    Set up by :func:`prepare` (CPU process tuning first, as train.py and test.py do).
+    """
     res: dict = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "config": {k: cfg[k] for k in ("dataset", "layers", "vgg", "shot", "batch_size", "train_h",
                                                 "train_w", "val_size", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
                  "channels_last_used": use_channels_last(cfg, device),
-                 "reps": reps, "warmup": warmup, "malloc_tuned": tuned.get("malloc_tuned", False),
-                 "flush_denormal": tuned.get("flush_denormal", False)}
+                 "reps": reps, "warmup": warmup}
     res.update({k: None for k in FIELDS})
 
+    trainer, batch, tuned = prepare(cfg, device, tune_malloc)
+    res.update(malloc_tuned=tuned.get("malloc_tuned", False), flush_denormal=tuned.get("flush_denormal", False))
     log("peak: 3x3 convolution 256->256 ...")
     # cheap next to a step, and the denominator of the efficiency: more repetitions
     res["peak_gflops"], res["peak_fwdbwd_gflops"] = measure_peak(device, cfg.amp, max(warmup, 2), max(10, 3 * reps))
 
-    trainer = make_trainer(cfg, info)
     model = trainer.model
     res["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["params_frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    batch = make_batch(B, K, size, NUM_CLASSES.get(cfg.dataset, 20), cfg.manual_seed, pin)
 
     # ---- backbone alone (everything the frozen part of the step runs)
     log("backbone ...")
@@ -262,11 +282,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
 
     # ---- the training step
     log("training step ...")
-
-    def step():          # learning rate 0: the same arithmetic, and every repetition sees the same weights
-        trainer.step(batch, 0.0)
-        trainer.pending.clear()
-
+    step = step_fn(trainer, batch)
     net = trainer.net
     trainer.net = model                       # count on the plain module (torch.compile aside)
     res["step_gflop"] = count_gflop(step)
@@ -296,8 +312,8 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     # ---- the loader
     if "loader" not in skip:
         log("loader ...")
-        res["loader_episodes_per_s"] = measure_loader(cfg, info)
-        res["loader_vs_step"] = res["loader_episodes_per_s"] / (B / (res["train_step_ms"] / 1000))
+        res["loader_episodes_per_s"] = measure_loader(cfg, trainer.info)
+        res["loader_vs_step"] = res["loader_episodes_per_s"] / (cfg.batch_size / (res["train_step_ms"] / 1000))
     return res
 
 
@@ -307,25 +323,16 @@ def profile_step(cfg, device: torch.device, trace: str, warmup: int = 2, top: in
     return the operator table sorted by self time (device time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from util.classes import NUM_CLASSES
-    from util.host_memory import tune_cpu_process
-
-    if device.type == "cpu":
-        tune_cpu_process(tune_malloc)
-    torch.manual_seed(cfg.manual_seed)
-    trainer = make_trainer(cfg, DistInfo(device=device))
-    batch = make_batch(cfg.batch_size, cfg.shot, (cfg.train_h, cfg.train_w), NUM_CLASSES.get(cfg.dataset, 20),
-                       cfg.manual_seed, device.type == "cuda")
+    trainer, batch, _ = prepare(cfg, device, tune_malloc)
+    step = step_fn(trainer, batch)
     for _ in range(max(warmup, 1)):
-        trainer.step(batch, 0.0)
-    trainer.pending.clear()
+        step()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         with record_function("train_step"):
-            trainer.step(batch, 0.0)
+            step()
         synchronize(device)
-    trainer.pending.clear()
     if trace:
         prof.export_chrome_trace(trace)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -379,10 +386,7 @@ def host_sync_ops(fn) -> list[str]:
 def step_is_sync_free(trainer, batch) -> bool:
     """One training step runs no :data:`SYNC_OPS` operator and, on CUDA, also passes CUDA's
     sync debug mode set to 'error'."""
-    def step():
-        trainer.step(batch, 0.0)
-        trainer.pending.clear()
-
+    step = step_fn(trainer, batch)
     ops = host_sync_ops(step)
     if ops:
         print(f"host-device sync inside the step: {sorted(set(ops))}", file=sys.stderr)
@@ -506,8 +510,7 @@ ROWS = (("backbone_ms", "backbone forward (B·(K+1) images + masked layer4 + pri
 def format_table(res: dict) -> str:
     c = res["config"]
     head = (f"{res['machine']} | torch {res['torch']}, {res['threads']} threads | {res['date']}\n"
-            f"{'VGG-16-bn' if c['vgg'] else 'ResNet-' + str(c['layers'])}, {c['shot']}-shot, batch "
-            f"{c['batch_size']}, {c['train_h']}x{c['train_w']} (eval {c['val_size']}, batch "
+            f"{describe(c)} (eval {c['val_size']}, batch "
             f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}"
             + (f" (-> {res['channels_last_used']})" if c['channels_last'] == 'auto' else "") + ", "
             f"compile {c['compile']}, workers {c['workers']}"
@@ -564,8 +567,7 @@ def main(argv=None) -> dict:
         folder = os.path.dirname(os.path.abspath(args.profile))
         os.makedirs(folder, exist_ok=True)
         table = profile_step(cfg, device, args.profile, args.warmup, args.top, tune_malloc=not args.default_malloc)
-        print(f"{machine_name(device)} | {'VGG-16-bn' if cfg.vgg else 'ResNet-' + str(cfg.layers)}, {cfg.shot}-shot, "
-              f"batch {cfg.batch_size}, {cfg.train_h}x{cfg.train_w}, amp {cfg.amp}, channels_last "
+        print(f"{machine_name(device)} | {describe(cfg)}, amp {cfg.amp}, channels_last "
               f"{use_channels_last(cfg, device)} | one training step\n{table}")
         if not os.path.isfile(args.profile):
             raise SystemExit(f"error: the profiler did not write the trace '{args.profile}' (see the message above)")
