@@ -4,11 +4,11 @@ denormal floats flushed to zero (:func:`tune_cpu_process` applies both).
 PyTorch's CPU tensors come straight from ``malloc``. glibc serves every block above its
 mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` when freed, so every large activation of every step is new memory: the kernel
-zero-fills it page by page on first touch. At PASCAL size (ResNet-50, 473², batch 4) that is
-about 4 million page faults and 6–7 s of system time per backbone pass on the 2-core dev
-machine (docs/benchmarks.md). :func:`keep_freed_memory` makes glibc serve large blocks from
-its heap and never give freed memory back, so from the second step on the same pages are
-reused: no faults, and the step's arithmetic runs close to the device's peak.
+zero-fills it page by page on first touch. :func:`keep_freed_memory` makes glibc serve large
+blocks from its heap and never give freed memory back, so from the second step on the same
+pages are reused. At PASCAL size (ResNet-50, 473², batch 4) on the 2-core dev machine the
+frozen backbone pass went from 6156 to 5247 ms and a benchmark run's system time from 24.8 to
+about 10 s (docs/benchmarks.md).
 
 The cost: the process keeps its peak heap (what the step needs anyway). Not glibc (musl,
 macOS, Windows) → nothing is changed. The same effect without code:
