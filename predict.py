@@ -14,9 +14,9 @@ import time
 
 import cv2
 
-from model.predictor import PredictInputError, Predictor, check_query_files, read_supports, resolve_device
-from util.checkpoint import CheckpointError
-from util.config import KEYS, ConfigError, load_cfg, parse_args_with_overrides
+from engine.predictor import Predictor, check_query_files, read_supports, resolve_device
+from util.config import KEYS, load_cfg, parse_args_with_overrides
+from util.errors import CheckpointError, ConfigError, PredictInputError
 from util.fileio import atomic_write
 from util.vis import overlay, save_panel
 

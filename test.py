@@ -3,10 +3,11 @@
 weight best|last|PATH; shot 5 evaluates any model at 5 shots; save_pred True writes the
 predicted masks; vis N saves N panels per seed. torchrun shards the episodes.
 """
+from engine.tester import run_test
+from util.cli import run
 from util.config import experiment_cfg
 from util.distributed import cleanup, init_distributed
 from util.logger import setup_logger
-from util.tester import run_test
 
 
 def main(argv=None) -> dict:
@@ -20,5 +21,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run
     run(main)

@@ -4,10 +4,11 @@ Single process by default; multi-GPU / multi-node through torchrun (NGPUS=4 sh t
 """
 import sys
 
+from engine.trainer import NonFiniteLossError, Trainer
+from util.cli import run
 from util.config import experiment_cfg
 from util.distributed import cleanup, init_distributed
 from util.logger import setup_logger
-from util.trainer import NonFiniteLossError, Trainer
 
 
 def main(argv=None) -> dict:
@@ -31,5 +32,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run
     run(main)

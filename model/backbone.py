@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.errors import BackboneWeightsError
+
 log = logging.getLogger(__name__)
 
 README_HINT = "see the README section 'Pretrained backbones' for where these files come from"
@@ -265,10 +267,6 @@ class VGG16BN(nn.Module):
 # --------------------------------------------------------------------------------------
 # Construction and weight loading
 # --------------------------------------------------------------------------------------
-class BackboneWeightsError(RuntimeError):
-    """A backbone weight file is missing, unreadable or does not fit the configured backbone."""
-
-
 @dataclass
 class LoadReport:
     source: str

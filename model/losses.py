@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .modules import resize
+from .ops import resize
 
 BG_TARGET_EPS = 1e-5
 PIXEL_LOG_EPS = 1e-8

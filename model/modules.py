@@ -9,61 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops import Dropout, conv1x1_relu, fuse_concat, fuse_concat_weight, fuse_relu, resize, spatial_sum
+
 MAP_EPS = 5e-4      # PFENet's Weighted_GAP
 COSINE_EPS = 1e-7   # PFENet's prior mask
-
-
-def resize(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize with align_corners=True (PFENet's convention everywhere)."""
-    if isinstance(size, int):
-        size = (size, size)
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-
-
-def memory_format_of(x: torch.Tensor):
-    """channels_last for a 4-d tensor laid out so (and not also plain contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-class _SpatialSum(torch.autograd.Function):
-    """``Σ_hw X·m`` → N×C×1×1 (``m`` N×1×h×w, or None for ``Σ_hw X``), whose backward writes
-    ``dX`` in X's own memory format. Autograd's own backward broadcasts the N×C×1×1 gradient
-    into a new NCHW tensor, so a channels_last feature map would get an NCHW gradient and the
-    layers below would convert it, or run slower on it."""
-
-    @staticmethod
-    def forward(ctx, feature, mask):
-        ctx.feature_meta = (feature.shape, feature.dtype, memory_format_of(feature))
-        mask_needs_grad = mask is not None and ctx.needs_input_grad[1]
-        ctx.save_for_backward(feature if mask_needs_grad else None, mask)
-        product = feature if mask is None else feature * mask
-        return product.sum(dim=(2, 3), keepdim=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        feature, mask = ctx.saved_tensors
-        shape, dtype, memory_format = ctx.feature_meta
-        grad_feature = grad_mask = None
-        if ctx.needs_input_grad[0]:
-            grad_feature = torch.empty(shape, dtype=dtype, device=grad.device, memory_format=memory_format)
-            if mask is None:
-                grad_feature.copy_(grad.expand(shape))
-            else:
-                torch.mul(grad, mask, out=grad_feature)
-        if mask is not None and ctx.needs_input_grad[1]:
-            grad_mask = (grad * feature).sum(dim=1, keepdim=True)
-        return grad_feature, grad_mask
-
-
-def spatial_sum(feature: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ_hw X·m`` (N×C×h×w, N×1×h×w → N×C×1×1), gradient in X's memory format."""
-    if not (torch.is_grad_enabled() and (feature.requires_grad or (mask is not None and mask.requires_grad))):
-        return (feature if mask is None else feature * mask).sum(dim=(2, 3), keepdim=True)
-    return _SpatialSum.apply(feature, mask)
 
 
 def masked_average_pooling(feature: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,87 +59,6 @@ def distracting_object_mask(bg_logits: torch.Tensor, target: torch.Tensor) -> to
     """
     is_bg = bg_logits.argmax(dim=1, keepdim=True).to(target.dtype)
     return torch.relu(1 - is_bg - target)
-
-
-def _conv1x1_relu(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.ReLU(inplace=True))
-
-
-def fuse_concat(conv: nn.Conv2d, maps, prototypes=(), scalar_maps=()) -> torch.Tensor:
-    """``conv(concat([*maps, *(expand(p) for p in prototypes), *scalar_maps], dim=1))`` for a
-    1×1 ``conv``, without building the concatenation.
-
-    ``maps``: N×Ci×h×w feature maps (a single tensor counts as one); ``prototypes``:
-    N×Cp×1×1 (or 1×Cp×1×1, shared); ``scalar_maps``: N×1×h×w. The 1×1 convolution of a
-    concatenation is the sum of the convolutions of its parts with the matching weight
-    slices; a prototype is the same at every pixel, so its part is one matrix-vector product
-    per image, added as a per-image bias; a one-channel map adds a per-channel multiple of
-    itself. Same value as the concatenated form up to float rounding (tested), without the
-    concatenated tensor, the expanded copies, their share of the arithmetic — and with every
-    part's gradient a plain tensor in its own memory format (a slice of a concatenation's
-    gradient is neither contiguous nor channels_last, which costs a copy in the backward of
-    whatever produced the part).
-    """
-    return fuse_concat_weight(conv.weight, conv.bias, maps, prototypes, scalar_maps)
-
-
-def fuse_concat_weight(weight: torch.Tensor, bias, maps, prototypes=(), scalar_maps=()) -> torch.Tensor:
-    """:func:`fuse_concat` with the 1×1 convolution given as its ``weight`` (out×in×1×1) and ``bias``."""
-    if isinstance(maps, torch.Tensor):
-        maps = [maps]
-    flat = weight.flatten(1)                                          # out×in
-    out, offset = None, 0
-    for x in maps:
-        width = x.shape[1]
-        part = F.conv2d(x, weight[:, offset:offset + width], bias if out is None else None)
-        out = part if out is None else out.add_(part)   # in place: a conv output is not saved for backward
-        offset += width
-    if prototypes:
-        shift = 0
-        for p in prototypes:
-            width = p.shape[1]
-            shift = shift + F.linear(p.flatten(1), flat[:, offset:offset + width])
-            offset += width
-        out = out.add_(shift.to(out.dtype)[:, :, None, None])
-    for m in scalar_maps:
-        # addcmul keeps ``out``'s memory format (a broadcast product alone would come out NCHW)
-        out = out.addcmul_(flat[:, offset].to(out.dtype).view(1, -1, 1, 1), m.to(out.dtype))
-        offset += 1
-    if offset != flat.shape[1]:
-        raise ValueError(f"fuse_concat: the inputs have {offset} channels, the conv takes {flat.shape[1]}")
-    return out
-
-
-def _fuse_relu(block: nn.Sequential, maps, prototypes=(), scalar_maps=()):
-    """A ``_conv1x1_relu`` block applied to ``concat(maps, expanded prototypes, scalar maps)``."""
-    conv, relu = block
-    return relu(fuse_concat(conv, maps, prototypes, scalar_maps))
-
-
-def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``adaptive_avg_pool2d(x, size)``: the identity at x's own size, a plain average pool
-    where the size divides x's (the same windows), adaptive pooling otherwise."""
-    h, w = x.shape[-2:]
-    if h == size and w == size:
-        return x
-    if h % size == 0 and w % size == 0:
-        return F.avg_pool2d(x, (h // size, w // size))
-    return F.adaptive_avg_pool2d(x, size)
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` (element-wise; kept values scaled by 1/(1−p) in training) with a faster
-    CPU path: one ``torch.rand`` draw per element, thresholded and scaled in place, then one
-    multiply. ATen's CPU dropout draws with ``bernoulli_`` and then divides and multiplies in
-    separate passes — about twice the time (docs/benchmarks.md), and the network runs ~20 of
-    them per step. Same distribution; the mask is drawn in fp32 whatever the input's dtype.
-    Other devices keep PyTorch's own (fused) kernel."""
-
-    def forward(self, x):
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
-            return super().forward(x)
-        keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p).mul_(1 / (1 - self.p))
-        return x * keep.to(x.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -294,10 +162,10 @@ class BGEliminating(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.fuse = _conv1x1_relu(channels * 2, channels)
+        self.fuse = conv1x1_relu(channels * 2, channels)
 
     def forward(self, query_bin, bg_prototype):
-        return _fuse_relu(self.fuse, query_bin, [bg_prototype])
+        return fuse_relu(self.fuse, query_bin, [bg_prototype])
 
 
 class TargetMatching(nn.Module):
@@ -310,20 +178,20 @@ class TargetMatching(nn.Module):
 
     def __init__(self, channels: int, classes: int = 2):
         super().__init__()
-        self.support_merge = _conv1x1_relu(channels * 2 + 1, channels)
+        self.support_merge = conv1x1_relu(channels * 2 + 1, channels)
         self.support_residual = ResidualBlock(channels)
         self.init_head = SegmentationHead(channels, classes)
-        self.self_merge = _conv1x1_relu(channels * 2 + 1, channels)
+        self.self_merge = conv1x1_relu(channels * 2 + 1, channels)
         self.self_residual = ResidualBlock(channels)
         self.second_head = SegmentationHead(channels, classes)
 
     def forward(self, x_bg, support_prototype, prior_bin, query_bin):
-        x_act = _fuse_relu(self.support_merge, x_bg, [support_prototype], [prior_bin])
+        x_act = fuse_relu(self.support_merge, x_bg, [support_prototype], [prior_bin])
         x_act = self.support_residual(x_act)
         init_logits = self.init_head(x_act)
         init_fg = init_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
         query_prototype = masked_average_pooling(query_bin, init_fg)
-        x_self = _fuse_relu(self.self_merge, x_act, [query_prototype], [prior_bin])
+        x_self = fuse_relu(self.self_merge, x_act, [query_prototype], [prior_bin])
         x_self = self.self_residual(x_self)
         return x_self, init_logits, self.second_head(x_self)
 
@@ -340,13 +208,13 @@ class DOEliminating(nn.Module):
         if pool not in ("gap", "map"):
             raise ValueError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
         self.pool = global_masked_pooling if pool == "gap" else masked_average_pooling
-        self.fuse = _conv1x1_relu(channels * 2, channels)
+        self.fuse = conv1x1_relu(channels * 2, channels)
 
     def forward(self, x_self, query_bin, bg_logits_bin, second_logits):
         target = second_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
         do_mask = distracting_object_mask(bg_logits_bin, target)
         do_prototype = self.pool(query_bin, do_mask)
-        return _fuse_relu(self.fuse, x_self, [do_prototype]), do_mask
+        return fuse_relu(self.fuse, x_self, [do_prototype]), do_mask
 
 
 class ScaleEnrichment(nn.Module):
@@ -355,13 +223,13 @@ class ScaleEnrichment(nn.Module):
 
     def __init__(self, channels: int, has_previous: bool, classes: int = 2):
         super().__init__()
-        self.inter_scale = _conv1x1_relu(channels * 2, channels) if has_previous else None
+        self.inter_scale = conv1x1_relu(channels * 2, channels) if has_previous else None
         self.residual = ResidualBlock(channels)
         self.aux_head = SegmentationHead(channels, classes)
 
     def forward(self, x, previous=None):
         if self.inter_scale is not None:
-            x = _fuse_relu(self.inter_scale, [x, resize(previous, x.shape[-2:])]) + x
+            x = fuse_relu(self.inter_scale, [x, resize(previous, x.shape[-2:])]) + x
         x = self.residual(x)
         return x, self.aux_head(x)
 
@@ -390,9 +258,9 @@ class Merge(nn.Module):
 
     def __init__(self, channels: int, num_scales: int, classes: int = 2):
         super().__init__()
-        self.fuse = _conv1x1_relu(channels * num_scales, channels)
+        self.fuse = conv1x1_relu(channels * num_scales, channels)
         self.residual = ResidualBlock(channels)
         self.head = SegmentationHead(channels, classes)
 
     def forward(self, scale_features):
-        return self.head(self.residual(_fuse_relu(self.fuse, scale_features)))
+        return self.head(self.residual(fuse_relu(self.fuse, scale_features)))

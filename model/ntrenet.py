@@ -14,8 +14,9 @@ from .backbone import build_backbone, load_backbone_weights
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
                      prototype_infonce, segmentation_losses, total_loss)
 from .memory_bank import DOMemoryBank
-from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask,
-                      masked_average_pooling, memory_format_of, pool_to, prior_mask, resize)
+from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
+                      prior_mask)
+from .ops import memory_format_of, pool_to, resize
 
 log = logging.getLogger(__name__)
 

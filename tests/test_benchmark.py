@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.modules import fuse_concat
+from model.ops import fuse_concat
 from tools import benchmark
 from util.config import defaults
 from util.distributed import DistInfo
@@ -126,7 +126,7 @@ def test_aspp_pooled_branch_as_bias_equals_the_concatenation():
 
 
 def test_fuse_concat_of_several_maps_and_pool_to():
-    from model.modules import pool_to
+    from model.ops import pool_to
 
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 5, 1, bias=True)
@@ -159,7 +159,7 @@ def test_spatial_sum_gradient_keeps_the_memory_format(channels_last):
 
 
 def test_cpu_dropout_keeps_the_distribution_scale_layout_and_gradient():
-    from model.modules import Dropout
+    from model.ops import Dropout
 
     drop = Dropout(0.1).train()
     x = torch.randn(4, 8, 50, 50).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -192,7 +192,8 @@ def test_reduce_of_a_list_equals_reduce_of_the_concatenation():
 def test_prior_mask_equals_pfenets_per_shot_formula():
     """All shots in one product: the same prior as PFENet's cos = s·q / (|s||q| + 1e-7) per shot,
     max over support pixels, min-max per image, resized, mean over shots."""
-    from model.modules import prior_mask, resize
+    from model.modules import prior_mask
+    from model.ops import resize
 
     g = torch.Generator().manual_seed(0)
     B, K, D, h, w = 2, 3, 16, 7, 9

@@ -1,4 +1,4 @@
-"""predict.py and model/predictor.py: user images of any size through a tiny random model."""
+"""predict.py and engine/predictor.py: user images of any size through a tiny random model."""
 import os
 
 import cv2
@@ -8,12 +8,13 @@ import torch
 from PIL import Image
 
 import predict
-from model import Prediction, PredictInputError, Predictor, build_model
-from model.predictor import binary_mask, read_mask_values, to_original_size
-from util.checkpoint import CheckpointError, save_checkpoint
+from engine.checkpoint import save_checkpoint
+from engine.predictor import Prediction, Predictor, binary_mask, read_mask_values
+from model import build_model
 from util.config import defaults
 from util.dataset import read_image
-from util.metrics import score_episodes
+from util.errors import CheckpointError, PredictInputError
+from util.metrics import score_episodes, to_original_size
 from util.transform import eval_transform
 from util.vis import TILE, TITLE_H
 

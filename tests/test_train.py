@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.trainer import NonFiniteLossError, Trainer, poly_lr
 from util.config import defaults
 from util.distributed import DistInfo
-from util.trainer import NonFiniteLossError, Trainer, poly_lr
+from util.errors import CheckpointError
 
 TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
             train_h=33, train_w=33, val_size=41, batch_size=4, batch_size_val=4, workers=0,
@@ -136,7 +137,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(synth_root, 
 def _eval_worker(rank, world, port, root, ckpt, out_dir):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
-    from util.tester import run_test
+    from engine.tester import run_test
     info = init_distributed("cpu")
     try:
         cfg = tiny_cfg(root, out_dir, weight=ckpt, save_pred=True)
@@ -150,7 +151,7 @@ def _eval_worker(rank, world, port, root, ckpt, out_dir):
 
 def test_sharded_evaluation_equals_single_process(synth_root, tmp_path):
     from model import build_model
-    from util.tester import run_test
+    from engine.tester import run_test
     torch.manual_seed(0)
     cfg = tiny_cfg(synth_root, tmp_path / "one", save_pred=True)
     ckpt = str(tmp_path / "w.pth")
@@ -254,8 +255,8 @@ def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_pa
 def test_optimizer_state_follows_the_parameter_layout_on_resume(saved_layout, resumed_layout):
     """A checkpoint written in one memory format and resumed in the other (a GPU run resumed on
     the CPU under channels_last auto) continues SGD exactly; fused stays as this run built it."""
-    from model.modules import memory_format_of
-    from util.checkpoint import load_optimizer_state
+    from model.ops import memory_format_of
+    from engine.checkpoint import load_optimizer_state
 
     def setup(layout, fused):
         torch.manual_seed(0)

@@ -19,7 +19,7 @@ def normalised(image):
 
 
 def evaluation_sample(K=2, size=41, seed=0):
-    """What util.evaluate keeps per episode: canvas tensors, 0/1/255 masks, extras, IoU."""
+    """What engine.evaluate keeps per episode: canvas tensors, 0/1/255 masks, extras, IoU."""
     rng = np.random.default_rng(seed)
     images = [normalised(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(K + 1)]
     mask = torch.zeros(size, size, dtype=torch.long)
@@ -146,7 +146,7 @@ def synthetic_cfg(tmp_path_factory):
 def test_test_py_vis_saves_n_panels_per_seed(synthetic_cfg, tmp_path):
     from model import build_model
     from util.distributed import DistInfo
-    from util.tester import run_test, test_seeds
+    from engine.tester import run_test, test_seeds
     cfg = synthetic_cfg.copy()
     cfg.update(save_path=str(tmp_path), vis=2)
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_test_py_vis_saves_n_panels_per_seed(synthetic_cfg, tmp_path):
 
 def test_validation_logs_panels_to_tensorboard(synthetic_cfg, tmp_path):
     from util.distributed import DistInfo
-    from util.trainer import Trainer
+    from engine.trainer import Trainer
 
     class Writer:          # records what the trainer hands to TensorBoard
         def __init__(self):

@@ -15,11 +15,11 @@ device synchronised before and after each repetition. Measured:
 
 - ``backbone_ms``: the frozen part of one step alone: the backbone's mid-level pass over the
   B·(K+1) images, the layer4 pass over the query and the masked supports, and the prior;
-- ``train_step_ms``: ``util.trainer.Trainer.step`` itself — host-to-device copy, forward, all
+- ``train_step_ms``: ``engine.trainer.Trainer.step`` itself — host-to-device copy, forward, all
   losses, backward, SGD step (and the DO bank update);
 - ``eval_episode_ms`` (one episode per forward) and ``eval_batched_episode_ms`` (per episode,
   ``batch_size_val`` episodes per forward, at least 4) at ``val_size``;
-- ``loader_episodes_per_s``: ``util.trainer.train_loader`` alone, configured workers, after the
+- ``loader_episodes_per_s``: ``engine.trainer.train_loader`` alone, configured workers, after the
   first batch (worker start-up) — and ``loader_vs_step``, its rate over the step's;
 - ``step_gflop`` and ``backbone_gflop``: counted with ``torch.utils.flop_counter`` (2 per
   multiply-add, convolutions and matrix products, forward and backward);
@@ -201,7 +201,7 @@ def measure_peak(device: torch.device, amp: str, warmup: int, reps: int) -> tupl
 
 def make_trainer(cfg, info: DistInfo):
     """A ``Trainer`` without datasets: the model, optimizer and ``step`` of the real one."""
-    from util.trainer import Trainer, build_training
+    from engine.trainer import Trainer, build_training
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.info, trainer.writer = cfg, info, None
@@ -448,7 +448,7 @@ def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
     configured resolution (first batch, i.e. worker start-up, excluded)."""
     from tools.make_synthetic import main as make_synthetic
     from util.dataset import FewShotTrainDataset, load_split
-    from util.trainer import train_loader
+    from engine.trainer import train_loader
 
     B = cfg.batch_size
     batches = batches or max(12, 2 * max(cfg.workers, 1))

@@ -3,21 +3,13 @@ from __future__ import annotations
 
 import sys
 
-from util.checkpoint import CheckpointError
-from util.config import ConfigError
-
-
-def user_errors() -> tuple[type, ...]:
-    """Exceptions that mean bad input (config, files, checkpoints, weights) rather than a bug."""
-    from model import BackboneWeightsError
-    from util.distributed import DeviceError
-    return (ConfigError, CheckpointError, BackboneWeightsError, DeviceError, FileNotFoundError)
+from util.errors import UserError
 
 
 def run(main, argv=None):
-    """Call ``main(argv)``; report a user error on one line and exit 2."""
+    """Call ``main(argv)``; report a :class:`~util.errors.UserError` on one line and exit 2."""
     try:
         return main(argv)
-    except user_errors() as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,9 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message says how to fix it."""
+from util.errors import ConfigError
 
 
 @dataclass(frozen=True)

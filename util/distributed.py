@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from util.errors import DeviceError
+
 
 @dataclass
 class DistInfo:
@@ -26,10 +28,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-class DeviceError(ValueError):
-    """The device asked for cannot be used here; the message says what to use instead."""
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:

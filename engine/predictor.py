@@ -1,6 +1,6 @@
 """Segment new images from a few annotated examples: the code behind predict.py.
 
-    from model import Predictor
+    from engine.predictor import Predictor
     predictor = Predictor.from_checkpoint(cfg, "exp/pascal/split0_resnet50/model/best.pth")
     [pred] = predictor.predict([("dog1.jpg", "dog1_mask.png")], ["park.jpg"])
     pred.mask          # H×W uint8 0/1 at park.jpg's size
@@ -25,20 +25,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.checkpoint import build_model_from_checkpoint
 from util.amp import autocast, to_device
+from util.distributed import pick_device
+from util.errors import DeviceError, PredictInputError
 from util.metrics import to_original_size
-from util.checkpoint import build_model_from_checkpoint
-from util.distributed import DeviceError, pick_device
 from util.transform import eval_transform
 from util.vis import panel_image
 
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 MaskInput = Union[str, os.PathLike, np.ndarray]
-
-
-class PredictInputError(ValueError):
-    """An image or mask given to the predictor cannot be used; the message names it."""
 
 
 # ---- reading inputs ------------------------------------------------------------------------

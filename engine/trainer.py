@@ -16,15 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.evaluate import evaluate
+from model import build_model
 from util.amp import autocast, synchronize, to_device
-from util.checkpoint import load_checkpoint, save_checkpoint
 from util.config import dump_cfg
 from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split_rank0_first, worker_init
 from util.distributed import DistInfo, barrier
-from util.evaluate import evaluate
 from util.fileio import atomic_write_text
 from util.logger import format_eta
+from util.vis import panel_image
 
 log = logging.getLogger("ntrenetpp")
 
@@ -65,8 +68,6 @@ class TrainState:
 
 def build_training(cfg, info: DistInfo):
     """Model (wrapped for DDP/compile), optimizer and GradScaler."""
-    from model import build_model
-
     model = to_device(build_model(cfg), cfg, info.device)
     if cfg.sync_bn and info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -215,7 +216,6 @@ class Trainer:
             self.writer.add_scalar("val/miou", r.miou, self.state.epoch)
             self.writer.add_scalar("val/fbiou", r.fbiou, self.state.epoch)
             if out.samples:
-                from util.vis import panel_image
                 for i, sample in enumerate(out.samples):
                     self.writer.add_image(f"val/episode_{i}", panel_image(sample), self.state.epoch,
                                           dataformats="HWC")
@@ -247,7 +247,6 @@ class Trainer:
             self.net.train()
             batches = self.loader
             if show_bar:
-                from tqdm import tqdm
                 batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False)
             for batch in batches:
                 lr = poly_lr(cfg.base_lr, self.state.iteration + 1, self.max_iter, cfg.power, cfg.warmup_iters)

@@ -11,12 +11,13 @@ import os
 import statistics
 import time
 
+from engine.checkpoint import build_model_from_checkpoint, resolve_weight
+from engine.evaluate import evaluate
 from util.amp import to_device
-from util.checkpoint import build_model_from_checkpoint, resolve_weight
 from util.dataset import FewShotEvalDataset, load_split_rank0_first
 from util.distributed import DistInfo
-from util.evaluate import evaluate
 from util.fileio import atomic_write_json
+from util.vis import save_panel
 
 log = logging.getLogger("ntrenetpp")
 
@@ -52,7 +53,6 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
         pred_dir = os.path.join(result_dir, f"pred_seed{seed}") if cfg.save_pred else ""
         out = evaluate(model, dataset, cfg, info.device, pred_dir=pred_dir, keep_samples=cfg.vis)
         if out.samples and cfg.vis:
-            from util.vis import save_panel
             vis_dir = os.path.join(result_dir, f"vis_seed{seed}")
             for i, sample in enumerate(out.samples):
                 save_panel(os.path.join(vis_dir, f"rank{info.rank}_panel{i:03d}.png"), sample)

@@ -14,16 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import build_model
+from util.errors import CheckpointError
 from util.fileio import atomic_torch_save
 
 FORMAT = "ntrenetpp-checkpoint-v1"
 # config keys that change the shape of the network: a checkpoint must agree on them
 ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
              "dataset", "memory_size")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, or does not fit the configured model."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -150,8 +148,6 @@ def build_model_from_checkpoint(path: str, cfg):
     The checkpoint holds the backbone, so the ImageNet weight file (``pretrained``) is not
     needed — nor read — to evaluate or predict.
     """
-    from model import build_model
-
     state = read_checkpoint(path)
     check_compatible(state, cfg, path)
     bare = cfg.copy()

@@ -1,0 +1,43 @@
+"""The one error model: a user's mistake is a :class:`UserError`.
+
+Every script runs its ``main`` through ``util.cli.run``, which reports a ``UserError`` as
+one line on stderr (the message names the file or key and says how to fix it) and exits
+with status 2; anything else is a bug and keeps its traceback.
+
+Each subclass also derives from the built-in exception it replaced (``ValueError``,
+``RuntimeError``, ``FileNotFoundError``), so code that caught those keeps working.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint, weights, device, predictor input)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or override is invalid."""
+
+
+class DataError(UserError, ValueError):
+    """A list file, image or label cannot be used as given (missing, unreadable, mislabelled,
+    too few images for the episodes asked for)."""
+
+
+class DataFileMissing(DataError, FileNotFoundError):
+    """A list file or a file it names does not exist."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the configured model."""
+
+
+class BackboneWeightsError(UserError, RuntimeError):
+    """A backbone weight file is missing, unreadable or does not fit the configured backbone."""
+
+
+class DeviceError(UserError, ValueError):
+    """The device (or precision) asked for cannot be used here."""
+
+
+class PredictInputError(UserError, ValueError):
+    """An image or mask given to the predictor cannot be used."""
