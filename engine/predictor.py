@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.checkpoint import build_model_from_checkpoint
-from util.amp import autocast, to_device
+from util.amp import AMP_MODES, autocast, check_amp, to_device
 from util.distributed import pick_device
-from util.errors import DeviceError, PredictInputError
+from util.errors import PredictInputError
 from util.metrics import to_original_size
 from util.transform import eval_transform
 from util.vis import panel_image
@@ -320,12 +320,8 @@ def resolve_device(device: str | torch.device, amp: str = "none") -> torch.devic
     """'auto' → CUDA when available; 'cuda' without a GPU, or fp16 off CUDA, is an error
     saying what to use instead."""
     if not isinstance(device, torch.device):
-        try:
-            device = pick_device(device)
-        except DeviceError as e:
-            raise PredictInputError(f"--device: {e}") from None
-    if amp not in ("none", "bf16", "fp16"):
+        device = pick_device(device)
+    if amp not in AMP_MODES:
         raise PredictInputError(f"amp {amp!r} is not a precision; use none, bf16 or fp16")
-    if amp == "fp16" and device.type != "cuda":
-        raise PredictInputError("amp fp16 needs a CUDA device; use bf16 on the CPU (or --device cuda)")
+    check_amp(amp, device)
     return device

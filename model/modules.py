@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.errors import ConfigError
+
 from .ops import Dropout, conv1x1_relu, fuse_concat, fuse_concat_weight, fuse_relu, resize, spatial_sum
 
 MAP_EPS = 5e-4      # PFENet's Weighted_GAP
@@ -206,7 +208,7 @@ class DOEliminating(nn.Module):
     def __init__(self, channels: int, pool: str = "gap"):
         super().__init__()
         if pool not in ("gap", "map"):
-            raise ValueError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
+            raise ConfigError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
         self.pool = global_masked_pooling if pool == "gap" else masked_average_pooling
         self.fuse = conv1x1_relu(channels * 2, channels)
 

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.tester import run_test  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 from util.logger import setup_logger  # noqa: E402
@@ -64,5 +65,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run  # noqa: E402
     run(main)

@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.classes import class_names, fold_classes  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.dataset import _check_enough_images, draw_episodes, load_split  # noqa: E402
 from util.fileio import atomic_write_json  # noqa: E402
@@ -86,5 +87,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run  # noqa: E402
     run(main)
