@@ -27,6 +27,7 @@ from PIL import Image
 
 from engine.checkpoint import build_model_from_checkpoint
 from util.amp import AMP_MODES, autocast, check_amp, to_device
+from util.dataset import binarize
 from util.distributed import pick_device
 from util.errors import PredictInputError
 from util.metrics import to_original_size
@@ -123,9 +124,7 @@ def binary_mask(values: np.ndarray, class_id: int | None, name: str, ignore_labe
     or a 0/255 mask (255 = target); any other values need ``class_id``.
     """
     if class_id is not None:
-        out = (values == class_id).astype(np.uint8)
-        out[values == ignore_label] = ignore_label
-        return out
+        return binarize(values, class_id, ignore_label)     # as the datasets turn a label into an episode's
     present = set(np.unique(values).tolist())
     if present <= {0, 255}:
         return (values == 255).astype(np.uint8)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from util.errors import ConfigError
 
@@ -128,14 +127,10 @@ class ASPP(nn.Module):
     def forward(self, x):
         pooled = self.image_pool(spatial_sum(x) / (x.shape[2] * x.shape[3]))   # mean: N×C×1×1
         branches = [self.pointwise(x)] + [conv(x) for conv in self.atrous]
-        # fuse(concat(expand(pooled), branches)): the pooled branch is constant over the image,
-        # so its share of the 1×1 convolution is a per-image bias (no expanded copy, no extra GEMM);
-        # the branches are summed through their weight slices (no concatenation)
+        # fuse(concat(expand(pooled), branches)) without the concatenation: the pooled branch is
+        # constant over the image, so its share of the 1×1 convolution is a per-image bias
         conv, relu = self.fuse
-        C = pooled.shape[1]
-        out = fuse_concat_weight(conv.weight[:, C:], conv.bias, branches)
-        out = out.add_(F.linear(pooled.flatten(1), conv.weight.flatten(1)[:, :C]).to(out.dtype)[:, :, None, None])
-        return relu(out)
+        return relu(fuse_concat_weight(conv.weight, conv.bias, branches, [pooled], prototypes_first=True))
 
 
 class BGMiningModule(nn.Module):

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from util.class_index import ClassIndex, build_class_index, load_area_table
 from util.classes import NUM_CLASSES, fold_classes
+from util.distributed import barrier, is_main_process
 from util.errors import DataError, DataFileMissing
 from util.fileio import read_list
 from util.transform import eval_transform, train_transform
@@ -99,8 +100,6 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
 def load_split_rank0_first(cfg, train: bool) -> SplitData:
     """:func:`load_split` where rank 0 builds the class-index cache and the other processes
     then read it, instead of every process scanning the labels at once."""
-    from util.distributed import barrier, is_main_process
-
     split = load_split(cfg, train) if is_main_process() else None
     barrier()
     return split if split is not None else load_split(cfg, train)

@@ -1,5 +1,4 @@
 """Training and evaluation through the real code paths, on tiny generated synthetic data."""
-import copy
 import json
 import os
 import socket
@@ -8,33 +7,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import save_checkpoint
 from engine.trainer import NonFiniteLossError, Trainer, poly_lr
-from util.config import defaults
+from tests.conftest import tiny_cfg
 from util.distributed import DistInfo
 from util.errors import CheckpointError
 
-TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
-            train_h=33, train_w=33, val_size=41, batch_size=4, batch_size_val=4, workers=0,
-            min_class_pixels=150, class_index_workers=1, epochs=2, epoch_size=8, print_freq=1,
-            test_num=12, test_seeds=2, val_num=8, memory_size=40, num_negatives=16, tb_images=0,
-            manual_seed=5)
-
-
-@pytest.fixture(scope="session")
-def synth_root(tmp_path_factory):
-    from tools.make_synthetic import main as make_synthetic
-    root = str(tmp_path_factory.mktemp("synth"))
-    make_synthetic(["--out", root, "--train", "60", "--val", "80", "--size", "64", "--workers", "1"])
-    return root
-
-
-def tiny_cfg(root, save_path, **over):
-    cfg = defaults()
-    cfg.update(TINY, data_root=root, train_list=os.path.join(root, "train.txt"),
-               val_list=os.path.join(root, "val.txt"), save_path=str(save_path))
-    cfg.update(over)
-    return cfg
 
 
 def no_dropout(model):
@@ -187,27 +165,6 @@ def test_sharded_evaluation_equals_single_process(synth_root, tmp_path):
     assert eps_one == eps_two and len(eps_one["episodes"]) == 12
 
 
-def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_path):
-    from model import build_model
-    cfg = tiny_cfg(synth_root, tmp_path)
-    bad = tmp_path / "bad.pth"
-    bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match=r"bad.pth' is unreadable or corrupt"):
-        load_checkpoint(str(bad), build_model(cfg), cfg)
-    with pytest.raises(CheckpointError, match=r"does not exist"):
-        load_checkpoint(str(tmp_path / "none.pth"), build_model(cfg), cfg)
-    good = tmp_path / "r18.pth"
-    save_checkpoint(str(good), build_model(cfg), cfg)
-    other = tiny_cfg(synth_root, tmp_path, layers=34)
-    with pytest.raises(CheckpointError, match=r"different network:\n  layers: checkpoint 18, config 34"):
-        load_checkpoint(str(good), build_model(other), other)
-    state = torch.load(good, weights_only=False)
-    state["model"].pop(next(iter(state["model"])))
-    torch.save(state, good)
-    with pytest.raises(CheckpointError, match=r"does not fit the model: 1 missing key"):
-        load_checkpoint(str(good), build_model(cfg), cfg)
-
-
 def test_end_to_end_through_the_entry_points(synth_root, tmp_path):
     """train.py then test.py as a user runs them (config file + KEY VALUE overrides)."""
     import train
@@ -267,41 +224,3 @@ def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_pa
     resumed = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, resume="auto", batch_size=2), DistInfo())
     with pytest.raises(CheckpointError, match="trained with 2 iterations per epoch, this run has 4"):
         resumed.train()
-
-
-@pytest.mark.parametrize("saved_layout,resumed_layout", [(torch.contiguous_format, torch.channels_last),
-                                                         (torch.channels_last, torch.contiguous_format)])
-def test_optimizer_state_follows_the_parameter_layout_on_resume(saved_layout, resumed_layout):
-    """A checkpoint written in one memory format and resumed in the other (a GPU run resumed on
-    the CPU under channels_last auto) continues SGD exactly; fused stays as this run built it."""
-    from model.ops import memory_format_of
-    from engine.checkpoint import load_optimizer_state
-
-    def setup(layout, fused):
-        torch.manual_seed(0)
-        conv = torch.nn.Conv2d(4, 6, 3).to(memory_format=layout)
-        return conv, torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused)
-
-    def step(conv, opt, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(2, 4, 7, 7, generator=g).contiguous(memory_format=memory_format_of(conv.weight))
-        opt.zero_grad()
-        (conv(x) * torch.randn(2, 6, 5, 5, generator=g)).sum().backward()
-        opt.step()
-
-    reference, ref_opt = setup(saved_layout, True)
-    step(reference, ref_opt, 1)
-    saved = {"model": {k: v.clone() for k, v in reference.state_dict().items()},
-             "optimizer": copy.deepcopy(ref_opt.state_dict())}   # as written to disk
-    saved["optimizer"]["param_groups"][0]["fused"] = None          # as checkpoints from before fused SGD
-    step(reference, ref_opt, 2)
-
-    resumed, opt = setup(resumed_layout, True)
-    resumed.load_state_dict(saved["model"])
-    load_optimizer_state(opt, saved["optimizer"])
-    assert opt.param_groups[0]["fused"] is True
-    buffer = opt.state[resumed.weight]["momentum_buffer"]
-    assert buffer.stride() == resumed.weight.stride()
-    step(resumed, opt, 2)
-    assert torch.allclose(resumed.weight, reference.weight, atol=1e-6)
-    assert torch.allclose(resumed.bias, reference.bias, atol=1e-6)
