@@ -19,6 +19,7 @@ from engine.tester import run_test  # noqa: E402
 from util.cli import run  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
+from util.errors import ConfigError, DataFileMissing  # noqa: E402
 from util.logger import setup_logger  # noqa: E402
 
 
@@ -43,6 +44,8 @@ def main(argv=None) -> dict:
     cfg.update(save_pred=False, vis=0, save_path="")
     res = None
     if args.compare:
+        if not os.path.isfile(args.compare):
+            raise DataFileMissing(f"--compare '{args.compare}' does not exist; pass a test_*.json written by test.py")
         with open(args.compare) as f:
             res = json.load(f)
         # score the very episodes the result scored: its seeds, count and shots
@@ -50,7 +53,7 @@ def main(argv=None) -> dict:
                    manual_seed=res.get("manual_seed", cfg.manual_seed))
         for key in ("dataset", "split", "val_list"):
             if key in res and res[key] != cfg[key]:
-                raise SystemExit(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
+                raise ConfigError(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
                                  f"{cfg[key]!r}: pass the same config and overrides as that test run")
     setup_logger("", 0)
     base = run_test(cfg, DistInfo(), model=AllForeground(), write_json=False)
