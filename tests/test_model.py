@@ -273,7 +273,7 @@ def test_prior_is_computed_from_the_masked_support():
     assert not math.isnan(extras["bg_logits"].sum().item())
 
 
-# ---- the network equals the authors' (docs/method.md, "Every dropout" and section 9) ------------
+# ---- the network equals the authors' (docs/method.md §7 and §9) ------------
 def _dropouts(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
 
