@@ -56,7 +56,7 @@ def test_resumed_run_equals_uninterrupted_run(synth_root, tmp_path):
     b = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, stop_iter=3), DistInfo(), rb)
     b.train()
     assert sorted(rb.history) == [1, 2, 3] and rb.losses() == ra.losses()[:3]
-    state = torch.load(tmp_path / "b" / "model" / "last.pth", weights_only=False)
+    state = torch.load(tmp_path / "b" / "model" / "last.pth", weights_only=True)
     assert state["iteration"] == 3 and state["epoch"] == 1
     c = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, resume="auto"), DistInfo(), rc)
     c.train()
@@ -80,7 +80,7 @@ def test_nonfinite_loss_stops_naming_iteration_and_component(synth_root, tmp_pat
     t.net.forward = poisoned
     with pytest.raises(NonFiniteLossError, match=r"iteration 3: component 'bg' = nan.*last.pth\) is intact"):
         t.train()
-    state = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    state = torch.load(tmp_path / "model" / "last.pth", weights_only=True)
     assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
                                            if v.is_floating_point())
 
@@ -217,8 +217,8 @@ def test_launcher_rejects_unknown_dataset_and_config():
 
 def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_path):
     Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, stop_iter=2), DistInfo()).train()   # 2 iterations per epoch
-    best = torch.load(tmp_path / "model" / "best.pth", weights_only=False)
-    last = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    best = torch.load(tmp_path / "model" / "best.pth", weights_only=True)
+    last = torch.load(tmp_path / "model" / "last.pth", weights_only=True)
     assert best["epoch"] == 1 and last["epoch"] == 1 and last["iteration"] == 2
     assert last["metrics"]["episodes"] == 8 and last["metrics"]["iters_per_epoch"] == 2
     resumed = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, resume="auto", batch_size=2), DistInfo())
