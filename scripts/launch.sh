@@ -57,8 +57,11 @@ if [ -t 1 ]; then
     export NTRENETPP_PROGRESS_FD=3
 fi
 # an asynchronous command of a non-interactive shell starts with SIGINT ignored; this tells
-# python (util/cli.py) to take Ctrl-C as usual
+# python (util/cli.py) to take Ctrl-C as usual. LAUNCHED_AS: for the "continue with" line.
 export NTRENETPP_LAUNCHER=1
+NTRENETPP_LAUNCHED_AS="sh $mode.sh $dataset $exp_name"
+[ "$NGPUS" -gt 1 ] && NTRENETPP_LAUNCHED_AS="NGPUS=$NGPUS $NTRENETPP_LAUNCHED_AS"
+export NTRENETPP_LAUNCHED_AS
 PYTHONUNBUFFERED=1 "$PYTHON" "$@" > "$fifo" 2>&1 &
 py_pid=$!
 trap 'kill -TERM "$py_pid" 2>/dev/null' TERM

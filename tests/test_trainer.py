@@ -183,7 +183,8 @@ def test_end_to_end_through_the_entry_points(synth_root, tmp_path):
     assert metrics["episodes"] == 8 and 0 <= metrics["miou"] <= 100
     assert (exp / "model" / "best.pth").is_file() and (exp / "model" / "last.pth").is_file()
     assert (exp / "config.yaml").is_file() and (exp / "train.log").is_file()
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(exp))
+    [run_dir] = os.listdir(exp / "tb")                                 # one event folder per run
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(exp / "tb" / run_dir))
     summary = test_entry.main(["--config", str(cfg_path), "save_path", str(exp), "weight", "last",
                                "shot", "2", "save_pred", "True", "vis", "2"])
     result = json.loads(open(summary["json_path"]).read())

@@ -15,6 +15,7 @@ device synchronisation is added to the step.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 from contextlib import contextmanager
@@ -23,7 +24,43 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from util.errors import UserError
+
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving; ``exit_status`` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class PeerFailed(UserError):
+    """Another process of the job failed (its own message says why); this one stops too."""
+
+
+def continue_command(argv: list[str]) -> str:
+    """The command that continues this run: the one given, without ``resume``/``overwrite``,
+    plus ``resume auto``. Through scripts/launch.sh (``$NTRENETPP_LAUNCHED_AS``), the
+    ``sh train.sh ...`` line the user typed; the launcher puts ``--config C save_path D``
+    before the user's own ``KEY VALUE`` pairs."""
+    words = list(argv)
+    launched = os.environ.get("NTRENETPP_LAUNCHED_AS", "")
+    if launched and words[:1] == ["--config"] and words[2:3] == ["save_path"]:
+        head, words = shlex.split(launched), words[4:]
+    else:
+        head = ["python", "train.py"]
+    kept, i = [], 0
+    while i < len(words):
+        if words[i] in ("resume", "overwrite") and i + 1 < len(words):
+            i += 2
+            continue
+        kept.append(words[i])
+        i += 1
+    return " ".join(shlex.quote(w) if not ("=" in w and w.split("=")[0].isupper()) else w
+                    for w in head + kept + ["resume", "auto"])
 
 
 def restore_sigint() -> None:
@@ -96,3 +133,11 @@ class StopAgreement:
         self.flag.fill_(int(local))
         dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(self.flag.item())   # a CPU tensor: no device synchronisation
+
+    def raise_if_any_failed(self, error: BaseException | None) -> None:
+        """Every rank calls this at the same point with its own error (or None): all raise
+        if one failed — its own error, or PeerFailed — instead of the others waiting forever
+        in the next collective."""
+        if self.any_requested(error is not None):
+            raise error if error is not None else PeerFailed(
+                "stopped because another process of this job failed (its message is above)")

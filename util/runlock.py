@@ -16,6 +16,8 @@ import socket
 import threading
 import time
 
+from util.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "train.lock"
@@ -23,8 +25,8 @@ HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
 
-class LockedError(RuntimeError):
-    """Another live process trains into the same folder (util.cli reports it as one line)."""
+class LockedError(UserError, RuntimeError):
+    """Another live process trains into the same folder."""
 
 
 def pid_alive(pid: int) -> bool:
