@@ -13,6 +13,7 @@ which ``resume auto`` falls back to when ``last.pth`` is damaged (:func:`pick_re
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random

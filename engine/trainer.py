@@ -151,7 +151,10 @@ class Trainer:
 
     @property
     def iters_per_epoch(self) -> int:
-        return len(self.loader)
+        # a whole epoch's batches: not len(self.loader), which after a mid-epoch resume counts
+        # only the rest of that epoch (the sampler skips its first items) and would shrink
+        # max_iter, hence the poly learning rate, for the resumed run
+        return self.loader.sampler.per_rank // self.loader.batch_size
 
     @property
     def max_iter(self) -> int:
