@@ -98,12 +98,12 @@ def _join_group(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _ddp_worker(rank, world, port, root, save_path, out_dir):
+def _ddp_worker(rank, world, port, root, save_path, out_dir, fix_bn=True):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     info = init_distributed("cpu")
     try:
-        cfg = tiny_cfg(root, save_path, evaluate=False, epochs=1, epoch_size=12)
+        cfg = tiny_cfg(root, save_path, evaluate=False, epochs=1, epoch_size=12, fix_bn=fix_bn)
         t = Trainer.from_cfg(cfg, info)
         no_dropout(t.model)
         t.train()
@@ -129,6 +129,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(synth_root, 
             torch.testing.assert_close(r0[k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
         else:
             assert torch.equal(r0[k], ws[k]), k
+
+
+def test_two_processes_with_drifting_batchnorm_stay_in_step(synth_root, tmp_path):
+    """fix_bn False (the reference's BN drift) under DDP: BN buffers are broadcast from rank 0
+    before each forward, so both ranks end with the same parameters; the backbone's BN
+    statistics drift (each process normalises with its own batch, so no one-process equality)."""
+    torch.set_num_threads(1)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path / "ddp"), str(tmp_path), False),
+                       nprocs=2, start_method="fork")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    from model import build_model
+    torch.manual_seed(0)
+    init = build_model(tiny_cfg(synth_root, tmp_path)).state_dict()
+    params = {name for name, _ in build_model(tiny_cfg(synth_root, tmp_path)).named_parameters()}
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+    stats = [k for k in r0 if k.startswith("backbone.") and k.endswith("running_mean")]
+    assert stats and all(not torch.equal(r0[k], init[k]) for k in stats)        # the statistics drifted
+    bank = [k for k in r0 if "bank" in k]
+    assert bank and all(torch.equal(r0[k], r1[k]) for k in bank)
 
 
 def _eval_worker(rank, world, port, root, ckpt, out_dir):
