@@ -31,6 +31,10 @@ class ExperimentExistsError(UserError):
     """The experiment folder holds checkpoints and the run neither resumes nor overwrites."""
 
 
+class ExperimentFolderError(UserError):
+    """The experiment folder cannot be written."""
+
+
 def saved_iteration(path: str) -> str:
     """' (iteration N)' read cheaply (memory-mapped, tensors untouched), or '' if unreadable."""
     try:
@@ -71,9 +75,13 @@ class ExperimentGuard:
         self.lock = RunLock(cfg.save_path)
 
     def __enter__(self) -> "ExperimentGuard":
-        os.makedirs(self.model_dir, exist_ok=True)
         self.lock.acquire()
         try:
+            try:
+                os.makedirs(self.model_dir, exist_ok=True)
+            except OSError as e:
+                raise ExperimentFolderError(f"cannot create {self.model_dir} ({e.strerror or e}); make "
+                                            f"{self.cfg.save_path} writable or choose another save_path") from None
             check_folder(self.cfg, self.model_dir)
             remove_temporaries(self.model_dir)
         except BaseException:

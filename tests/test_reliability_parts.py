@@ -118,3 +118,12 @@ def test_event_writer_writes_nothing_until_the_first_value(tmp_path):
     w.close()
     [name] = os.listdir(tmp_path / "tb" / "run")
     assert name.startswith("events.out.tfevents") and name.endswith(f".{os.getpid()}")
+
+
+def test_an_unwritable_folder_is_one_clear_error(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "open", refuse)      # the tests run as root, where chmod would not refuse
+    with pytest.raises(LockedError, match=rf"cannot create {tmp_path}/train.lock \(Permission denied\): the "
+                                          r"experiment folder must be writable"):
+        RunLock(str(tmp_path)).acquire()

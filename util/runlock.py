@@ -71,12 +71,19 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:
+            raise LockedError(f"cannot create {self.path} ({e.strerror or e}): the experiment folder must be "
+                              f"writable (check its permissions and free space, or choose another save_path)") from None
         with os.fdopen(fd, "w") as f:
             json.dump(self.me, f)
         return True
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        except OSError as e:
+            raise LockedError(f"cannot create the experiment folder {os.path.dirname(self.path)} "
+                              f"({e.strerror or e}); choose another save_path") from None
         for _ in range(3):   # create, or clear a stale lock and create again
             if self._create():
                 break
