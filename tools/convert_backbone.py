@@ -28,8 +28,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from model.backbone import (RESNET_SPECS, BackboneWeightsError, Bottleneck, build_backbone,  # noqa: E402
-                            load_backbone_weights, read_state_dict)
+from model.backbone import (RESNET_SPECS, Bottleneck, build_backbone, load_backbone_weights,  # noqa: E402
+                            read_state_dict)
+from util.errors import BackboneWeightsError  # noqa: E402
 from util.fileio import atomic_torch_save  # noqa: E402
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "pre_logits.", "fc_norm.")
