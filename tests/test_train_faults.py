@@ -5,7 +5,6 @@ same folder, a crafted checkpoint, and one failing rank under DDP.
 Signals are sent by the training process to itself from a wrapper around ``Trainer.step``
 (after a chosen step, as a terminal or scheduler would, asynchronously), so the point of the
 interruption is exact and the test deterministic."""
-import json
 import os
 import re
 import signal
@@ -295,7 +294,7 @@ def test_one_failing_rank_stops_the_whole_job_within_seconds_with_its_message(sy
 def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
-    from util.interrupt import TrainingInterrupted, stop_on_signals
+    from util.interrupt import TrainingInterrupted
     info = init_distributed("cpu")
     try:
         t = Trainer.from_cfg(tiny_cfg(root, save_path, **SMALL), info)
