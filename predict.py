@@ -75,6 +75,8 @@ def main(argv=None) -> list[str]:
     # every input is checked before the checkpoint is loaded
     stems = output_stems(args.query)
     supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
+    if "shot" in opts[::2] and cfg.shot != len(supports):
+        log.warning("shot %d is ignored: K is the number of --support pairs given (%d)", cfg.shot, len(supports))
     check_query_files(args.query)
     device = resolve_device(args.device)
     amp = cfg.amp

@@ -1,37 +1,36 @@
 """Train NTRENet++: python train.py --config CFG [KEY VALUE ...]
 
 Single process by default; multi-GPU / multi-node through torchrun (NGPUS=4 sh train.sh ...).
+Ctrl-C or SIGTERM stops after the step in flight with last.pth saved (exit 130 / 143) and
+prints the command that continues the run.
 """
 import sys
-
-from tensorboardX import SummaryWriter
 
 from engine.trainer import NonFiniteLossError, Trainer
 from util.cli import run
 from util.config import experiment_cfg
 from util.distributed import cleanup, init_distributed
 from util.host_memory import tune_cpu_process
+from util.interrupt import TrainingInterrupted, continue_command
 from util.logger import setup_logger
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = experiment_cfg(__doc__, argv)
     info = init_distributed(cfg.device)
     if info.device.type == "cpu":
         tune_cpu_process()      # keep freed memory, flush denormals (docs/benchmarks.md has what each bought)
     log = setup_logger(cfg.save_path, info.rank, "train.log")
-    writer = None
-    if info.is_main:
-        writer = SummaryWriter(cfg.save_path)
     log.info("experiment folder %s, device %s, %d process(es)", cfg.save_path, info.device, info.world_size)
     try:
-        return Trainer.from_cfg(cfg, info, writer).train()
+        return Trainer.from_cfg(cfg, info, tensorboard=True, continue_cmd=continue_command(argv)).train()
     except NonFiniteLossError as e:
         log.error(str(e))
         sys.exit(3)
+    except TrainingInterrupted as e:   # the line saying where it stopped and how to continue is logged
+        sys.exit(e.exit_status)
     finally:
-        if writer is not None:
-            writer.close()
         cleanup()
 
 

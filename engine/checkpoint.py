@@ -1,26 +1,44 @@
-"""Checkpoints: written atomically, loaded with errors that say what is wrong.
+"""Checkpoints: written atomically, verified on load, loaded with errors that say what is wrong.
 
 A training checkpoint holds the model (the DO memory bank included, it is in the model's
 buffers), optimizer, GradScaler, epoch, iteration, RNG states, the config and the best
 validation score, so a resumed run continues exactly as the uninterrupted one would.
+
+Everything in it is a tensor or a plain value (numbers, strings, lists, tuples, dicts), so
+every load uses ``torch.load(weights_only=True)``: a shared file crafted to run code when
+unpickled is refused, and nothing is allowlisted. A content checksum (util/digest.py) is
+stored with it and verified on load, so a damaged file is an error naming it, not weights
+silently wrong. ``last.pth`` is rotated: the one it replaces is kept as ``last.prev.pth``,
+which ``resume auto`` falls back to when ``last.pth`` is damaged (:func:`pick_resume`).
 """
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import random
+import re
 from typing import Any
 
 import numpy as np
 import torch
 
 from model import build_model
+from util.digest import content_digest
 from util.errors import CheckpointError
 from util.fileio import atomic_torch_save
 
-FORMAT = "ntrenetpp-checkpoint-v1"
+log = logging.getLogger(__name__)
+
+FORMAT = "ntrenetpp-checkpoint-v2"    # v2: RNG states as tensors (weights_only), a checksum
+PREVIOUS_SUFFIX = ".prev.pth"           # last.pth -> last.prev.pth
 # config keys that change the shape of the network: a checkpoint must agree on them
 ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
              "dataset", "memory_size")
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, folder not writable)."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -35,7 +53,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state, in types ``weights_only`` loading accepts (numpy's key array
+    as an int64 tensor; Python's state is a tuple of ints already)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,23 +67,41 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous_path(path: str) -> str:
+    return path[:-len(".pth")] + PREVIOUS_SUFFIX if path.endswith(".pth") else path + PREVIOUS_SUFFIX
+
+
 def save_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, epoch: int = 0,
-                    iteration: int = 0, best_miou: float = -1.0, metrics: dict | None = None) -> None:
-    """Write a checkpoint atomically (a crash leaves the previous file intact)."""
+                    iteration: int = 0, best_miou: float = -1.0, metrics: dict | None = None,
+                    run: dict | None = None, keep_previous: bool = False) -> None:
+    """Write a checkpoint atomically (a crash leaves the previous file intact), with its
+    checksum. ``run``: facts about the run (its TensorBoard folder); ``keep_previous``: keep
+    the file replaced as ``*.prev.pth``. Any OSError (disk full, folder not writable) is a
+    CheckpointError naming the file; the previous one is untouched."""
     state = {
         "format": FORMAT,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "iteration": iteration, "best_miou": best_miou,
-        "metrics": metrics or {}, "rng": rng_state(), "config": dict(cfg),
+        "metrics": metrics or {}, "rng": rng_state(), "config": dict(cfg), "run": dict(run or {}),
     }
-    atomic_torch_save(state, path)
+    state["checksum"] = content_digest(state)
+    try:
+        atomic_torch_save(state, path, previous_path(path) if keep_previous else None)
+    except OSError as e:
+        kept = (f"the previous {os.path.basename(path)} is intact" if os.path.isfile(path)
+                else "no earlier checkpoint was there")
+        raise CheckpointWriteError(
+            f"could not write checkpoint '{path}' ({e.strerror or e}); {kept}. Free space or make "
+            f"{os.path.dirname(path) or '.'} writable, then continue with resume auto") from None
 
 
 def read_checkpoint(path: str) -> dict:
@@ -72,13 +113,54 @@ def read_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint '{path}' does not exist; {hint}. best.pth is written only when "
                               f"validation runs (evaluate True); choose with 'weight best|last|PATH'")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle garbage, ...
-        raise CheckpointError(f"checkpoint '{path}' is unreadable or corrupt ({type(e).__name__}: {e}); "
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"(unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+|GLOBAL \S+ was not an allowed global)",
+                            str(e), re.IGNORECASE)
+        if refused is None:   # not a refused object: a damaged pickle stream
+            raise CheckpointError(f"checkpoint '{path}' is unreadable or corrupt, truncated perhaps "
+                                  f"(UnpicklingError); re-download or re-train it") from None
+        detail = refused.group(1)
+        if "numpy" in detail:
+            detail += "; checkpoints of this project before format v2 stored numpy RNG states and are not read"
+        raise CheckpointError(
+            f"checkpoint '{path}' is refused: it holds objects other than tensors and plain values "
+            f"({detail}). A crafted file could run code when loaded, so nothing beyond tensors is read; "
+            f"this project's checkpoints (format v2) never hold more. Use a checkpoint you trust, "
+            f"written by this version") from None
+    except Exception as e:  # truncated zip, garbage, ...
+        raise CheckpointError(f"checkpoint '{path}' is unreadable or corrupt, truncated perhaps "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                               f"re-download or re-train it") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (no 'model' entry)")
+    saved = state.pop("checksum", None)
+    if saved is not None and content_digest(state) != saved:
+        raise CheckpointError(f"checkpoint '{path}' is damaged: its content does not match its checksum "
+                              f"(a disk or copy error); re-download or re-train it")
     return state
+
+
+def pick_resume(path: str) -> tuple[str, dict] | None:
+    """The checkpoint ``resume auto`` continues from: ``path`` (last.pth) when it reads and
+    verifies, else the rotated previous one with a warning. None when neither exists; a
+    CheckpointError naming both when they exist but neither is valid."""
+    problems = []
+    for candidate in (path, previous_path(path)):
+        if not os.path.isfile(candidate):
+            continue
+        try:
+            state = read_checkpoint(candidate)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log.warning("resume auto: skipping %s", e)
+            continue
+        if problems:
+            log.warning("resume auto: falling back to %s (iteration %d)", candidate, state.get("iteration", -1))
+        return candidate, state
+    if problems:
+        raise CheckpointError("resume auto found no valid checkpoint: " + " / ".join(problems))
+    return None
 
 
 def check_compatible(state: dict, cfg, path: str) -> None:
@@ -127,9 +209,12 @@ def load_optimizer_state(optimizer, saved: dict) -> None:
                     st[k] = torch.empty_like(p).copy_(v)       # empty_like keeps p's strides
 
 
-def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_rng: bool = False) -> dict[str, Any]:
-    """Load ``path`` into ``model`` (and optimizer/scaler when given); returns the state."""
-    state = read_checkpoint(path)
+def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_rng: bool = False,
+                    state: dict | None = None) -> dict[str, Any]:
+    """Load ``path`` into ``model`` (and optimizer/scaler when given); returns the state.
+    ``state``: the checkpoint already read (and verified) from ``path``."""
+    if state is None:
+        state = read_checkpoint(path)
     check_compatible(state, cfg, path)
     load_model_weights(model, state, path)
     if optimizer is not None and state.get("optimizer") is not None:

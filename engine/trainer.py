@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -18,16 +17,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import load_checkpoint, pick_resume, read_checkpoint, save_checkpoint
 from engine.evaluate import evaluate
+from engine.experiment import ExperimentGuard
 from model import build_model
 from util.amp import TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize, to_device
 from util.config import dump_cfg
 from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split_rank0_first, worker_init
-from util.distributed import DistInfo, barrier
-from util.errors import CheckpointError, ConfigError
+from util.distributed import DistInfo
+from util.errors import CheckpointError, ConfigError, UserError
 from util.fileio import atomic_write_text
-from util.logger import format_eta
+from util.interrupt import StopAgreement, StopRequest, TrainingInterrupted, stop_on_signals
+from util.logger import EventWriter, format_eta, progress_stream
 from util.vis import panel_image
 
 log = logging.getLogger("ntrenetpp")
@@ -104,12 +105,19 @@ class Trainer:
     ``loader`` the training episodes (a :func:`train_loader`; only :meth:`train` needs it, a
     :meth:`step` does not), ``val_set`` the validation episodes (None: no validation).
     :meth:`from_cfg` builds every part from a config, as train.py does.
+
+    ``writer``: where scalars go (a TensorBoard-like ``add_scalar``/``add_image``), or
+    ``tensorboard=True``: one TensorBoard folder per run under ``<save_path>/tb`` (rank 0).
+    ``continue_cmd``: the command that continues the run, printed when a signal stops it.
     """
 
     def __init__(self, cfg, info: DistInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, loader: DataLoader | None = None,
-                 val_set: FewShotEvalDataset | None = None, net: torch.nn.Module | None = None, writer=None):
+                 val_set: FewShotEvalDataset | None = None, net: torch.nn.Module | None = None, writer=None,
+                 tensorboard: bool = False, continue_cmd: str = ""):
         self.cfg, self.info, self.writer = cfg, info, writer
+        self.tensorboard = tensorboard and info.is_main and writer is None
+        self.continue_cmd = continue_cmd or "the same command with resume auto"
         self.model, self.net = model, model if net is None else net
         self.optimizer, self.scaler = optimizer, scaler
         self.loader, self.val_set = loader, val_set
@@ -119,9 +127,14 @@ class Trainer:
         self.pending: list[torch.Tensor] = []    # stacked loss values since the last read-back
         self.loss_names: list[str] = []
         self._clock = (time.perf_counter(), 0)   # (start time, iteration then) for s/it and the ETA
+        self.run: dict = {}                      # facts kept in checkpoints: the TensorBoard folder
+        self.stop = StopAgreement(info.distributed)
+        self.request = StopRequest()
+        self.stopping = False                    # a stop agreed on at an epoch's last step
 
     @classmethod
-    def from_cfg(cls, cfg, info: DistInfo, writer=None) -> "Trainer":
+    def from_cfg(cls, cfg, info: DistInfo, writer=None, tensorboard: bool = False,
+                 continue_cmd: str = "") -> "Trainer":
         """Seed this process, load both splits, build the loader, the validation episodes, the
         model (wrapped for DDP/compile), optimizer and GradScaler."""
         torch.manual_seed(cfg.manual_seed + info.rank)   # dropout differs per rank, init is broadcast
@@ -134,11 +147,14 @@ class Trainer:
                                          num_episodes=cfg.val_num or cfg.test_num, split=val_split,
                                          rank=info.rank, world_size=info.world_size)
         model, net, optimizer, scaler = build_training(cfg, info)
-        return cls(cfg, info, model, optimizer, scaler, loader, val_set, net, writer)
+        return cls(cfg, info, model, optimizer, scaler, loader, val_set, net, writer, tensorboard, continue_cmd)
 
     @property
     def iters_per_epoch(self) -> int:
-        return len(self.loader)
+        # a whole epoch's batches: not len(self.loader), which after a mid-epoch resume counts
+        # only the rest of that epoch (the sampler skips its first items) and would shrink
+        # max_iter, hence the poly learning rate, for the resumed run
+        return self.loader.sampler.per_rank // self.loader.batch_size
 
     @property
     def max_iter(self) -> int:
@@ -146,11 +162,31 @@ class Trainer:
 
     # ---------------------------------------------------------------- the policy
     def train(self) -> dict:
-        """Epoch after epoch: the iterations, then at the epoch's end validate (every
-        ``val_freq`` epochs and after the last), keep ``best.pth``, write ``last.pth``;
-        ``stop_iter`` ends the run after the next ``last.pth``."""
+        """Hold the experiment folder (rank 0: lock, no silent restart over checkpoints; all
+        ranks agree), then run with SIGINT/SIGTERM turned into a stop after the step in flight."""
         if self.loader is None:
             raise ValueError("Trainer.train needs a loader (Trainer.from_cfg builds one)")
+        error, guard = None, None
+        if self.info.is_main:
+            try:
+                guard = ExperimentGuard(self.cfg, self.model_dir).__enter__()
+            except UserError as e:
+                error = e
+        self.stop.raise_if_any_failed(error)
+        try:
+            with stop_on_signals() as self.request:
+                return self.run_epochs()
+        finally:
+            if self.writer is not None and self.tensorboard:
+                self.writer.close()
+            if guard is not None:
+                guard.__exit__(None, None, None)
+
+    def run_epochs(self) -> dict:
+        """Epoch after epoch: the iterations, then at the epoch's end validate (every
+        ``val_freq`` epochs and after the last), keep ``best.pth``, write ``last.pth``;
+        ``stop_iter`` ends the run after the next ``last.pth``; so does a signal (then
+        TrainingInterrupted)."""
         self.start()
         metrics: dict = {}
         while self.state.epoch < self.cfg.epochs:
@@ -160,6 +196,8 @@ class Trainer:
                     metrics = self.validate()
                     self.keep_if_best(metrics)
             self.save("last", metrics)
+            if self.stopping and self.state.epoch < self.cfg.epochs:
+                self.interrupted()
             if self.stop_reached():
                 log.info("stop_iter %d reached: saved %s", self.cfg.stop_iter, self.checkpoint_path("last"))
                 return metrics
@@ -171,9 +209,9 @@ class Trainer:
     def start(self) -> None:
         """The experiment folder and its config copy, a resume, the run's size in the log."""
         if self.info.is_main:
-            os.makedirs(self.model_dir, exist_ok=True)
             atomic_write_text(os.path.join(self.cfg.save_path, "config.yaml"), dump_cfg(self.cfg))
         self.maybe_resume()
+        self.open_event_writer()
         log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
                  len(self.loader.sampler) * self.info.world_size, len(self.loader.dataset), self.iters_per_epoch,
                  self.max_iter, self.info.world_size)
@@ -187,18 +225,25 @@ class Trainer:
         self.loader.sampler.set_epoch(epoch, start=skip * self.loader.batch_size)
         self.net.train()
         batches = self.loader
-        if self.info.is_main and sys.stdout.isatty():
-            batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False)
+        bar_stream = progress_stream() if self.info.is_main else None
+        if bar_stream is not None:
+            batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False,
+                           file=bar_stream)
         for batch in batches:
             self.lr = poly_lr(cfg.base_lr, self.state.iteration + 1, self.max_iter, cfg.power, cfg.warmup_iters)
             self.step(batch, self.lr)
             self.state.iteration += 1
             if self.state.iteration % cfg.print_freq == 0:
                 self.flush_losses()
+            stop = self.stop_agreed()
             # an epoch's last iteration is left to train(), which validates before it saves: a
-            # save here would let a resume skip that epoch's validation
+            # save here would let a resume skip that epoch's validation (a stop waits for it too)
             if self.state.iteration % self.iters_per_epoch == 0:
+                self.stopping = stop
                 continue
+            if stop:
+                self.save("last", metrics)
+                self.interrupted()
             if self.stop_reached():
                 return False
             if cfg.ckpt_freq_iters and self.state.iteration % cfg.ckpt_freq_iters == 0:
@@ -219,29 +264,73 @@ class Trainer:
     def stop_reached(self) -> bool:
         return bool(self.cfg.stop_iter) and self.state.iteration >= self.cfg.stop_iter
 
+    # ---------------------------------------------------------------- stopping on a signal
+    def stop_agreed(self) -> bool:
+        """Once per step on every rank: was any rank asked to stop (SIGINT/SIGTERM)? A CPU
+        all-reduce under torchrun (util/interrupt.py), nothing with one process."""
+        return self.stop.any_requested(self.request.requested)
+
+    def interrupted(self) -> None:
+        """After the stop's save: one line saying where it stopped and how to continue."""
+        r = self.request
+        into = self.state.iteration - self.state.epoch * self.iters_per_epoch
+        where = (f"at the end of epoch {self.state.epoch}" if into == 0 else
+                 f"in epoch {self.state.epoch + 1}, {into}/{self.iters_per_epoch} into it")
+        message = (f"stopped by {r.name or 'a signal to another process'} after iteration {self.state.iteration} "
+                   f"of {self.max_iter} ({where}); {self.checkpoint_path('last')} is saved. "
+                   f"Continue with: {self.continue_cmd}")
+        log.info(message)
+        raise TrainingInterrupted(message, r.exit_status if r.requested else 143)
+
+    def open_event_writer(self) -> None:
+        """One TensorBoard folder per run, ``<save_path>/tb/<start time>``; a resume continues
+        the folder of the run it resumes, dropping the steps that run wrote after the checkpoint."""
+        resumed = self.state.iteration > 0 and bool(self.run.get("tb"))
+        if not resumed:
+            name = base = time.strftime("%Y%m%d-%H%M%S")
+            k = 1
+            while os.path.exists(os.path.join(self.cfg.save_path, "tb", name)):
+                k += 1
+                name = f"{base}-{k}"
+            self.run = {"tb": name}
+        if self.tensorboard:
+            self.writer = EventWriter(os.path.join(self.cfg.save_path, "tb", self.run["tb"]),
+                                      purge_step=self.state.iteration + 1 if resumed else None)
+
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_path(self, name: str) -> str:
         return os.path.join(self.model_dir, f"{name}.pth")
 
     def save(self, name: str, metrics: dict | None = None) -> None:
         """Write ``model/<name>.pth``, after the pending losses are checked: a non-finite
-        loss stops training before any checkpoint takes it in."""
+        loss stops training before any checkpoint takes it in. Rank 0 writes (``last``
+        rotates: the one replaced stays as ``last.prev.pth``); if it fails (disk full), every
+        rank stops with its message instead of waiting for it."""
         self.flush_losses()
+        error = None
         if self.info.is_main:
-            save_checkpoint(self.checkpoint_path(name), self.model, self.cfg, self.optimizer, self.scaler,
-                            self.state.epoch, self.state.iteration, self.state.best_miou,
-                            dict(metrics or {}, iters_per_epoch=self.iters_per_epoch))
-        barrier()
+            try:
+                save_checkpoint(self.checkpoint_path(name), self.model, self.cfg, self.optimizer, self.scaler,
+                                self.state.epoch, self.state.iteration, self.state.best_miou,
+                                dict(metrics or {}, iters_per_epoch=self.iters_per_epoch), run=self.run,
+                                keep_previous=name == "last")
+            except UserError as e:
+                error = e
+        self.stop.raise_if_any_failed(error)
 
     def maybe_resume(self) -> None:
         resume = self.cfg.resume
         if not resume:
             return
-        path = self.checkpoint_path("last") if resume == "auto" else resume
-        if resume == "auto" and not os.path.isfile(path):
-            log.info("resume auto: no %s yet, starting from scratch", path)
-            return
-        state = load_checkpoint(path, self.model, self.cfg, self.optimizer, self.scaler, restore_rng=True)
+        if resume == "auto":
+            picked = pick_resume(self.checkpoint_path("last"))   # last.pth, or last.prev.pth if it is damaged
+            if picked is None:
+                log.info("resume auto: no %s yet, starting from scratch", self.checkpoint_path("last"))
+                return
+            path, state = picked
+        else:
+            path, state = resume, read_checkpoint(resume)
+        load_checkpoint(path, self.model, self.cfg, self.optimizer, self.scaler, restore_rng=True, state=state)
         saved_ipe = state.get("metrics", {}).get("iters_per_epoch", self.iters_per_epoch)
         if saved_ipe != self.iters_per_epoch:
             raise CheckpointError(f"{path} was trained with {saved_ipe} iterations per epoch, this run has "
@@ -250,6 +339,7 @@ class Trainer:
         if self.info.rank:   # dropout streams stay distinct per rank after a resume too
             torch.manual_seed(self.cfg.manual_seed + self.info.rank + state["iteration"])
         self.state = TrainState(state["iteration"] // self.iters_per_epoch, state["iteration"], state["best_miou"])
+        self.run = dict(state.get("run") or {})
         log.info("resumed from %s at iteration %d (epoch %d), best mIoU so far %.2f",
                  path, self.state.iteration, self.state.epoch, self.state.best_miou)
 
@@ -283,12 +373,16 @@ class Trainer:
                     self.writer.add_scalar(f"train/loss_{name}", values[r, c].item(), first_it + r)
             self.writer.add_scalar("train/lr", self.lr, self.state.iteration)
         t_start, it_start = self._clock
-        per_it = (time.perf_counter() - t_start) / max(self.state.iteration - it_start, 1)
+        done = self.state.iteration - it_start
+        per_it = (time.perf_counter() - t_start) / max(done, 1)
         mean = values.mean(0)
         parts = " ".join(f"{n} {mean[i]:.4f}" for i, n in enumerate(self.loss_names))
-        log.info("epoch %d/%d iter %d/%d | %s | lr %.5f | %.3f s/it | eta %s",
+        # the loss window is the iterations since the last line, the same with or without a
+        # resume (every save flushes first); the speed is over this process's own iterations
+        window = f"iter {first_it}-{self.state.iteration}" if values.shape[0] > 1 else f"iter {first_it}"
+        log.info("epoch %d/%d iter %d/%d | mean of %s: %s | lr %.5f | %.3f s/it over %d iter | eta %s",
                  self.state.epoch + 1, self.cfg.epochs,
-                 self.state.iteration, self.max_iter, parts, self.lr, per_it,
+                 self.state.iteration, self.max_iter, window, parts, self.lr, per_it, done,
                  format_eta(per_it * (self.max_iter - self.state.iteration)))
 
     # ---------------------------------------------------------------- one step, one validation
@@ -315,8 +409,10 @@ class Trainer:
                  self.state.epoch, r.miou, r.fbiou, r.episodes, out.ms_per_episode)
         log.info("  " + "  ".join(f"{k}: {v:.2f}" for k, v in r.class_iou.items()))
         if self.writer is not None:
-            self.writer.add_scalar("val/miou", r.miou, self.state.epoch)
-            self.writer.add_scalar("val/fbiou", r.fbiou, self.state.epoch)
+            # at the global iteration, like the training curves (and purged with them on a resume)
+            self.writer.add_scalar("val/miou", r.miou, self.state.iteration)
+            self.writer.add_scalar("val/fbiou", r.fbiou, self.state.iteration)
             for i, sample in enumerate(out.samples):
-                self.writer.add_image(f"val/episode_{i}", panel_image(sample), self.state.epoch, dataformats="HWC")
+                self.writer.add_image(f"val/episode_{i}", panel_image(sample), self.state.iteration,
+                                      dataformats="HWC")
         return {"miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou, "episodes": r.episodes}

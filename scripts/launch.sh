@@ -1,6 +1,7 @@
 #!/bin/sh
 # Shared launcher of train.sh and test.sh: checks the config, makes the experiment folder,
-# copies the config there, runs python (or torchrun when NGPUS > 1) and tees a timestamped log.
+# copies the config there, runs python (or torchrun when NGPUS > 1) and tees a timestamped log;
+# Ctrl-C / SIGTERM reach python once, the log stays complete and python's exit status is returned.
 set -u
 mode=$1; shift
 if [ $# -lt 2 ]; then
@@ -40,8 +41,38 @@ else
     set -- -u "$mode.py" --config "$config" save_path "$exp_dir" "$@"
 fi
 log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S).log
-status_file=$(mktemp)
-{ PYTHONUNBUFFERED=1 "$PYTHON" "$@"; echo $? > "$status_file"; } 2>&1 | tee "$log"
-status=$(cat "$status_file"); rm -f "$status_file"
+# Python's output goes through a FIFO to tee, which ignores INT and TERM: a Ctrl-C (which the
+# terminal sends to every process of the job) or a scheduler's SIGTERM must not kill tee while
+# python is still writing the lines that say where it stopped. python runs in the background so
+# that this shell can forward a SIGTERM sent to it alone (docker stop, kill PID); a Ctrl-C already
+# reaches python from the terminal, so INT is not forwarded (a second copy would abort at once).
+fifo_dir=$(mktemp -d) || exit 2
+fifo=$fifo_dir/out
+mkfifo "$fifo" || exit 2
+( trap '' INT TERM; exec tee "$log" ) < "$fifo" &
+tee_pid=$!
+# the progress bar goes straight to the terminal (file descriptor 3), never into the log
+if [ -t 1 ]; then
+    exec 3>&1
+    export NTRENETPP_PROGRESS_FD=3
+fi
+# an asynchronous command of a non-interactive shell starts with SIGINT ignored; this tells
+# python (util/cli.py) to take Ctrl-C as usual. LAUNCHED_AS: for the "continue with" line.
+export NTRENETPP_LAUNCHER=1
+NTRENETPP_LAUNCHED_AS="sh $mode.sh $dataset $exp_name"
+[ "$NGPUS" -gt 1 ] && NTRENETPP_LAUNCHED_AS="NGPUS=$NGPUS $NTRENETPP_LAUNCHED_AS"
+export NTRENETPP_LAUNCHED_AS
+PYTHONUNBUFFERED=1 "$PYTHON" "$@" > "$fifo" 2>&1 &
+py_pid=$!
+trap 'kill -TERM "$py_pid" 2>/dev/null' TERM
+trap ':' INT
+while :; do
+    wait "$py_pid"
+    status=$?
+    kill -0 "$py_pid" 2>/dev/null || break   # else a trapped signal interrupted the wait
+done
+wait "$py_pid"; status=$?                   # the exit status itself (the shell keeps it)
+wait "$tee_pid"
+rm -rf "$fifo_dir"
 echo "log: $log"
 exit "$status"

@@ -25,8 +25,12 @@ def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_pa
     other = tiny_cfg(synth_root, tmp_path, layers=34)
     with pytest.raises(CheckpointError, match=r"different network:\n  layers: checkpoint 18, config 34"):
         load_checkpoint(str(good), build_model(other), other)
-    state = torch.load(good, weights_only=False)
+    state = torch.load(good, weights_only=True)
     state["model"].pop(next(iter(state["model"])))
+    torch.save(state, good)
+    with pytest.raises(CheckpointError, match=r"r18.pth' is damaged: its content does not match its checksum"):
+        load_checkpoint(str(good), build_model(cfg), cfg)
+    del state["checksum"]             # a hand-made file without one is read unverified
     torch.save(state, good)
     with pytest.raises(CheckpointError, match=r"does not fit the model: 1 missing key"):
         load_checkpoint(str(good), build_model(cfg), cfg)

@@ -80,3 +80,26 @@ def test_cache_is_used_and_invalidated_by_list_or_label_changes(tmp_path):
     t5, cached = load_area_table(list_path, root, paths, workers=1)
     assert not cached and areas_of(t5, 0) == {4: 3000}
     assert [f for f in os.listdir(root) if f.endswith(".tmp.npz")] == []
+
+
+def test_truncated_or_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((64, 64), {c: 2048}) for c in (1, 2, 3)])
+    paths = labels_of(list_path, root)
+    load_area_table(list_path, root, paths, workers=1)
+    cache = cache_path_for(list_path)
+    good = open(cache, "rb").read()
+    flipped = bytearray(good)
+    flipped[len(good) // 3] ^= 0xFF                     # inside an array: the zip CRC catches it
+    inconsistent = tmp_path / "bad.npz"
+    with np.load(cache) as z:
+        np.savez(inconsistent, key=z["key"], num_images=z["num_images"], image=z["image"], cls=z["cls"][:-1],
+                 area=z["area"])
+    damaged = [b"", good[:10], good[:len(good) // 2], good[:-1], bytes(flipped), inconsistent.read_bytes()]
+    for content in damaged:
+        open(cache, "wb").write(content)
+        caplog.clear()
+        table, cached = load_area_table(list_path, root, paths, workers=1)
+        assert not cached and areas_of(table, 1) == {2: 2048}
+        assert "ignoring damaged class-index cache" in caplog.text and cache in caplog.text
+        assert open(cache, "rb").read() == good          # rewritten whole

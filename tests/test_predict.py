@@ -174,8 +174,9 @@ def test_predict_py_writes_mask_overlay_and_panel_per_query(files, tmp_path):
         assert cv2.imread(str(out / f"{stem}_panel.png")).shape == (TITLE_H + TILE, 6 * TILE, 3)
 
 
-def test_predict_py_amp_and_overrides(files, tmp_path):
-    """--amp (bf16 on the CPU) still writes 0/1 masks of the query size; KEY VALUE overrides apply."""
+def test_predict_py_amp_and_overrides(files, tmp_path, caplog):
+    """--amp (bf16 on the CPU) still writes 0/1 masks of the query size; KEY VALUE overrides apply;
+    ``shot`` does not change K (the supports given do), and a warning says so."""
     out = tmp_path / "out"
     predict.main(["--config", files["config"], "--weight", files["weight"], "--amp",
                   "--support", path(files, "a.png"), path(files, "a_palette.png"), "--class-id", "7",
@@ -183,6 +184,7 @@ def test_predict_py_amp_and_overrides(files, tmp_path):
     mask = cv2.imread(str(out / "q2_mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 40) and set(np.unique(mask)) <= {0, 1}
     assert sorted(os.listdir(out)) == ["q2_mask.png", "q2_overlay.jpg"]
+    assert "shot 5 is ignored: K is the number of --support pairs given (1)" in caplog.text
 
 
 # ---- bad inputs: each gives its own error, naming the file or option ---------------------

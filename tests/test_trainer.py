@@ -57,7 +57,7 @@ def test_resumed_run_equals_uninterrupted_run(synth_root, tmp_path):
     b = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, stop_iter=3), DistInfo(), rb)
     b.train()
     assert sorted(rb.history) == [1, 2, 3] and rb.losses() == ra.losses()[:3]
-    state = torch.load(tmp_path / "b" / "model" / "last.pth", weights_only=False)
+    state = torch.load(tmp_path / "b" / "model" / "last.pth", weights_only=True)
     assert state["iteration"] == 3 and state["epoch"] == 1
     c = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "b", evaluate=False, resume="auto"), DistInfo(), rc)
     c.train()
@@ -102,7 +102,7 @@ def test_nonfinite_loss_stops_naming_iteration_and_component(synth_root, tmp_pat
     t.net.forward = poisoned
     with pytest.raises(NonFiniteLossError, match=r"iteration 3: component 'bg' = nan.*last.pth\) is intact"):
         t.train()
-    state = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    state = torch.load(tmp_path / "model" / "last.pth", weights_only=True)
     assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values()
                                            if v.is_floating_point())
 
@@ -120,12 +120,12 @@ def _join_group(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _ddp_worker(rank, world, port, root, save_path, out_dir):
+def _ddp_worker(rank, world, port, root, save_path, out_dir, fix_bn=True):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     info = init_distributed("cpu")
     try:
-        cfg = tiny_cfg(root, save_path, evaluate=False, epochs=1, epoch_size=12)
+        cfg = tiny_cfg(root, save_path, evaluate=False, epochs=1, epoch_size=12, fix_bn=fix_bn)
         t = Trainer.from_cfg(cfg, info)
         no_dropout(t.model)
         t.train()
@@ -151,6 +151,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(synth_root, 
             torch.testing.assert_close(r0[k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
         else:
             assert torch.equal(r0[k], ws[k]), k
+
+
+def test_two_processes_with_drifting_batchnorm_stay_in_step(synth_root, tmp_path):
+    """fix_bn False (the reference's BN drift) under DDP: BN buffers are broadcast from rank 0
+    before each forward, so both ranks end with the same parameters; the backbone's BN
+    statistics drift (each process normalises with its own batch, so no one-process equality)."""
+    torch.set_num_threads(1)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path / "ddp"), str(tmp_path), False),
+                       nprocs=2, start_method="fork")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    from model import build_model
+    torch.manual_seed(0)
+    init = build_model(tiny_cfg(synth_root, tmp_path)).state_dict()
+    params = {name for name, _ in build_model(tiny_cfg(synth_root, tmp_path)).named_parameters()}
+    for k in params:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+    stats = [k for k in r0 if k.startswith("backbone.") and k.endswith("running_mean")]
+    assert stats and all(not torch.equal(r0[k], init[k]) for k in stats)        # the statistics drifted
+    bank = [k for k in r0 if "bank" in k]
+    assert bank and all(torch.equal(r0[k], r1[k]) for k in bank)
 
 
 def _eval_worker(rank, world, port, root, ckpt, out_dir):
@@ -205,7 +225,8 @@ def test_end_to_end_through_the_entry_points(synth_root, tmp_path):
     assert metrics["episodes"] == 8 and 0 <= metrics["miou"] <= 100
     assert (exp / "model" / "best.pth").is_file() and (exp / "model" / "last.pth").is_file()
     assert (exp / "config.yaml").is_file() and (exp / "train.log").is_file()
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(exp))
+    [run_dir] = os.listdir(exp / "tb")                                 # one event folder per run
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(exp / "tb" / run_dir))
     summary = test_entry.main(["--config", str(cfg_path), "save_path", str(exp), "weight", "last",
                                "shot", "2", "save_pred", "True", "vis", "2"])
     result = json.loads(open(summary["json_path"]).read())
@@ -239,8 +260,8 @@ def test_launcher_rejects_unknown_dataset_and_config():
 
 def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_path):
     Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, stop_iter=2), DistInfo()).train()   # 2 iterations per epoch
-    best = torch.load(tmp_path / "model" / "best.pth", weights_only=False)
-    last = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    best = torch.load(tmp_path / "model" / "best.pth", weights_only=True)
+    last = torch.load(tmp_path / "model" / "last.pth", weights_only=True)
     assert best["epoch"] == 1 and last["epoch"] == 1 and last["iteration"] == 2
     assert last["metrics"]["episodes"] == 8 and last["metrics"]["iters_per_epoch"] == 2
     resumed = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, resume="auto", batch_size=2), DistInfo())

@@ -115,6 +115,21 @@ def check_class_ids(table: AreaTable, label_paths: list[str], num_classes: int) 
                         f"and 255 ({int(np.unique(table.image[bad]).size)} label(s) in all); {LABEL_FORMAT}")
 
 
+def read_cache(path: str, key: str) -> AreaTable | None:
+    """The cached table if its key is ``key``, None if it is another list's; raises on any
+    damage (a truncated zip, flipped bytes, missing or inconsistent arrays)."""
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["key"]) != key:
+            return None
+        table = AreaTable(int(z["num_images"]), z["image"], z["cls"], z["area"])
+    n = len(table.image)
+    if not (table.image.ndim == table.cls.ndim == table.area.ndim == 1 and len(table.cls) == len(table.area) == n):
+        raise ValueError("arrays of different lengths")
+    if n and (table.image.min() < 0 or table.image.max() >= table.num_images or np.any(np.diff(table.image) < 0)):
+        raise ValueError("image positions out of range or unsorted")
+    return table
+
+
 def load_area_table(list_path: str, data_root: str, label_paths: list[str], workers: int = 0,
                     use_cache: bool = True, num_classes: int | None = None,
                     fix: str = "") -> tuple[AreaTable, bool]:
@@ -138,11 +153,12 @@ def _area_table(list_path: str, data_root: str, label_paths: list[str], workers:
     path = cache_path_for(list_path)
     if use_cache and os.path.isfile(path):
         try:
-            with np.load(path) as z:
-                if str(z["key"]) == key:
-                    return AreaTable(int(z["num_images"]), z["image"], z["cls"], z["area"]), True
-        except (OSError, ValueError, KeyError) as e:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable class-index cache %s (%s); rebuilding", path, e)
+            table = read_cache(path, key)
+        except Exception as e:  # noqa: BLE001 — truncated, garbage, hand-edited: rebuilt, never trusted
+            log.warning("ignoring damaged class-index cache %s (%s: %s); rebuilding it", path, type(e).__name__, e)
+        else:
+            if table is not None:
+                return table, True
     t0 = time.perf_counter()
     table = scan_areas(label_paths, workers)
     log.info("scanned %d labels of %s in %.1f s", len(label_paths), list_path, time.perf_counter() - t0)

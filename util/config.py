@@ -118,6 +118,7 @@ SCHEMA: tuple[Key, ...] = (
     _k("stop_iter", "int", 0, "stop after this global iteration, saving last.pth (0: run all epochs)"),
     _k("ckpt_freq_iters", "int", 0, "also write last.pth every N iterations (0: once per epoch)"),
     _k("resume", "str", "", "checkpoint to resume from: '' (none), 'auto' (last.pth) or a path"),
+    _k("overwrite", "bool", False, "start over in an experiment folder that holds checkpoints (deletes them)"),
     _k("save_path", "str", "", "experiment folder (exp/<dataset>/<exp_name>); set by train.sh"),
     _k("tb_images", "int", 4, "episodes logged to TensorBoard as images per validation"),
     # ---- TEST -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -106,8 +107,12 @@ def load_split_rank0_first(cfg, train: bool) -> SplitData:
 
 
 def worker_init(_=None) -> None:
-    """DataLoader workers: one process per core is the parallelism, so no OpenCV threads."""
+    """DataLoader workers: one process per core is the parallelism, so no OpenCV threads.
+    They ignore Ctrl-C and SIGTERM (sent to every process of the job): the main process
+    finishes its step, saves and shuts them down (util/interrupt.py)."""
     cv2.setNumThreads(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _check_enough_images(split: SplitData, shot: int, where: str) -> None:

@@ -24,9 +24,44 @@ def _umask() -> int:
     return mask
 
 
+def fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (a power cut after it keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass            # not every file system syncs a directory
+    finally:
+        os.close(fd)
+
+
+def keep_as(path: str, previous: str) -> None:
+    """Make ``previous`` the current content of ``path`` (if any) without a moment where
+    ``path`` is missing: a hard link renamed onto ``previous``; where the file system has
+    no hard links, ``path`` itself is renamed (the caller puts the new one in place next)."""
+    if not os.path.exists(path):
+        return
+    link = f"{previous}.{os.getpid()}.link"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(link)
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(link)
+        os.replace(path, previous)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+def atomic_path(path: str, keep_previous: str | None = None) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    ``keep_previous``: the file ``path`` held until now is kept under that name (a rotation:
+    something to fall back to if the new one is found damaged later)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # keep the extension: some writers (cv2.imwrite) choose the format from it
@@ -36,16 +71,19 @@ def atomic_path(path: str) -> Iterator[str]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should follow the umask like open()
     try:
         yield tmp
+        if keep_previous:
+            keep_as(path, keep_previous)
         os.replace(tmp, path)
+        fsync_dir(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
 
 
-def atomic_write(path: str, writer: Callable[[str], Any]) -> None:
-    """Call ``writer(tmp_path)`` and move the result onto ``path``."""
-    with atomic_path(path) as tmp:
+def atomic_write(path: str, writer: Callable[[str], Any], keep_previous: str | None = None) -> None:
+    """Call ``writer(tmp_path)`` and move the result onto ``path`` (see :func:`atomic_path`)."""
+    with atomic_path(path, keep_previous) as tmp:
         writer(tmp)
 
 
@@ -72,7 +110,7 @@ def atomic_write_json(path: str, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
+def atomic_torch_save(obj: Any, path: str, keep_previous: str | None = None) -> None:
     import torch
 
     def write(tmp):
@@ -80,7 +118,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    atomic_write(path, write)
+    atomic_write(path, write, keep_previous)
 
 
 def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> list[tuple[str, str]]:

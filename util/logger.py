@@ -35,3 +35,52 @@ def format_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def progress_stream():
+    """Where a progress bar may be drawn: a terminal, never a log file or a pipe.
+
+    scripts/launch.sh pipes the output through ``tee`` into the log and hands the terminal
+    over as file descriptor ``$NTRENETPP_PROGRESS_FD``; run directly, the bar goes to stderr
+    when both stdout and stderr are a terminal. None: no bar."""
+    fd = os.environ.get("NTRENETPP_PROGRESS_FD", "")
+    if fd.isdigit():
+        try:
+            if os.isatty(int(fd)):
+                return os.fdopen(os.dup(int(fd)), "w")
+        except OSError:
+            pass
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return sys.stderr
+    return None
+
+
+class EventWriter:
+    """A TensorBoard event writer for one run, created at the first value written (a run
+    that fails before its first step leaves no event file).
+
+    ``purge_step``: on a resume, TensorBoard drops the values this folder already holds
+    at steps >= ``purge_step`` (written after the checkpoint by the run that was cut off),
+    so no step appears twice."""
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        self.log_dir, self.purge_step = log_dir, purge_step
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+            # the pid in the name: two writers opened in the same second must not share a file
+            self._writer = SummaryWriter(self.log_dir, purge_step=self.purge_step, filename_suffix=f".{os.getpid()}")
+        return self._writer
+
+    def add_scalar(self, tag, value, step):
+        self.writer.add_scalar(tag, value, step)
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.writer.add_image(tag, image, step, dataformats=dataformats)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,118 @@
+"""scripts/launch.sh (train.sh / test.sh) under Ctrl-C, SIGTERM and a terminal, with a stand-in
+python that reports what it received: the log stays complete, the status passes through,
+a signal reaches python exactly once, and the progress bar's descriptor is the terminal only."""
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAKE = f"""#!{sys.executable}
+import os, signal, sys, time
+got = []
+signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+fd = os.environ.get("NTRENETPP_PROGRESS_FD")
+print("progress fd", fd, bool(fd) and os.isatty(int(fd)))
+if fd:
+    os.write(int(fd), b"BAR-ONLY-ON-THE-TERMINAL\\n")
+print("ready")
+start = time.time()
+while not got and time.time() - start < 20:
+    time.sleep(0.02)
+time.sleep(0.3)                       # a second copy of the signal would arrive by now
+for i in range(300):                  # what the trainer prints after a stop: none may be lost
+    print("after stop", i)
+print("signals", [int(s) for s in got])
+sys.exit(128 + got[0] if got else 0)
+"""
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A copy of the launcher, train.sh and one config, with the stand-in as PYTHON."""
+    for rel in ("train.sh", "scripts/launch.sh", "config/synthetic/synthetic_split0_resnet18.yaml"):
+        os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, rel), tmp_path / rel)
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    return tmp_path
+
+
+def env_with(fake):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NTRENETPP_")}
+    env["PYTHON"] = str(fake)
+    return env
+
+
+def read_log(tree):
+    folder = tree / "exp" / "synthetic" / "split0_resnet18" / "result"
+    [name] = os.listdir(folder)
+    return (folder / name).read_text()
+
+
+def wait_for(predicate, timeout=20.0):
+    start = time.time()
+    while not predicate():
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def test_ctrl_c_in_a_terminal_reaches_python_once_and_the_log_stays_complete(tree):
+    master, slave = pty.openpty()
+    p = subprocess.Popen(["sh", "train.sh", "synthetic", "split0_resnet18"], cwd=tree, env=env_with(tree / "fake_python"),
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = []
+
+    def reader():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            out.append(chunk.decode())
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    wait_for(lambda: "ready" in "".join(out))
+    os.killpg(p.pid, signal.SIGINT)       # what the terminal does on Ctrl-C: the whole job gets it
+    assert p.wait(timeout=30) == 130
+    thread.join(timeout=5)
+    os.close(master)
+    shown = "".join(out).replace("\r\n", "\n")
+    log = read_log(tree)
+    assert "progress fd 3 True" in log and "signals [2]" in log
+    assert log.count("after stop") == 300
+    assert "BAR-ONLY-ON-THE-TERMINAL" in shown and "BAR-ONLY-ON-THE-TERMINAL" not in log
+    assert shown.rstrip().splitlines()[-1].startswith("log: exp/synthetic/split0_resnet18/result/train-")
+
+
+def test_sigterm_to_the_launcher_alone_is_forwarded_once(tree):
+    p = subprocess.Popen(["sh", "train.sh", "synthetic", "split0_resnet18"], cwd=tree, env=env_with(tree / "fake_python"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = p.stdout.readline() + p.stdout.readline()
+    assert "progress fd None False" in first     # not a terminal: no bar
+    p.send_signal(signal.SIGTERM)                # only the shell: docker stop, kill PID
+    rest = p.stdout.read()
+    assert p.wait(timeout=30) == 143
+    assert "signals [15]" in rest and rest.count("after stop") == 300
+    assert rest.rstrip().splitlines()[-1].startswith("log: ")
+    assert read_log(tree).count("after stop") == 300
+
+
+def test_exit_status_passes_through(tree):
+    (tree / "fake_python").write_text(f"#!{sys.executable}\nimport sys\nprint('boom')\nsys.exit(3)\n")
+    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18"], cwd=tree, env=env_with(tree / "fake_python"),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 3 and "boom" in r.stdout and read_log(tree) == "boom\n"
