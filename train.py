@@ -4,6 +4,7 @@ Single process by default; multi-GPU / multi-node through torchrun (NGPUS=4 sh t
 """
 import sys
 
+import torch.distributed
 from tensorboardX import SummaryWriter
 
 from engine.trainer import NonFiniteLossError, Trainer
@@ -23,7 +24,8 @@ def main(argv=None) -> dict:
     writer = None
     if info.is_main:
         writer = SummaryWriter(cfg.save_path)
-    log.info("experiment folder %s, device %s, %d process(es)", cfg.save_path, info.device, info.world_size)
+    log.info("experiment folder %s, device %s, %d process(es)%s", cfg.save_path, info.device, info.world_size,
+             f", process group {torch.distributed.get_backend()}" if info.distributed else "")
     try:
         return Trainer.from_cfg(cfg, info, writer).train()
     except NonFiniteLossError as e:
