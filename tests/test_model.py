@@ -291,7 +291,7 @@ def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
         assert torch.allclose(fast(*inputs), plain(*inputs), atol=1e-4)
 
 
-# ---- the network equals the authors' (docs/method.md, "Every dropout" and section 9) ------------
+# ---- the network equals the authors' (docs/method.md §7 and §9) ------------
 def _dropouts(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
 
