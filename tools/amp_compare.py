@@ -32,20 +32,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.checkpoint import build_model_from_checkpoint  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
+from model import build_model  # noqa: E402
+from tools.make_synthetic import main as make_synthetic  # noqa: E402
 from util.amp import to_device  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.dataset import FewShotEvalDataset, load_split, read_label  # noqa: E402
 from util.distributed import pick_device  # noqa: E402
 from util.errors import ConfigError  # noqa: E402
 from util.fileio import atomic_write_json  # noqa: E402
+from util.host_memory import tune_cpu_process  # noqa: E402
 
 AMPS = ("none", "bf16", "fp16")
 
 
 def generate_eval_data(root: str, images: int, size: int, seed: int = 0) -> None:
     """``images`` synthetic evaluation images (sides 0.75–1.25 × ``size``) under ``root``."""
-    from tools.make_synthetic import main as make_synthetic
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         make_synthetic(["--out", root, "--train", "0", "--val", str(images), "--size", str(size),
                         "--seed", str(seed)])
@@ -79,10 +82,8 @@ def margin_error(reference: list, other: list) -> dict:
 def build(cfg, weight: str, device: torch.device):
     """The model to compare: a checkpoint, or the config's network randomly initialised."""
     if weight:
-        from engine.checkpoint import build_model_from_checkpoint
         model, _ = build_model_from_checkpoint(weight, cfg)
     else:
-        from model import build_model
         torch.manual_seed(cfg.manual_seed)
         bare = cfg.copy()
         bare.pretrained = ""
@@ -181,7 +182,6 @@ def main(argv=None) -> dict:
     if "fp16" in amps and device.type != "cuda":
         raise ConfigError("--amps fp16 needs a CUDA device (use bf16 on the CPU)")
     if device.type == "cpu":
-        from util.host_memory import tune_cpu_process
         tune_cpu_process()
     with tempfile.TemporaryDirectory(prefix="amp_compare_data_") as root:
         if args.generate:

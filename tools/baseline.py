@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.checkpoint import build_model_from_checkpoint  # noqa: E402
 from engine.tester import run_test  # noqa: E402
+from model.backbone import build_backbone, load_backbone_weights  # noqa: E402
 from model.modules import masked_average_pooling  # noqa: E402
 from model.ops import memory_format_of, resize  # noqa: E402
 from util.amp import to_device  # noqa: E402
@@ -81,14 +83,12 @@ class PrototypeMatcher(torch.nn.Module):
 
 def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher:
     """The prototype matcher on the backbone of a trained NTRENet++ checkpoint."""
-    from engine.checkpoint import build_model_from_checkpoint
     model, _ = build_model_from_checkpoint(path, cfg)
     return PrototypeMatcher(model.backbone)
 
 
 def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
     """The prototype matcher on an ImageNet backbone weight file (as ``pretrained`` loads it)."""
-    from model.backbone import build_backbone, load_backbone_weights
     backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem)
     load_backbone_weights(backbone, path, cfg.allow_missing_backbone_keys)
     return PrototypeMatcher(backbone)

@@ -43,8 +43,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tools import benchmark  # noqa: E402
+from tools.amp_compare import compare, format_table, generate_eval_data  # noqa: E402
+from tools.benchmark import machine_name, make_batch, make_trainer  # noqa: E402
+from tools.make_synthetic import main as make_synthetic  # noqa: E402
 from util.config import load_cfg  # noqa: E402
+from util.distributed import DistInfo  # noqa: E402
 from util.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from util.host_memory import tune_cpu_process  # noqa: E402
 
 SECTIONS = ("cuda_tests", "train_steps", "benchmark", "eval_1000", "torchrun_nccl")
 PASCAL = "config/pascal/pascal_split0_resnet50.yaml"
@@ -88,9 +94,6 @@ def cuda_tests(device: torch.device, out: str, budget: Budget) -> dict:
 
 
 def train_steps(device: torch.device, out: str, budget: Budget, steps: int = 3) -> dict:
-    from tools.benchmark import make_batch, make_trainer
-    from util.distributed import DistInfo
-
     tiny = device.type != "cuda"
     rows, ok = [], True
     for amp in ("none", "bf16", "fp16"):
@@ -127,8 +130,6 @@ def train_steps(device: torch.device, out: str, budget: Budget, steps: int = 3) 
 
 
 def benchmark_rows(device: torch.device, out: str, budget: Budget) -> dict:
-    from tools import benchmark
-
     tiny = device.type != "cuda"
     specs = [("PASCAL R50 1-shot 473", PASCAL, {}), ("PASCAL R50 5-shot 473", PASCAL, {"shot": 5}),
              ("COCO R50 1-shot 641", COCO, {})]
@@ -161,8 +162,6 @@ def benchmark_rows(device: torch.device, out: str, budget: Budget) -> dict:
 
 
 def eval_1000(device: torch.device, out: str, budget: Budget) -> dict:
-    from tools.amp_compare import compare, format_table, generate_eval_data
-
     tiny = device.type != "cuda"
     episodes, images = (8, 80) if tiny else (1000, 300)
     over = dict(min_class_pixels=150, batch_size_val=2, workers=0) if tiny else {}
@@ -180,8 +179,6 @@ def eval_1000(device: torch.device, out: str, budget: Budget) -> dict:
 
 
 def torchrun_nccl(device: torch.device, out: str, budget: Budget) -> dict:
-    from tools.make_synthetic import main as make_synthetic
-
     with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as root:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             make_synthetic(["--out", root, "--train", "120", "--val", "0", "--size", "64", "--workers", "2"])
@@ -215,7 +212,6 @@ def _sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- the summary
 def machine(device: torch.device) -> dict:
-    from tools.benchmark import machine_name
     info = {"device": machine_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "python": sys.version.split()[0], "threads": torch.get_num_threads()}
@@ -338,7 +334,6 @@ def main(argv=None) -> int:
         return 1
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
-        from util.host_memory import tune_cpu_process
         tune_cpu_process()
     summary = run_check(args.out, device, args.budget, only)
     print(format_markdown(summary))
