@@ -1,5 +1,5 @@
 """tools/baseline.py: the prototype matcher's arithmetic and the comparison on shared episodes."""
-import json
+import logging
 import os
 
 import pytest
@@ -17,6 +17,19 @@ from util.errors import ConfigError
 TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
             val_size=41, batch_size_val=4, workers=0, min_class_pixels=150, class_index_workers=1,
             test_num=6, test_seeds=2, memory_size=8, num_negatives=4, manual_seed=5)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """baseline.main points the root logger at this test's stdout; later tests must not write there."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
 
 
 class PixelBackbone(torch.nn.Module):
@@ -116,5 +129,5 @@ def test_a_result_of_another_fold_is_a_config_error(tiny_run):
     config_path, res, _, _ = tiny_run
     with pytest.raises(ConfigError, match="split"):
         baseline.main(["--config", config_path, "--compare", res["json_path"], "split", "1"])
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         baseline.main(["--config", config_path, "--compare", res["json_path"] + ".missing"])
