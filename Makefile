@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo gpu-check clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: $(STAMP)
 	PYTHON=$(PY) sh test.sh synthetic split0_resnet18 weight last $(DEMO_ARGS)
 	$(PY) tools/baseline.py --config config/synthetic/synthetic_split0_resnet18.yaml $(DEMO_ARGS) \
 		--compare "$$(ls -t $(DEMO_EXP)/result/test_*.json | head -n 1)"
+
+# Everything the code does on a GPU, in one call (< 8 min): summary.md + summary.json in OUT.
+OUT ?= gpu-check
+gpu-check: $(STAMP)
+	PYTHON=$(PY) sh tools/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

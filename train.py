@@ -6,6 +6,8 @@ prints the command that continues the run.
 """
 import sys
 
+import torch.distributed
+
 from engine.trainer import NonFiniteLossError, Trainer
 from util.cli import run
 from util.config import experiment_cfg
@@ -22,7 +24,8 @@ def main(argv=None) -> dict:
     if info.device.type == "cpu":
         tune_cpu_process()      # keep freed memory, flush denormals (docs/benchmarks.md has what each bought)
     log = setup_logger(cfg.save_path, info.rank, "train.log")
-    log.info("experiment folder %s, device %s, %d process(es)", cfg.save_path, info.device, info.world_size)
+    log.info("experiment folder %s, device %s, %d process(es)%s", cfg.save_path, info.device, info.world_size,
+             f", process group {torch.distributed.get_backend()}" if info.distributed else "")
     try:
         return Trainer.from_cfg(cfg, info, tensorboard=True, continue_cmd=continue_command(argv)).train()
     except NonFiniteLossError as e:

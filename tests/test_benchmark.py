@@ -45,6 +45,23 @@ def test_cli_skips_and_writes_json(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["train_step_ms"] > 0
 
 
+@pytest.mark.parametrize("config", ["pascal/pascal_split0_resnet50.yaml", "pascal/pascal_split0_vgg.yaml",
+                                    "coco/coco_split0_resnet50.yaml", "synthetic/synthetic_split0_resnet18.yaml"])
+def test_every_config_family_runs_with_its_own_settings(config, monkeypatch):
+    """Each shipped config family through the whole tool, the loader stage included (the
+    synthetic configs' exclude_novel_images once left that stage no image to draw from)."""
+    monkeypatch.setitem(benchmark.PEAK_SHAPE, "cpu", (1, 16))
+    args = ["--config", f"config/{config}", "--device", "cpu", "--reps", "1", "--warmup", "0", "--skip", "eval",
+            "pretrained", "''", "reduce_dim", "8", "train_h", "33", "train_w", "33", "batch_size", "2",
+            "workers", "0", "memory_size", "8", "num_negatives", "4"]
+    if "vgg" not in config:
+        args += ["layers", "18"]
+    res = benchmark.main(args)
+    assert res["train_step_ms"] > 0 and res["loader_episodes_per_s"] > 0
+    assert res["config"]["dataset"] == config.split("/")[0]
+    assert res["config"]["vgg"] == ("vgg" in config) and res["config"]["train_h"] == 33
+
+
 def test_random_masks_look_like_labels():
     g = torch.Generator().manual_seed(0)
     masks = benchmark.random_masks(3, (65, 81), g)

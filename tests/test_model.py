@@ -217,6 +217,7 @@ def test_bf16_autocast_and_channels_last():
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast(dtype):

@@ -82,3 +82,42 @@ def test_normalisation_uses_imagenet_statistics():
     assert img.shape == (3, 2, 2)
     torch.testing.assert_close(img[:, 0, 0], torch.ones(3))
     torch.testing.assert_close(img[:, 1, 1], torch.zeros(3))
+
+
+def test_hue_rotation_turns_primaries_and_keeps_greys():
+    from util.transform import hue_rotate
+    image = np.array([[[255, 0, 0], [0, 255, 0], [90, 90, 90]]], np.float32)
+    turned = hue_rotate(image, 120)
+    assert np.allclose(turned, [[[0, 255, 0], [0, 0, 255], [90, 90, 90]]], atol=1e-3)
+    assert np.allclose(hue_rotate(image, -120), [[[0, 0, 255], [255, 0, 0], [90, 90, 90]]], atol=1e-3)
+    assert hue_rotate(image, 0) is image
+    soft = np.array([[[120, 100, 90], [95, 110, 100]]], np.float32)   # no clipping on the way
+    assert np.allclose(hue_rotate(hue_rotate(soft, 50), -50), soft, atol=1e-3)
+    mixed = np.array([[[200, 40, 10]]], np.float32)
+    assert hue_rotate(mixed, 33).min() >= 0 and hue_rotate(mixed, 33).max() <= 255
+
+
+def test_hue_jitter_turns_query_and_supports_by_one_angle(tiny_pascal):
+    """The episode's images are turned alike; labels and the episode drawn are untouched, and
+    with hue_jitter 0 the episode is the one drawn before the key existed."""
+    from util.dataset import FewShotTrainDataset
+    cfg, _ = tiny_pascal
+    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64)
+    plain = FewShotTrainDataset(cfg, shot=2)[(3, 77)]
+    cfg.update(hue_jitter=180.0)
+    ds = FewShotTrainDataset(cfg, shot=2)
+    turned = ds[(3, 77)]
+    assert torch.equal(plain["query_mask"], turned["query_mask"]) and plain["class_id"] == turned["class_id"]
+    assert torch.equal(plain["support_masks"], turned["support_masks"])
+    assert not torch.allclose(plain["query_img"], turned["query_img"])
+    rng = np.random.default_rng(77)
+    ds.draw(3, rng)
+    angle = rng.uniform(-180.0, 180.0)                                   # drawn right after the episode
+    from util.transform import hue_rotation_matrix
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    matrix = torch.from_numpy(hue_rotation_matrix(angle))
+    for a, b in [(plain["query_img"], turned["query_img"])] + list(zip(plain["support_imgs"], turned["support_imgs"])):
+        rgb = a * std + mean
+        expected = (torch.einsum("ij,jhw->ihw", matrix, rgb).clamp(0, 255) - mean) / std
+        assert torch.allclose(expected, b, atol=1e-3)

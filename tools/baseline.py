@@ -1,8 +1,21 @@
-"""Score the trivial all-foreground prediction on exactly the episodes test.py scores.
+"""Score simple few-shot baselines on exactly the episodes test.py scores.
 
     python tools/baseline.py --config CFG [KEY VALUE ...] [--compare result/test_*.json]
+                             [--weight CKPT] [--pretrained IMAGENET.pth]
 
-Any model should beat it clearly; with --compare it prints the model's result beside it.
+Two baselines, each on the same episodes (seeds, count, shots) as a test.py result:
+
+* **all-foreground** — predicts the target everywhere; any model should beat it clearly.
+* **prototype matcher** — a training-free few-shot segmenter (PANet's non-parametric
+  matching, without its training): the backbone's mid-level features (layer3 and layer2
+  concatenated, the features NTRENet++'s head starts from) are averaged under the support's
+  foreground and under its background (masked average pooling, K shots averaged); every
+  query feature goes to the prototype of higher cosine similarity (argmax of foreground vs
+  background — no threshold to tune). Its backbone is that of a trained NTRENet++
+  checkpoint (``--weight``, default the one ``--compare`` scored) and, with
+  ``--pretrained``, an ImageNet weight file (the frozen backbone of the PASCAL/COCO configs).
+
+With ``--compare`` it prints NTRENet++'s result beside the baselines, one row each.
 """
 from __future__ import annotations
 
@@ -12,14 +25,20 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.checkpoint import build_model_from_checkpoint  # noqa: E402
 from engine.tester import run_test  # noqa: E402
+from model.backbone import build_backbone, load_backbone_weights  # noqa: E402
+from model.modules import masked_average_pooling  # noqa: E402
+from model.ops import memory_format_of, resize  # noqa: E402
+from util.amp import to_device  # noqa: E402
 from util.cli import run  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
-from util.errors import ConfigError, DataFileMissing  # noqa: E402
+from util.errors import ConfigError, DataFileMissing, UserError  # noqa: E402
 from util.logger import setup_logger  # noqa: E402
 
 
@@ -35,10 +54,60 @@ class AllForeground(torch.nn.Module):
         return logits
 
 
+class PrototypeMatcher(torch.nn.Module):
+    """Training-free matching of query features to the support's foreground and background
+    prototypes (cosine similarity, argmax). ``backbone`` is any of model/backbone.py's."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        first = next(m.weight for m in self.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        layer2, layer3 = self.backbone.mid_level(images.contiguous(memory_format=memory_format_of(first)))
+        return torch.cat([layer3, layer2], 1)
+
+    def forward(self, query_img, support_imgs, support_masks, **_):
+        B, K = support_imgs.shape[:2]
+        feats = self.features(torch.cat([query_img, support_imgs.flatten(0, 1)])).float()
+        query, support = feats[:B], feats[B:]
+        size = feats.shape[-2:]
+        masks = support_masks.flatten(0, 1).unsqueeze(1)           # BK×1×H×W, 0/1/255
+        fg = resize((masks == 1).float(), size)
+        bg = resize((masks == 0).float(), size)                     # 255 (ignore) is neither
+        prototypes = torch.stack([masked_average_pooling(support, bg), masked_average_pooling(support, fg)], 1)
+        prototypes = prototypes.unflatten(0, (B, K)).mean(1)        # B×2×C×1×1: background, foreground
+        similarity = F.cosine_similarity(query.unsqueeze(1), prototypes, dim=2)   # B×2×h×w
+        return resize(similarity, query_img.shape[-2:])
+
+
+def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher:
+    """The prototype matcher on the backbone of a trained NTRENet++ checkpoint."""
+    model, _ = build_model_from_checkpoint(path, cfg)
+    return PrototypeMatcher(model.backbone)
+
+
+def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
+    """The prototype matcher on an ImageNet backbone weight file (as ``pretrained`` loads it)."""
+    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem)
+    load_backbone_weights(backbone, path, cfg.allow_missing_backbone_keys)
+    return PrototypeMatcher(backbone)
+
+
+def format_row(name: str, res: dict) -> str:
+    return (f"{name:34s}{res['miou_mean']:10.2f} ± {res['miou_std']:4.2f}"
+            f"{res['fbiou_mean']:11.2f} ± {res['fbiou_std']:4.2f}")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--compare", default="", help="a test_*.json written by test.py")
+    parser.add_argument("--weight", default="",
+                        help="NTRENet++ checkpoint whose backbone the prototype matcher uses "
+                             "(default: the checkpoint --compare scored; none: no matcher row)")
+    parser.add_argument("--pretrained", default="",
+                        help="also run the prototype matcher on this ImageNet backbone weight file")
     args, opts = parse_args_with_overrides(parser, argv)
     cfg = load_cfg(args.config, opts)
     cfg.update(save_pred=False, vis=0, save_path="")
@@ -46,8 +115,11 @@ def main(argv=None) -> dict:
     if args.compare:
         if not os.path.isfile(args.compare):
             raise DataFileMissing(f"--compare '{args.compare}' does not exist; pass a test_*.json written by test.py")
-        with open(args.compare) as f:
-            res = json.load(f)
+        try:
+            with open(args.compare) as f:
+                res = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--compare {args.compare}: not a readable test.py result ({e})") from None
         # score the very episodes the result scored: its seeds, count and shots
         cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
                    manual_seed=res.get("manual_seed", cfg.manual_seed))
@@ -55,16 +127,26 @@ def main(argv=None) -> dict:
             if key in res and res[key] != cfg[key]:
                 raise ConfigError(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
                                  f"{cfg[key]!r}: pass the same config and overrides as that test run")
+    weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
     setup_logger("", 0)
-    base = run_test(cfg, DistInfo(), model=AllForeground(), write_json=False)
+
+    info = DistInfo()
+    rows = []
     if res is not None:
-        print(f"\n{'':24s}{'class mIoU':>18s}{'FB-IoU':>18s}")
-        print(f"{'NTRENet++ (' + os.path.basename(res['weight']) + ')':24s}"
-              f"{res['miou_mean']:10.2f} ± {res['miou_std']:4.2f}{res['fbiou_mean']:11.2f} ± {res['fbiou_std']:4.2f}")
-        print(f"{'all-foreground':24s}{base['miou_mean']:10.2f} ± {base['miou_std']:4.2f}"
-              f"{base['fbiou_mean']:11.2f} ± {base['fbiou_std']:4.2f}")
-        print(f"({res['seeds']} seeds x {res['episodes']} episodes, {res['shot']}-shot, the same episodes for both)")
-    return base
+        rows.append((f"NTRENet++ ({os.path.basename(res['weight'])})", res))
+    if weight:
+        matcher = to_device(matcher_from_checkpoint(weight, cfg), cfg, info.device)
+        rows.append(("prototype matcher (its backbone)", run_test(cfg, info, model=matcher, write_json=False)))
+    if args.pretrained:
+        matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), cfg, info.device)
+        rows.append(("prototype matcher (ImageNet)", run_test(cfg, info, model=matcher, write_json=False)))
+    base = run_test(cfg, info, model=AllForeground(), write_json=False)
+    rows.append(("all-foreground", base))
+    print(f"\n{'':34s}{'class mIoU':>18s}{'FB-IoU':>18s}")
+    for name, r in rows:
+        print(format_row(name, r))
+    print(f"({cfg.test_seeds} seeds x {cfg.test_num} episodes, {cfg.shot}-shot, the same episodes for every row)")
+    return {name: r for name, r in rows}
 
 
 if __name__ == "__main__":

@@ -450,8 +450,11 @@ def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
             make_synthetic(["--out", root, "--train", str(images), "--val", "0",
                             "--size", str(max(cfg.train_h, cfg.train_w)), "--workers", str(os.cpu_count() or 1)])
         lcfg = cfg.copy()
+        # the generated tree is synthetic whatever the config's dataset; its fold rules apply,
+        # but not the config's filtering: with exclude_novel_images few of so few images would stay
         lcfg.update(dataset="synthetic", data_root=root, train_list=os.path.join(root, "train.txt"),
-                    class_index_workers=1, epoch_size=B * (batches + 1), min_class_pixels=64)
+                    class_index_workers=1, epoch_size=B * (batches + 1), min_class_pixels=64,
+                    exclude_novel_images=False)
         dataset = FewShotTrainDataset(lcfg, split=load_split(lcfg, True, use_cache=False))
         loader = train_loader(dataset, lcfg, info)
         loader.sampler.set_epoch(0)

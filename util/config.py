@@ -101,6 +101,9 @@ SCHEMA: tuple[Key, ...] = (
     _k("rotate_p", "float", 0.5, "probability of a random rotation"),
     _k("blur_p", "float", 0.5, "probability of a 5x5 Gaussian blur"),
     _k("flip_p", "float", 0.5, "probability of a horizontal flip"),
+    _k("hue_jitter", "float", 0.0,
+       "episode-level hue rotation: query and supports of a training episode turned by one angle drawn "
+       "in [-hue_jitter, hue_jitter] degrees (0: off; 180: any hue)"),
     _k("ignore_label", "int", 255, "label value ignored by losses and metrics"),
     _k("padding_label", "int", 255, "label value used to pad crops and rotations"),
     _k("shot", "int", 1, "K: support images per episode"),

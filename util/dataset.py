@@ -26,7 +26,7 @@ from util.classes import NUM_CLASSES, fold_classes
 from util.distributed import barrier, is_main_process
 from util.errors import DataError, DataFileMissing
 from util.fileio import read_list
-from util.transform import eval_transform, train_transform
+from util.transform import eval_transform, hue_rotate, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ class FewShotTrainDataset(Dataset):
         self.split = split or load_split(cfg, train=True)
         self.shot = shot or cfg.shot
         self.ignore_label = cfg.ignore_label
+        self.hue_jitter = cfg.hue_jitter
         self.transform = transform or train_transform(cfg)
         _check_enough_images(self.split, self.shot, cfg.train_list)
 
@@ -190,16 +191,19 @@ class FewShotTrainDataset(Dataset):
         class_id, supports = draw_class_and_supports(self.split.index, query, self.shot, rng)
         return query, class_id, supports
 
-    def load(self, list_pos: int, class_id: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, list_pos: int, class_id: int, rng, hue: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = read_pair(*self.split.pairs[list_pos])
-        return self.transform(image, binarize(label, class_id, self.ignore_label), rng)
+        return self.transform(hue_rotate(image, hue), binarize(label, class_id, self.ignore_label), rng)
 
     def __getitem__(self, key):
         position, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
         query, class_id, supports = self.draw(position, rng)
-        q_img, q_lab = self.load(query, class_id, rng)
-        s = [self.load(i, class_id, rng) for i in supports]
+        # one hue turn for the whole episode: the target keeps the support's colour, but which
+        # colour that is varies, so matching the support pays and memorising classes does not
+        hue = rng.uniform(-self.hue_jitter, self.hue_jitter) if self.hue_jitter else 0.0
+        q_img, q_lab = self.load(query, class_id, rng, hue)
+        s = [self.load(i, class_id, rng, hue) for i in supports]
         return {
             "query_img": q_img, "query_mask": q_lab,
             "support_imgs": torch.stack([im for im, _ in s]),

@@ -20,6 +20,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    launched: bool = False      # started by torchrun: a process group exists even for one process
 
     @property
     def is_main(self) -> bool:
@@ -27,7 +28,9 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Collectives and DDP are in use: several processes, or one launched by torchrun
+        (which then runs NCCL/gloo and DDP exactly as a larger job would)."""
+        return self.world_size > 1 or self.launched
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -55,12 +58,13 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or world_size > 1   # torchrun sets it, even for one process
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, device, launched)
 
 
 def cleanup() -> None:

@@ -107,6 +107,23 @@ class RandomCrop:
         return image[y:y + self.crop_h, x:x + self.crop_w], label[y:y + self.crop_h, x:x + self.crop_w]
 
 
+def hue_rotation_matrix(degrees: float) -> np.ndarray:
+    """3×3 matrix turning RGB colours by ``degrees`` about the grey axis (1, 1, 1): a hue
+    rotation that leaves greys, and each colour's mean of R, G and B, unchanged."""
+    t = np.deg2rad(degrees)
+    k = np.full((3, 3), 1.0 / 3.0)
+    cross = np.array([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / np.sqrt(3.0)
+    return (np.cos(t) * np.eye(3) + np.sin(t) * cross + (1.0 - np.cos(t)) * k).astype(np.float32)
+
+
+def hue_rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """``image`` (H×W×3 float RGB, 0–255) with every colour's hue turned by ``degrees``."""
+    if degrees == 0:
+        return image
+    out = np.asarray(image, np.float32).reshape(-1, 3) @ hue_rotation_matrix(degrees).T
+    return np.clip(out, 0.0, 255.0).reshape(image.shape)
+
+
 def eval_resized_hw(h: int, w: int, val_size: int) -> tuple[int, int]:
     """Size after the evaluation resize: longer side to ``val_size``, each side floored to a
     multiple of 8 (PFENet's rule; 473 itself becomes 472)."""

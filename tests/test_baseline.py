@@ -1,0 +1,133 @@
+"""tools/baseline.py: the prototype matcher's arithmetic and the comparison on shared episodes."""
+import logging
+import os
+
+import pytest
+import torch
+import yaml
+
+from engine.checkpoint import save_checkpoint
+from engine.tester import run_test
+from model import build_model
+from tools import baseline
+from util.config import defaults
+from util.distributed import DistInfo
+from util.errors import ConfigError
+
+TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
+            val_size=41, batch_size_val=4, workers=0, min_class_pixels=150, class_index_workers=1,
+            test_num=6, test_seeds=2, memory_size=8, num_negatives=4, manual_seed=5)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """baseline.main points the root logger at this test's stdout; later tests must not write there."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+class PixelBackbone(torch.nn.Module):
+    """Features = the pixels themselves (a 1×1 identity convolution; layer2 empty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
+        self.conv.weight.data = torch.eye(3).view(3, 3, 1, 1)
+
+    def mid_level(self, x):
+        return x[:, :0], self.conv(x)
+
+
+def test_matcher_assigns_each_pixel_to_the_nearer_prototype_by_cosine():
+    """Support: left half red (target), right half blue (background). Query: a green-ish red
+    block on blue: cosine sends the reddish pixels to the target, the blue ones to background;
+    a 255 (ignore) region of the support counts for neither prototype."""
+    red, blue, green = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0]), torch.tensor([0, 1.0, 0])
+    support = blue.view(3, 1, 1).repeat(1, 8, 8)
+    support[:, :, :4] = red.view(3, 1, 1)
+    mask = torch.zeros(8, 8, dtype=torch.long)
+    mask[:, :4] = 1
+    support[:, 6:, 4:] = green.view(3, 1, 1)
+    mask[6:, 4:] = 255                                   # ignored: would pull the background to green
+    query = blue.view(3, 1, 1).repeat(1, 8, 8)
+    query[:, 2:5, 2:6] = (red + 0.6 * green).view(3, 1, 1)
+    query[:, 6:, :2] = green.view(3, 1, 1)              # orthogonal to both: a tie -> background (argmax 0)
+    matcher = baseline.PrototypeMatcher(PixelBackbone()).eval()
+    with torch.no_grad():
+        sim = matcher(query[None], support[None, None], mask[None, None])
+    assert sim.shape == (1, 2, 8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.long)
+    expected[2:5, 2:6] = 1
+    assert torch.equal(sim[0].argmax(0), expected)
+    cos_red = (1 / (1 + 0.36) ** 0.5)
+    assert sim[0, 1, 3, 3].item() == pytest.approx(cos_red, abs=1e-5)
+    assert sim[0, 0, 0, 0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_two_shots_average_the_prototypes():
+    red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
+    supports = torch.stack([red.view(3, 1, 1).repeat(1, 4, 4), blue.view(3, 1, 1).repeat(1, 4, 4)])
+    masks = torch.ones(2, 4, 4, dtype=torch.long)
+    masks[:, 0] = 0                                      # background row: the same colour as the target
+    query = (red + blue).view(3, 1, 1).repeat(1, 4, 4)   # halfway: cosine 1 with the mean prototype
+    with torch.no_grad():
+        sim = baseline.PrototypeMatcher(PixelBackbone())(query[None], supports[None], masks[None])
+    assert torch.allclose(sim[0, 1], torch.ones(4, 4), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny synthetic tree, an untrained checkpoint and its test.py result."""
+    from tools.make_synthetic import main as make_synthetic
+    root = str(tmp_path_factory.mktemp("synth"))
+    make_synthetic(["--out", root, "--train", "0", "--val", "60", "--size", "64", "--workers", "1"])
+    cfg = defaults()
+    cfg.update(TINY, data_root=root, train_list=os.path.join(root, "val.txt"),
+               val_list=os.path.join(root, "val.txt"), save_path=os.path.join(root, "exp"))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    weight = os.path.join(root, "exp", "model", "last.pth")
+    save_checkpoint(weight, model, cfg, epoch=1, iteration=4)
+    cfg.update(weight=weight)
+    res = run_test(cfg, DistInfo())
+    config_path = os.path.join(root, "tiny.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump({"DATA": {k: cfg[k] for k in ("dataset", "data_root", "train_list", "val_list",
+                                                      "min_class_pixels", "class_index_workers")},
+                        "MODEL": {k: cfg[k] for k in ("layers", "pretrained", "reduce_dim", "ppm_scales")},
+                        "TRAIN": {k: cfg[k] for k in ("workers", "memory_size", "num_negatives", "manual_seed")},
+                        "TEST": {"val_size": cfg.val_size, "batch_size_val": cfg.batch_size_val}}, f)
+    return config_path, res, model, cfg
+
+
+def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys):
+    config_path, res, model, cfg = tiny_run
+    rows = baseline.main(["--config", config_path, "--compare", res["json_path"]])
+    names = list(rows)
+    assert names == ["NTRENet++ (last.pth)", "prototype matcher (its backbone)", "all-foreground"]
+    assert rows["NTRENet++ (last.pth)"]["miou_mean"] == res["miou_mean"]
+    for name in names[1:]:
+        r = rows[name]
+        assert r["episodes"] == res["episodes"] == 6 and r["seeds"] == res["seeds"] == 2
+        assert [p["episodes"] for p in r["per_seed"]] == [p["episodes"] for p in res["per_seed"]]
+    # the matcher row is the checkpoint's backbone matched by hand on the same evaluation
+    matcher = baseline.PrototypeMatcher(model.backbone)
+    again = run_test(cfg, DistInfo(), model=matcher, write_json=False)
+    assert rows["prototype matcher (its backbone)"]["miou_mean"] == pytest.approx(again["miou_mean"], abs=1e-9)
+    out = capsys.readouterr().out
+    assert "prototype matcher (its backbone)" in out and "all-foreground" in out
+    assert "(2 seeds x 6 episodes, 1-shot, the same episodes for every row)" in out
+
+
+def test_a_result_of_another_fold_is_a_config_error(tiny_run):
+    config_path, res, _, _ = tiny_run
+    with pytest.raises(ConfigError, match="split"):
+        baseline.main(["--config", config_path, "--compare", res["json_path"], "split", "1"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        baseline.main(["--config", config_path, "--compare", res["json_path"] + ".missing"])
