@@ -17,8 +17,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The no-download demo: synthetic data, train fold 0 (1-shot), evaluate, compare with the
-# trivial all-foreground prediction on the same episodes.
+# The no-download demo: synthetic data, train fold 0 (1-shot), evaluate, compare with a
+# training-free prototype matcher and the all-foreground prediction on the same episodes.
 DEMO_EXP := exp/synthetic/split0_resnet18
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py --out data/synthetic --train 4000
