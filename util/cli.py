@@ -5,13 +5,14 @@ import sys
 
 from util.checkpoint import CheckpointError
 from util.config import ConfigError
+from util.video_index import VideoDataError
 
 
 def user_errors() -> tuple[type, ...]:
     """Exceptions that mean bad input (config, files, checkpoints, weights) rather than a bug."""
     from model import BackboneWeightsError
     from util.distributed import DeviceError
-    return (ConfigError, CheckpointError, BackboneWeightsError, DeviceError, FileNotFoundError)
+    return (ConfigError, CheckpointError, BackboneWeightsError, DeviceError, VideoDataError, FileNotFoundError)
 
 
 def run(main, argv=None):
