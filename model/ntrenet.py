@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.classes import NUM_CLASSES
+from util.classes import NUM_CLASSES, VIDEO_DATASETS
 
 from .backbone import build_backbone, load_backbone_weights
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
@@ -17,6 +17,7 @@ from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
                       prior_mask)
 from .ops import memory_format_of, pool_to, resize
+from .video import build_video_model
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ class NTRENetPP(nn.Module):
 
 
 def build_model(cfg) -> NTRENetPP:
-    """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank."""
+    """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank; for a
+    video dataset (``ytvis``, ``synthetic_video``) the video network (model/video.py)."""
     if cfg.classes != 2:
         raise ValueError(f"config key 'classes' is {cfg.classes}; NTRENet++ predicts 2 logits "
                          "(not target / target): set 'classes 2'")
@@ -231,7 +233,10 @@ def build_model(cfg) -> NTRENetPP:
     settings = LossSettings(ignore_label=cfg.ignore_label, aux_weight=cfg.aux_weight, bg_weight=cfg.bg_weight,
                             aux1_weight=cfg.aux1_weight, aux2_weight=cfg.aux2_weight,
                             contrast_weight=cfg.contrast_weight, bg_alpha=cfg.bg_alpha,
-                            temperature=cfg.contrast_temperature, pixel_negative=cfg.pixel_negative)
+                            temperature=cfg.contrast_temperature, pixel_negative=cfg.pixel_negative,
+                            main_weight=cfg.main_weight, iou_weight=cfg.iou_weight)
+    if cfg.dataset in VIDEO_DATASETS:
+        return build_video_model(cfg, backbone, settings)
     return NTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales,
                      aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool,
                      freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, losses=settings,
