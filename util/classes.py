@@ -1,7 +1,9 @@
-"""Class names and fold splits of PASCAL-5i, COCO-20i and the synthetic dataset.
+"""Class names and fold splits of PASCAL-5i, COCO-20i, YouTube-VIS and the synthetic datasets.
 
 Class ids are the label values on disk: 1..20 (PASCAL, synthetic), 1..80 (COCO, contiguous
-in ascending COCO category-id order). 0 is background, 255 ignore.
+in ascending COCO category-id order). 0 is background, 255 ignore. The video datasets
+(``ytvis``, ``synthetic_video``; docs/video.md) use their annotation file's category ids:
+1..40 (YouTube-VIS 2019) and 1..20 (the synthetic video set, the synthetic image classes).
 """
 from __future__ import annotations
 
@@ -34,14 +36,35 @@ SYNTHETIC_CLASSES = (
     "pink diamond", "striped hexagon", "checkered disc", "gold hexagon", "dotted square",
 )
 
-NUM_CLASSES = {"pascal": 20, "coco": 80, "synthetic": 20}
+# YouTube-VIS 2019 category names in category-id order (ids 1..40, as in its train.json).
+YTVIS_CLASSES = (
+    "person", "giant_panda", "lizard", "parrot", "skateboard", "sedan", "ape", "dog", "snake",
+    "monkey", "hand", "rabbit", "duck", "cat", "cow", "fish", "train", "horse", "turtle", "bear",
+    "motorbike", "giraffe", "leopard", "fox", "deer", "owl", "surfboard", "airplane", "truck",
+    "zebra", "tiger", "elephant", "snowboard", "boat", "shark", "mouse", "frog", "eagle",
+    "earless_seal", "tennis_racket",
+)
+
+# The synthetic video dataset (tools/make_synthetic_video.py) draws the synthetic image classes.
+SYNTHETIC_VIDEO_CLASSES = SYNTHETIC_CLASSES
+
+_CLASSES = {"pascal": PASCAL_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES,
+            "ytvis": YTVIS_CLASSES, "synthetic_video": SYNTHETIC_VIDEO_CLASSES}
+NUM_CLASSES = {name: len(classes) for name, classes in _CLASSES.items()}
+VIDEO_DATASETS = ("ytvis", "synthetic_video")
+# folds interleaved like COCO-20i (i+1, i+5, ...): always for the video datasets
+_INTERLEAVED = ("ytvis", "synthetic_video")
+
+
+def _unknown(dataset: str) -> ValueError:
+    return ValueError(f"unknown dataset '{dataset}'; expected one of {', '.join(_CLASSES)}")
 
 
 def class_names(dataset: str) -> tuple[str, ...]:
     try:
-        return {"pascal": PASCAL_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}[dataset]
+        return _CLASSES[dataset]
     except KeyError:
-        raise ValueError(f"unknown dataset '{dataset}'; expected pascal, coco or synthetic") from None
+        raise _unknown(dataset) from None
 
 
 def class_name(dataset: str, class_id: int) -> str:
@@ -55,14 +78,16 @@ def fold_classes(dataset: str, split: int, use_split_coco: bool = True) -> tuple
     PASCAL-5i and synthetic: fold i holds out 5i+1..5i+5.
     COCO-20i interleaved (``use_split_coco``): fold i holds out i+1, i+5, ..., i+77.
     COCO-20i sequential: fold i holds out 20i+1..20i+20.
+    YouTube-VIS (always interleaved): fold i holds out i+1, i+5, ..., i+37; the synthetic
+    video set likewise i+1, ..., i+17 (``use_split_coco`` does not apply to either).
     """
     if split not in (0, 1, 2, 3):
         raise ValueError(f"split must be 0, 1, 2 or 3, got {split}")
     n = NUM_CLASSES.get(dataset)
     if n is None:
-        raise ValueError(f"unknown dataset '{dataset}'; expected pascal, coco or synthetic")
+        raise _unknown(dataset)
     all_ids = list(range(1, n + 1))
-    if dataset == "coco" and use_split_coco:
+    if dataset in _INTERLEAVED or (dataset == "coco" and use_split_coco):
         val = list(range(split + 1, n + 1, 4))
     else:
         per_fold = n // 4

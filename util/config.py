@@ -37,7 +37,7 @@ def _k(name, type_, default, help_, choices=()):
 SCHEMA: tuple[Key, ...] = (
     # ---- DATA -------------------------------------------------------------------------
     _k("dataset", "str", "pascal", "dataset family: class names and fold splits",
-       ("pascal", "coco", "synthetic")),
+       ("pascal", "coco", "synthetic", "ytvis", "synthetic_video")),
     _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/"),
     _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line"),
     _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line"),
@@ -50,6 +50,17 @@ SCHEMA: tuple[Key, ...] = (
        "drop training images containing any held-out class (BAM convention; not PFENet-comparable)"),
     _k("class_index_workers", "int", 0, "processes building the class index (0: all cores)"),
     _k("check_files", "bool", True, "verify that every file named by a list exists before use"),
+    # ---- VIDEO DATA (dataset ytvis / synthetic_video; docs/video.md) ---------------------
+    # data_root holds the prepared tree (tools/prepare_ytvis.py); train_list/val_list are unused.
+    _k("clip_len", "int", 5, "T: consecutive class frames per query clip (training and evaluation chunks)"),
+    _k("video_h", "int", 241, "letterbox canvas height of every video frame"),
+    _k("video_w", "int", 425, "letterbox canvas width of every video frame"),
+    _k("samples_per_class", "int", 100, "training episodes per training class per epoch (class-balanced)"),
+    _k("val_samples_per_class", "int", 50, "validation clips per held-out class during training"),
+    _k("support_per", "str", "video", "evaluation supports drawn afresh per query video or once per class",
+       ("video", "class")),
+    _k("video_augment", "bool", True,
+       "training clip augmentation (flip, small affine, contrast, brightness; portrait frames transposed)"),
     # ---- TRAIN: model -----------------------------------------------------------------
     _k("arch", "str", "NTRENetPP", "network name (informational)"),
     _k("layers", "int", 50, "ResNet depth: 18, 34, 50 or 101 (ignored when vgg is True)", (18, 34, 50, 101)),
@@ -279,6 +290,13 @@ def validate(cfg: CfgNode) -> None:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must not be negative")
     if not cfg.ppm_scales or any(not isinstance(s, (int, float)) or s <= 0 for s in cfg.ppm_scales):
         raise ConfigError(f"key 'ppm_scales' is {cfg.ppm_scales}; expected positive sizes or fractions")
+    # ---- video data keys ----
+    for name in ("clip_len", "samples_per_class", "val_samples_per_class"):
+        if cfg[name] < 1:
+            raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
+    for name in ("video_h", "video_w"):
+        if cfg[name] < 8:
+            raise ConfigError(f"key '{name}' is {cfg[name]}; the video canvas must be at least 8 pixels")
 
 
 def dump_cfg(cfg: CfgNode) -> str:
