@@ -1,10 +1,12 @@
-"""How many images serve each class of a fold, and (optionally) the evaluation episodes.
+"""How many images (videos and frames) serve each class of a fold, and the evaluation episodes.
 
     python tools/dataset_stats.py --config config/pascal/pascal_split0_resnet50.yaml \
         [KEY VALUE ...] [--episodes N --seed S] --json stats.json
 
 Prints a table and writes JSON; ``episodes`` are drawn exactly as evaluation draws them
-(the same seeded list test.py scores for that seed).
+(the same seeded list test.py scores for that seed). For the video datasets (ytvis,
+synthetic_video) it reports videos and frames per class, the held-out totals of every
+fold, and with ``--episodes N`` (any N > 0) the whole evaluation list of the seed.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.classes import class_names, fold_classes  # noqa: E402
+from util.classes import VIDEO_DATASETS, class_names, fold_classes  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.dataset import _check_enough_images, draw_episodes, load_split  # noqa: E402
 from util.fileio import atomic_write_json  # noqa: E402
+from util.video_dataset import build_chunks, draw_video_episodes  # noqa: E402
+from util.video_index import load_video_index  # noqa: E402
 
 
 def relative(path: str, root: str) -> str:
@@ -25,7 +29,61 @@ def relative(path: str, root: str) -> str:
     return os.path.relpath(path, root) if root else path
 
 
+def video_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
+    """Videos and frames per class of a prepared video tree, for the config's fold."""
+    index = load_video_index(cfg.data_root, cfg.dataset)
+    train_classes, val_classes = fold_classes(cfg.dataset, cfg.split)
+    names = class_names(cfg.dataset)
+    per_class = {c: {"videos": len(index.videos_of[c]), "frames": index.frames_of(c)}
+                 for c in range(1, len(names) + 1)}
+    out = {
+        "dataset": cfg.dataset, "split": cfg.split, "shot": cfg.shot,
+        "train_classes": train_classes, "val_classes": val_classes,
+        "class_names": {str(c): names[c - 1] for c in train_classes + val_classes},
+        "videos": len(index.videos), "frames": sum(len(v.frames) for v in index.videos),
+    }
+    for part, classes in (("train", train_classes), ("val", val_classes)):
+        serving = {v for c in classes for v in index.videos_of[c]}
+        out[part] = {"videos": len(serving), "frames": sum(per_class[c]["frames"] for c in classes),
+                     "per_class": {str(c): per_class[c] for c in classes}}
+    out["folds"] = {str(i): {"held_out": fold_classes(cfg.dataset, i)[1],
+                             "videos": sum(per_class[c]["videos"] for c in fold_classes(cfg.dataset, i)[1]),
+                             "frames": sum(per_class[c]["frames"] for c in fold_classes(cfg.dataset, i)[1])}
+                    for i in range(4)}
+    if episodes:
+        seed = cfg.manual_seed if seed is None else seed
+        drawn = draw_video_episodes(index, val_classes, cfg.shot, seed, cfg.support_per)
+        out["chunks"] = len(build_chunks(drawn, cfg.clip_len))
+        out["episodes"] = [{
+            "query_video": index.videos[e.video].name, "class": e.class_id,
+            "frames": [index.videos[e.video].frames[f] for f in e.frames],
+            "supports": [{"video": index.videos[v].name, "frame": index.videos[v].frames[f]} for v, f in e.supports],
+        } for e in drawn]
+    return out
+
+
+def format_video_table(stats: dict) -> str:
+    lines = [f"{stats['dataset']} fold {stats['split']}: {stats['videos']} videos, {stats['frames']} frames; "
+             f"training classes in {stats['train']['videos']} videos ({stats['train']['frames']} class frames), "
+             f"held-out classes in {stats['val']['videos']} videos ({stats['val']['frames']} class frames)"]
+    for part, key in (("train", "train_classes"), ("val", "val_classes")):
+        lines.append(f"\n{'training' if part == 'train' else 'held-out'} classes")
+        lines.append(f"  {'id':>3}  {'class':<16} {'videos':>7} {'frames':>7}")
+        for c in stats[key]:
+            row = stats[part]["per_class"][str(c)]
+            lines.append(f"  {c:>3}  {stats['class_names'][str(c)]:<16} {row['videos']:>7} {row['frames']:>7}")
+    lines.append("\nheld-out classes per fold (videos and class frames are summed over the classes)")
+    for i, fold in stats["folds"].items():
+        lines.append(f"  fold {i}: {fold['videos']:>6} videos {fold['frames']:>8} frames  classes {fold['held_out']}")
+    if "episodes" in stats:
+        lines.append(f"\n{len(stats['episodes'])} evaluation queries ({stats['shot']}-shot), "
+                     f"{stats['chunks']} chunks")
+    return "\n".join(lines)
+
+
 def dataset_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
+    if cfg.dataset in VIDEO_DATASETS:
+        return video_stats(cfg, episodes, seed)
     train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
     names = class_names(cfg.dataset)
     out = {
@@ -56,6 +114,8 @@ def dataset_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
 
 
 def format_table(stats: dict) -> str:
+    if stats["dataset"] in VIDEO_DATASETS:
+        return format_video_table(stats)
     lines = [f"{stats['dataset']} fold {stats['split']}: "
              f"{stats['train']['images']} training images, {stats['val']['images']} evaluation images "
              f"serve at least one active class"]
