@@ -222,11 +222,14 @@ def prepare_ytvis(ytvis: str, out: str, json_path: str = "", copy: bool = False,
           f"{sum(len(t.instances) for t in tasks)} instances ({dataset})")
     results = run_tasks(process_video, tasks, workers, desc=dataset)
     errors = [e for r in results for e in r.errors]
+    if len(errors) > 1:
+        for e in errors[:MAX_SHOWN]:
+            print(f"problem: {e}", file=sys.stderr)
+        if len(errors) > MAX_SHOWN:
+            print(f"problem: ... and {len(errors) - MAX_SHOWN} more", file=sys.stderr)
     if errors:
-        shown = "\n  ".join(errors[:MAX_SHOWN])
-        more = f"\n  ... and {len(errors) - MAX_SHOWN} more" if len(errors) > MAX_SHOWN else ""
-        raise PrepError(f"{len(errors)} video(s) could not be prepared; no index was written. Fix these and "
-                        f"re-run (what is already written is kept):\n  {shown}{more}")
+        raise PrepError(f"{len(errors)} video(s) could not be prepared, so no index was written; first: {errors[0]} "
+                        f"-- fix and re-run (what is already written is kept)")
     videos = [r.video for r in results]
     summary = {
         "dataset": dataset, "videos": len(videos), "frames": sum(len(v.frames) for v in videos),

@@ -214,7 +214,7 @@ class VideoEvalDataset(Dataset):
     Item: ``query_imgs`` T×3×H×W float32, ``query_masks`` T×H×W int64 (0/1),
     ``scored`` T bool, ``frame_ids`` T int64 (positions in the video's frame list),
     ``support_imgs`` K×3×H×W, ``support_masks`` K×H×W int64, ``class_id``, ``episode_id``,
-    ``chunk_id`` ints, ``letterbox`` int64 (top, left, new_h, new_w, height, width) of the
+    ``chunk_id``, ``video_id`` (the query video's position in the index) ints, ``letterbox`` int64 (top, left, new_h, new_w, height, width) of the
     query frames, ``video`` str (the query video's name), ``frame_names`` list of T str.
     """
 
@@ -258,7 +258,7 @@ class VideoEvalDataset(Dataset):
             "scored": torch.tensor(chunk.scored), "frame_ids": torch.tensor(chunk.frames),
             "support_imgs": torch.cat([im for im, _ in s]), "support_masks": torch.cat([m for _, m in s]),
             "class_id": ep.class_id, "episode_id": ep.episode_id, "chunk_id": chunk.chunk_id,
-            "letterbox": torch.tensor([g.top, g.left, g.new_h, g.new_w, g.height, g.width]),
+            "video_id": ep.video, "letterbox": torch.tensor([g.top, g.left, g.new_h, g.new_w, g.height, g.width]),
             "video": video.name, "frame_names": [video.frames[f] for f in chunk.frames],
         }
 
