@@ -39,8 +39,8 @@ from tools._prep_common import (MAX_SHOWN, ItemResult, PrepError, image_hw, link
 from tools.prepare_coco import instance_mask
 from util.classes import VIDEO_DATASETS, class_names
 from util.fileio import atomic_write_json
-from util.video_index import (IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, VideoDataError, image_relpath,
-                              index_document, mask_relpath)
+from util.errors import DataError
+from util.video_index import IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, image_relpath, index_document, mask_relpath
 
 JSON_CANDIDATES = ("train/instances.json", "train.json", "train/train.json")
 YTVIS_HINT = ("--ytvis must point at the extracted YouTube-VIS 2019 training data: the folder holding "
@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         return prepare_ytvis(args.ytvis, args.out, args.json, args.copy, args.workers)
     except PrepError as e:
-        raise VideoDataError(f"prepare_ytvis.py: {e}") from None
+        raise DataError(f"prepare_ytvis.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from util.classes import class_name, fold_classes
 from util.dataset import EpisodeSampler, shard
-from util.video_index import VideoDataError, VideoIndex, load_video_index
+from util.errors import DataError
+from util.video_index import VideoIndex, load_video_index
 from util.video_transform import ClipAugment, frames_to_tensors, letterbox, letterbox_geometry
 
 SUPPORT_MODES = ("video", "class")
@@ -35,7 +36,7 @@ def check_enough_videos(index: VideoIndex, classes: Sequence[int], shot: int, wh
     short = {c: len(index.videos_of[c]) for c in classes if len(index.videos_of[c]) < shot + 1}
     if short:
         detail = ", ".join(f"{class_name(index.dataset, c)} (id {c}): {n}" for c, n in short.items())
-        raise VideoDataError(
+        raise DataError(
             f"{where}: {shot}-shot episodes need at least {shot + 1} videos per class (a query video "
             f"and {shot} other videos for the supports), but {detail}. Use fewer shots, another fold "
             f"or a dataset with more videos of these classes.")
