@@ -14,17 +14,20 @@ from util.classes import YTVIS_CLASSES
 from util.config import defaults
 
 
-def write_ytvis(root, videos, categories=None, json_rel="train/instances.json", raw_json=None):
+def write_ytvis(root, videos, categories=None, json_rel="train/instances.json", raw_json=None, static=False):
     """Write ``videos`` — ``{name: (n_frames, h, w, [(category_id, [mask or None per frame], rle)])}``
-    with rle 'u' (uncompressed) or 'c' (compressed) — as a YouTube-VIS folder; return the JSON path."""
+    with rle 'u' (uncompressed) or 'c' (compressed) — as a YouTube-VIS folder of random
+    frames (``static``: every frame of a video the same); return the JSON path."""
     rng = np.random.default_rng(0)
     doc = {"videos": [], "annotations": [],
            "categories": categories or [{"id": i, "name": n} for i, n in enumerate(YTVIS_CLASSES, 1)]}
     for vid, (name, (n, h, w, instances)) in enumerate(videos.items(), 1):
         files = [f"{name}/{5 * t:05d}.jpg" for t in range(n)]
+        still = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         for f in files:
             os.makedirs(os.path.join(root, "train", "JPEGImages", name), exist_ok=True)
-            cv2.imwrite(os.path.join(root, "train", "JPEGImages", f), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            frame = still if static else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            cv2.imwrite(os.path.join(root, "train", "JPEGImages", f), frame)
         doc["videos"].append({"id": vid, "height": h, "width": w, "length": n, "file_names": files})
         for cat, masks, kind in instances:
             encode = uncompressed_rle if kind == "u" else compressed_rle
@@ -45,12 +48,13 @@ def box(h, w, y0, y1, x0, x1):
 
 @pytest.fixture(scope="module")
 def synthetic_video_tree(tmp_path_factory):
-    """A tiny synthetic set (40 videos, ~24 px high), generated and prepared: (raw folder, data_root)."""
+    """A tiny synthetic set (60 videos, ~24 px high: every class is the main object of 3),
+    generated and prepared: (raw folder, data_root)."""
     from tools.make_synthetic_video import main as make
     from tools.prepare_ytvis import prepare_ytvis
 
     root = str(tmp_path_factory.mktemp("synthetic_video"))
-    make(["--out", root, "--videos", "40", "--size", "24", "--frames-min", "2", "--frames-max", "8",
+    make(["--out", root, "--videos", "60", "--size", "24", "--frames-min", "2", "--frames-max", "8",
           "--portrait", "0.25", "--workers", "1"])
     prepare_ytvis(root, root, workers=1)
     return root, root

@@ -83,10 +83,10 @@ class VideoTrainDataset(Dataset):
 
     def __init__(self, cfg, index: VideoIndex | None = None, train: bool = True,
                  augment: bool | None = None, samples_per_class: int | None = None,
-                 shot: int | None = None, clip_len: int | None = None):
+                 shot: int | None = None, clip_len: int | None = None, classes: Sequence[int] | None = None):
         self.index = index or load_video_index(cfg.data_root, cfg.dataset)
         train_classes, val_classes = fold_classes(cfg.dataset, cfg.split)
-        self.classes = train_classes if train else val_classes
+        self.classes = list(classes) if classes is not None else (train_classes if train else val_classes)
         self.shot = shot or cfg.shot
         self.clip_len = clip_len or cfg.clip_len
         self.samples_per_class = samples_per_class or (cfg.samples_per_class if train else cfg.val_samples_per_class)
