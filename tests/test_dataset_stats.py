@@ -2,8 +2,11 @@ import json
 
 import pytest
 
+from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
 from tools.dataset_stats import main
 from util.dataset import draw_episodes, load_split
+from util.video_dataset import build_chunks, draw_video_episodes
+from util.video_index import load_video_index
 
 
 def test_stats_json_counts_and_episodes_as_evaluation_draws_them(tiny_pascal, tmp_path):
@@ -33,3 +36,28 @@ def test_stats_json_counts_and_episodes_as_evaluation_draws_them(tiny_pascal, tm
 def test_stray_flag_is_rejected(tiny_pascal, tmp_path):
     with pytest.raises(SystemExit):
         main(["--config", "config/pascal/pascal_split0_resnet50.yaml", "--epsiodes", "3"])
+
+
+# the fixture prepares with pycocotools, whose decode trips numpy 2's __array__ deprecation
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_video_stats_count_videos_and_frames_per_class_and_fold(synthetic_video_tree, tmp_path):  # noqa: F811
+    _, root = synthetic_video_tree
+    cfg_path = tmp_path / "v.yaml"
+    cfg_path.write_text(f"DATA:\n  dataset: synthetic_video\n  data_root: {root}\n  split: 2\n  shot: 2\n  clip_len: 3\n")
+    out = tmp_path / "stats.json"
+    stats = main(["--config", str(cfg_path), "--episodes", "1", "--seed", "3", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(stats))
+    index = load_video_index(root, "synthetic_video")
+    assert stats["val_classes"] == [3, 7, 11, 15, 19] and stats["class_names"]["3"] == "blue triangle"
+    for c in stats["val_classes"]:
+        assert stats["val"]["per_class"][str(c)] == {
+            "videos": len(index.videos_of[c]),
+            "frames": sum(len(index.videos[v].class_frames[c]) for v in index.videos_of[c])}
+    assert stats["videos"] == 60 and stats["frames"] == sum(len(v.frames) for v in index.videos)
+    assert stats["folds"]["2"]["held_out"] == [3, 7, 11, 15, 19]
+    assert stats["folds"]["2"]["frames"] == stats["val"]["frames"]
+    assert sum(f["videos"] for f in stats["folds"].values()) == sum(len(index.videos_of[c]) for c in range(1, 21))
+    episodes = draw_video_episodes(index, [3, 7, 11, 15, 19], 2, 3)
+    assert len(stats["episodes"]) == len(episodes)
+    assert stats["episodes"][0]["query_video"] == index.videos[episodes[0].video].name
+    assert stats["chunks"] == len(build_chunks(episodes, 3))

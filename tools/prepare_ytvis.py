@@ -39,8 +39,8 @@ from tools._prep_common import (MAX_SHOWN, ItemResult, PrepError, image_hw, link
 from tools.prepare_coco import instance_mask
 from util.classes import VIDEO_DATASETS, class_names
 from util.fileio import atomic_write_json
-from util.video_index import (IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, VideoDataError, image_relpath,
-                              index_document, mask_relpath)
+from util.errors import DataError
+from util.video_index import IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, image_relpath, index_document, mask_relpath
 
 JSON_CANDIDATES = ("train/instances.json", "train.json", "train/train.json")
 YTVIS_HINT = ("--ytvis must point at the extracted YouTube-VIS 2019 training data: the folder holding "
@@ -222,11 +222,14 @@ def prepare_ytvis(ytvis: str, out: str, json_path: str = "", copy: bool = False,
           f"{sum(len(t.instances) for t in tasks)} instances ({dataset})")
     results = run_tasks(process_video, tasks, workers, desc=dataset)
     errors = [e for r in results for e in r.errors]
+    if len(errors) > 1:
+        for e in errors[:MAX_SHOWN]:
+            print(f"problem: {e}", file=sys.stderr)
+        if len(errors) > MAX_SHOWN:
+            print(f"problem: ... and {len(errors) - MAX_SHOWN} more", file=sys.stderr)
     if errors:
-        shown = "\n  ".join(errors[:MAX_SHOWN])
-        more = f"\n  ... and {len(errors) - MAX_SHOWN} more" if len(errors) > MAX_SHOWN else ""
-        raise PrepError(f"{len(errors)} video(s) could not be prepared; no index was written. Fix these and "
-                        f"re-run (what is already written is kept):\n  {shown}{more}")
+        raise PrepError(f"{len(errors)} video(s) could not be prepared, so no index was written; first: {errors[0]} "
+                        f"-- fix and re-run (what is already written is kept)")
     videos = [r.video for r in results]
     summary = {
         "dataset": dataset, "videos": len(videos), "frames": sum(len(v.frames) for v in videos),
@@ -267,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         return prepare_ytvis(args.ytvis, args.out, args.json, args.copy, args.workers)
     except PrepError as e:
-        raise VideoDataError(f"prepare_ytvis.py: {e}") from None
+        raise DataError(f"prepare_ytvis.py: {e}") from None
 
 
 if __name__ == "__main__":

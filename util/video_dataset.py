@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from util.classes import class_name, fold_classes
 from util.dataset import EpisodeSampler, shard
-from util.video_index import VideoDataError, VideoIndex, load_video_index
+from util.errors import DataError
+from util.video_index import VideoIndex, load_video_index
 from util.video_transform import ClipAugment, frames_to_tensors, letterbox, letterbox_geometry
 
 SUPPORT_MODES = ("video", "class")
@@ -35,7 +36,7 @@ def check_enough_videos(index: VideoIndex, classes: Sequence[int], shot: int, wh
     short = {c: len(index.videos_of[c]) for c in classes if len(index.videos_of[c]) < shot + 1}
     if short:
         detail = ", ".join(f"{class_name(index.dataset, c)} (id {c}): {n}" for c, n in short.items())
-        raise VideoDataError(
+        raise DataError(
             f"{where}: {shot}-shot episodes need at least {shot + 1} videos per class (a query video "
             f"and {shot} other videos for the supports), but {detail}. Use fewer shots, another fold "
             f"or a dataset with more videos of these classes.")
@@ -82,10 +83,10 @@ class VideoTrainDataset(Dataset):
 
     def __init__(self, cfg, index: VideoIndex | None = None, train: bool = True,
                  augment: bool | None = None, samples_per_class: int | None = None,
-                 shot: int | None = None, clip_len: int | None = None):
+                 shot: int | None = None, clip_len: int | None = None, classes: Sequence[int] | None = None):
         self.index = index or load_video_index(cfg.data_root, cfg.dataset)
         train_classes, val_classes = fold_classes(cfg.dataset, cfg.split)
-        self.classes = train_classes if train else val_classes
+        self.classes = list(classes) if classes is not None else (train_classes if train else val_classes)
         self.shot = shot or cfg.shot
         self.clip_len = clip_len or cfg.clip_len
         self.samples_per_class = samples_per_class or (cfg.samples_per_class if train else cfg.val_samples_per_class)
@@ -214,7 +215,7 @@ class VideoEvalDataset(Dataset):
     Item: ``query_imgs`` T×3×H×W float32, ``query_masks`` T×H×W int64 (0/1),
     ``scored`` T bool, ``frame_ids`` T int64 (positions in the video's frame list),
     ``support_imgs`` K×3×H×W, ``support_masks`` K×H×W int64, ``class_id``, ``episode_id``,
-    ``chunk_id`` ints, ``letterbox`` int64 (top, left, new_h, new_w, height, width) of the
+    ``chunk_id``, ``video_id`` (the query video's position in the index) ints, ``letterbox`` int64 (top, left, new_h, new_w, height, width) of the
     query frames, ``video`` str (the query video's name), ``frame_names`` list of T str.
     """
 
@@ -258,7 +259,7 @@ class VideoEvalDataset(Dataset):
             "scored": torch.tensor(chunk.scored), "frame_ids": torch.tensor(chunk.frames),
             "support_imgs": torch.cat([im for im, _ in s]), "support_masks": torch.cat([m for _, m in s]),
             "class_id": ep.class_id, "episode_id": ep.episode_id, "chunk_id": chunk.chunk_id,
-            "letterbox": torch.tensor([g.top, g.left, g.new_h, g.new_w, g.height, g.width]),
+            "video_id": ep.video, "letterbox": torch.tensor([g.top, g.left, g.new_h, g.new_w, g.height, g.width]),
             "video": video.name, "frame_names": [video.frames[f] for f in chunk.frames],
         }
 

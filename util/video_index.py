@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from util.classes import class_names
+from util.errors import DataError
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1
@@ -33,11 +34,6 @@ PREPARE_COMMAND = {
     "synthetic_video": ("python tools/make_synthetic_video.py --out data/synthetic_video && "
                         "python tools/prepare_ytvis.py --ytvis data/synthetic_video --out data/synthetic_video"),
 }
-
-
-class VideoDataError(ValueError):
-    """The video data cannot serve what was asked (missing or stale index, wrong dataset,
-    too few videos of a class); the message names the file or class and the fix."""
 
 
 def image_relpath(video: str, frame: str) -> str:
@@ -85,7 +81,7 @@ class VideoIndex:
         path = self.image_path(video, frame)
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
-            raise VideoDataError(f"cannot read frame '{path}' (missing or not an image); re-run "
+            raise DataError(f"cannot read frame '{path}' (missing or not an image); re-run "
                                  f"{PREPARE_COMMAND.get(self.dataset, PREPARE_COMMAND['ytvis'])}")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
 
@@ -94,7 +90,7 @@ class VideoIndex:
         path = self.mask_path(video, class_id, frame)
         mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
         if mask is None:
-            raise VideoDataError(f"cannot read mask '{path}' (missing or not an image); re-run "
+            raise DataError(f"cannot read mask '{path}' (missing or not an image); re-run "
                                  f"{PREPARE_COMMAND.get(self.dataset, PREPARE_COMMAND['ytvis'])}")
         return mask
 
@@ -115,25 +111,25 @@ def load_video_index(root: str, dataset: str) -> VideoIndex:
     path = os.path.join(root, INDEX_NAME)
     fix = PREPARE_COMMAND.get(dataset, PREPARE_COMMAND["ytvis"])
     if not os.path.isfile(path):
-        raise VideoDataError(f"'{path}' does not exist (data_root '{root}' is not a prepared video tree); "
+        raise DataError(f"'{path}' does not exist (data_root '{root}' is not a prepared video tree); "
                              f"build it with: {fix}")
     try:
         with open(path) as f:
             doc = json.load(f)
         if doc.get("format") != INDEX_FORMAT:
-            raise VideoDataError(f"'{path}' has index format {doc.get('format')!r}, this code reads "
+            raise DataError(f"'{path}' has index format {doc.get('format')!r}, this code reads "
                                  f"{INDEX_FORMAT}; re-run: {fix}")
         categories = [c["name"] for c in sorted(doc["categories"], key=lambda c: c["id"])]
         videos = [Video(v["name"], int(v["height"]), int(v["width"]), tuple(v["frames"]),
                         {int(c): tuple(f) for c, f in v["classes"].items()}) for v in doc["videos"]]
-    except VideoDataError:
+    except DataError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise VideoDataError(f"'{path}' is not a readable video index ({type(e).__name__}: {e}); "
+        raise DataError(f"'{path}' is not a readable video index ({type(e).__name__}: {e}); "
                              f"re-run: {fix}") from None
     expected = list(class_names(dataset))
     if categories != expected:
-        raise VideoDataError(f"'{path}' was prepared for dataset '{doc.get('dataset')}' ({len(categories)} "
+        raise DataError(f"'{path}' was prepared for dataset '{doc.get('dataset')}' ({len(categories)} "
                              f"categories), but the config says dataset '{dataset}' ({len(expected)}); "
                              f"set the config's dataset to match or point data_root at the right tree")
     return VideoIndex(root, dataset, categories, videos)

@@ -120,8 +120,9 @@ class VideoResult:
     jf: float                           # (mean_j + mean_f) / 2
     class_iou: float                    # percent: mean over classes of ΣTP / Σ(TP+FP+FN)
     per_class: dict[str, dict]          # class name -> {"J", "F", "IoU" (percent), "frames", "videos"}
-    frames: int
-    videos: int
+    frames: int                         # frames scored
+    queries: int                        # (video, class) queries scored
+    videos: int                         # distinct query videos (needs video_ids in update)
     per_episode: list[dict] = field(default_factory=list)   # {"episode_id", "J", "F", "frames"}
 
 
@@ -141,11 +142,17 @@ class VideoScoreAccumulator:
         self.by_class = zeros(len(self.class_ids), 6)     # J, F, TP, FP, FN, frames
         self.by_episode = zeros(num_episodes, 3)          # J, F, frames
         self.episode_class = torch.full((num_episodes,), -1, dtype=torch.long, device=device)
+        self.episode_video = torch.full((num_episodes,), -1, dtype=torch.long, device=device)
 
-    def update(self, scores: FrameScores, class_ids: torch.Tensor, episode_ids: torch.Tensor) -> None:
-        """Add N scored frames; ``class_ids`` and ``episode_ids`` are N per-frame ids."""
+    def update(self, scores: FrameScores, class_ids: torch.Tensor, episode_ids: torch.Tensor,
+               video_ids: torch.Tensor | None = None) -> None:
+        """Add N scored frames (only frames to score: drop the pads first); ``class_ids``,
+        ``episode_ids`` and optionally ``video_ids`` (the query video's index position) are
+        N per-frame ids."""
         device = self.by_class.device
         class_ids, episode_ids = class_ids.to(device), episode_ids.to(device)
+        if video_ids is not None:
+            self.episode_video[episode_ids] = video_ids.to(device)
         ones = torch.ones_like(scores.j)
         rows = torch.stack([scores.j, scores.f, scores.tp, scores.fp, scores.fn, ones], 1).to(device)
         self.by_class.index_add_(0, self.slot[class_ids], rows)
@@ -158,18 +165,20 @@ class VideoScoreAccumulator:
             torch.distributed.all_reduce(self.by_class)
             torch.distributed.all_reduce(self.by_episode)
             torch.distributed.all_reduce(self.episode_class, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(self.episode_video, op=torch.distributed.ReduceOp.MAX)
 
     def result(self, class_names: dict[int, str] | None = None) -> VideoResult:
         names = class_names or {c: str(c) for c in self.class_ids}
         by_class, by_episode = self.by_class.cpu(), self.by_episode.cpu()
-        episode_class = self.episode_class.cpu()
+        episode_class, episode_video = self.episode_class.cpu(), self.episode_video.cpu()
+        seen = by_episode[:, 2] > 0
         per_class, js, fs, ious = {}, [], [], []
         for k, c in enumerate(self.class_ids):
             j, f, tp, fp, fn, n = by_class[k].tolist()
             if n == 0:
                 continue
             iou = tp / (tp + fp + fn + EPS)
-            videos = int(((episode_class == c) & (by_episode[:, 2] > 0)).sum())
+            videos = int(((episode_class == c) & seen).sum())   # one query per video of a class
             per_class[names[c]] = {"J": 100 * j / n, "F": 100 * f / n, "IoU": 100 * iou,
                                    "frames": int(n), "videos": videos}
             js.append(j / n)
@@ -179,5 +188,6 @@ class VideoScoreAccumulator:
         per_episode = [{"episode_id": e, "J": 100 * j / n, "F": 100 * f / n, "frames": int(n)}
                        for e, (j, f, n) in enumerate(by_episode.tolist()) if n > 0]
         return VideoResult(mean_j=mean(js), mean_f=mean(fs), jf=(mean(js) + mean(fs)) / 2, class_iou=mean(ious),
-                           per_class=per_class, frames=int(by_class[:, 5].sum()),
-                           videos=int((by_episode[:, 2] > 0).sum()), per_episode=per_episode)
+                           per_class=per_class, frames=int(by_class[:, 5].sum()), queries=int(seen.sum()),
+                           videos=len(set(episode_video[seen & (episode_video >= 0)].tolist())),
+                           per_episode=per_episode)

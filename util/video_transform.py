@@ -86,8 +86,8 @@ class ClipAugment:
     """The training augmentation of a clip: portrait frames (H > W) transposed, then one
     drawn crop + scale/shear/rotation about the centre + horizontal flip, composed with the
     letterbox into a single affine warp, and one contrast and brightness change (before the
-    warp, so the padding stays exactly zero). Regions the warp uncovers are black and
-    background, as the letterbox padding is."""
+    warp). Regions the warp uncovers are black and background, and nothing is drawn in the
+    letterbox padding, so the padding stays exactly zero."""
 
     def __init__(self, canvas_h: int, canvas_w: int, flip_p: float = 0.5):
         self.canvas_h, self.canvas_w, self.flip_p = canvas_h, canvas_w, flip_p
@@ -125,12 +125,19 @@ class ClipAugment:
         if mask.shape[0] > mask.shape[1]:            # portrait: transposed, as the reference does
             image, mask = image.transpose(1, 0, 2), mask.T
         m = self.matrix(p, *mask.shape)
+        g = letterbox_geometry(*mask.shape, self.canvas_h, self.canvas_w)
         image = np.clip(image * p.contrast + p.brightness, 0, 255).astype(np.float32)
         size = (self.canvas_w, self.canvas_h)
         image = cv2.warpAffine(np.ascontiguousarray(image), m, size, flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         mask = cv2.warpAffine(np.ascontiguousarray(mask), m, size, flags=cv2.INTER_NEAREST,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        # what the rotation carries beyond the frame stays out of the padding (the reference's
+        # affine output has the frame's size)
+        inside = np.zeros(mask.shape, bool)
+        inside[g.top:g.top + g.new_h, g.left:g.left + g.new_w] = True
+        image[~inside] = 0
+        mask[~inside] = 0
         return image, mask
 
 
