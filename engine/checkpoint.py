@@ -21,7 +21,7 @@ from util.fileio import atomic_torch_save
 FORMAT = "ntrenetpp-checkpoint-v1"
 # config keys that change the shape of the network: a checkpoint must agree on them
 ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
-             "dataset", "memory_size")
+             "dataset", "memory_size", "video_attention", "video_aspp", "video_bg_dim")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

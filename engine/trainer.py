@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.evaluate import evaluate
+from engine.video import VIDEO_BATCH_KEYS, is_video, validate_video, video_datasets, video_optimizer
 from model import build_model
 from util.amp import autocast, synchronize, to_device
 from util.config import dump_cfg
@@ -31,7 +32,9 @@ from util.vis import panel_image
 
 log = logging.getLogger("ntrenetpp")
 
-VAL_SEED_OFFSET = 1000   # validation episodes differ from the test seeds manual_seed + i
+VAL_SEED_OFFSET = 1000
+# batch keys of the model inputs (query, supports, support masks, query label, class)
+IMAGE_BATCH_KEYS = ("query_img", "support_imgs", "support_masks", "query_mask", "class_id")   # validation episodes differ from the test seeds manual_seed + i
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,8 +76,12 @@ def build_training(cfg, info: DistInfo):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters instead of a loop of per-tensor ops (2x faster on the CPU)
-    optimizer = torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=info.device.type in ("cpu", "cuda"))
+    fused = info.device.type in ("cpu", "cuda")
+    if is_video(cfg):    # the reference's SGD for the head + Adam for the attention blocks
+        optimizer = video_optimizer(model, cfg, fused)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    fused=fused)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     net = model
     if info.distributed:
@@ -95,17 +102,23 @@ class Trainer:
         self.keep_history = keep_history
         self.model_dir = os.path.join(cfg.save_path, "model")
         torch.manual_seed(cfg.manual_seed + info.rank)   # dropout differs per rank, init is broadcast
-        train_split = load_split_rank0_first(cfg, True)
-        val_split = load_split_rank0_first(cfg, False) if cfg.evaluate else None
-        self.train_set = FewShotTrainDataset(cfg, split=train_split)
+        self.video = is_video(cfg)
+        self.batch_keys = VIDEO_BATCH_KEYS if self.video else IMAGE_BATCH_KEYS
+        if self.video:
+            self.train_set, self.val_set = video_datasets(cfg, info, cfg.manual_seed + VAL_SEED_OFFSET)
+        else:
+            train_split = load_split_rank0_first(cfg, True)
+            val_split = load_split_rank0_first(cfg, False) if cfg.evaluate else None
+            self.train_set = FewShotTrainDataset(cfg, split=train_split)
         self.loader = train_loader(self.train_set, cfg, info)
         self.iters_per_epoch = len(self.loader)
         if self.iters_per_epoch == 0:
             raise ValueError(f"an epoch has no iteration: {len(self.loader.sampler)} episodes per process, fewer than "
                              f"the per-process batch {self.loader.batch_size}; raise epoch_size or lower batch_size")
         self.max_iter = cfg.epochs * self.iters_per_epoch
-        self.val_set = None
-        if cfg.evaluate:
+        if not self.video:
+            self.val_set = None
+        if cfg.evaluate and not self.video:
             self.val_set = FewShotEvalDataset(cfg, seed=cfg.manual_seed + VAL_SEED_OFFSET,
                                               num_episodes=cfg.val_num or cfg.test_num, split=val_split,
                                               rank=info.rank, world_size=info.world_size)
@@ -190,12 +203,8 @@ class Trainer:
     def step(self, batch: dict, lr: float) -> None:
         dev = self.info.device
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        q = batch["query_img"].to(dev, non_blocking=True)
-        s = batch["support_imgs"].to(dev, non_blocking=True)
-        m = batch["support_masks"].to(dev, non_blocking=True)
-        y = batch["query_mask"].to(dev, non_blocking=True)
-        c = batch["class_id"].to(dev, non_blocking=True)
+            group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+        q, s, m, y, c = (batch[k].to(dev, non_blocking=True) for k in self.batch_keys)
         with autocast(dev, self.cfg.amp):
             _, losses = self.net(q, s, m, query_mask=y, class_ids=c)
         self.optimizer.zero_grad(set_to_none=True)
@@ -207,6 +216,8 @@ class Trainer:
         self.pending.append(torch.stack([losses[k].detach().float() for k in self.loss_names]))
 
     def validate(self) -> dict:
+        if self.video:
+            return validate_video(self.model, self.val_set, self.cfg, self.info.device, self.state.epoch, self.writer)
         out = evaluate(self.model, self.val_set, self.cfg, self.info.device, keep_samples=self.cfg.tb_images)
         r = out.result
         log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",

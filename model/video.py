@@ -19,7 +19,7 @@ SUPPORT_MODES = ("paired", "mean")
 
 class VideoNTRENetPP(nn.Module):
     """Few-shot video segmentation: ``forward(query_imgs, support_imgs, support_masks,
-    query_masks=None, class_ids=None, return_extras=False)`` with ``B×T×3×H×W`` query clips,
+    query_mask=None, class_ids=None, return_extras=False)`` with ``B×T×3×H×W`` query clips,
     ``B×K×3×H×W`` support frames, ``B×K×H×W`` support masks (0/1/255), ``B×T×H×W`` query
     masks (training).
 
@@ -105,7 +105,7 @@ class VideoNTRENetPP(nn.Module):
                 prior = prior.flatten(0, 1)
         return [layer3, layer2], prior, support_mask
 
-    def forward(self, query_imgs, support_imgs, support_masks, query_masks=None, class_ids=None,
+    def forward(self, query_imgs, support_imgs, support_masks, query_mask=None, class_ids=None,
                 return_extras: bool = False):
         if query_imgs.dim() != 5 or support_imgs.dim() != 5 or support_masks.dim() != 4:
             raise ValueError(f"the video model takes query clips B×T×3×H×W, supports B×K×3×H×W and support "
@@ -116,8 +116,8 @@ class VideoNTRENetPP(nn.Module):
         if self.support_mode == "paired" and K != T:
             raise ValueError(f"support_mode 'paired' matches query frame t with support t, so it needs as many "
                              f"supports as clip frames; got K={K}, T={T}: set 'support_mode mean' or make them equal")
-        if self.training and query_masks is None:
-            raise ValueError("training needs query_masks (B×T×H×W) for the losses")
+        if self.training and query_mask is None:
+            raise ValueError("training needs query_mask (B×T×H×W clip labels) for the losses")
         if self.training and return_extras:
             raise ValueError("return_extras is for evaluation; call model.eval() first")
         image_size = query_imgs.shape[-2:]
@@ -160,7 +160,7 @@ class VideoNTRENetPP(nn.Module):
                           "do_mask": do_mask.long().unflatten(0, (B, T)),
                           "prior": resize(prior.float(), image_size).unflatten(0, (B, T))}
 
-        losses = self._losses(logits, scale_outputs, bg_logits, support_bg_logits, support_masks, query_masks)
+        losses = self._losses(logits, scale_outputs, bg_logits, support_bg_logits, support_masks, query_mask)
         return logits.unflatten(0, (B, T)), losses
 
     # ---- training losses -------------------------------------------------------------------
