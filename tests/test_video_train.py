@@ -131,3 +131,53 @@ def test_resumed_video_run_equals_the_uninterrupted_one(tiny_repo, tmp_path):
         sa, sb = a["optimizer"][part]["state"], b["optimizer"][part]["state"]
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if isinstance(sa[i][k], torch.Tensor))
+
+
+def test_predict_on_a_folder_of_frames_and_a_video_file(tiny_repo, tmp_path, capsys):
+    import predict
+    from engine.checkpoint import save_checkpoint
+    from model import build_model
+    from util.config import load_cfg
+
+    repo, root = tiny_repo
+    config = str(repo / "config" / "synthetic_video" / "synthetic_video_tiny.yaml")
+    cfg = load_cfg(config)
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "model.pth"), build_model(cfg), cfg)
+    index = load_video_index(root, "synthetic_video")
+    c = fold_classes("synthetic_video", 0)[1][0]
+    # per video of the class, its frame with the largest mask (tiny objects vanish on the canvas)
+    area = {v: max((int(index.read_mask(v, c, f).sum()), f) for f in index.videos[v].class_frames[c])
+            for v in index.videos_of[c]}
+    ranked = sorted(area, key=lambda v: -area[v][0])
+    supports = []
+    for v in ranked[:2]:
+        supports += ["--support", index.image_path(v, area[v][1]), index.mask_path(v, c, area[v][1])]
+    query = index.videos[ranked[2]]
+    folder = os.path.join(root, "JPEGImages", query.name)
+    written = predict.main(["--config", config, "--weight", str(tmp_path / "model.pth"), *supports,
+                            "--query", folder, "--out", str(tmp_path / "out")])
+    masks = sorted(p for p in written if p.endswith("_mask.png"))
+    assert [os.path.basename(p) for p in masks] == [f"{name}_mask.png" for name in query.frames]
+    for path in masks:
+        mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (query.height, query.width) and set(mask.ravel().tolist()) <= {0, 1}
+    assert (tmp_path / "out" / "strip.png").is_file()
+
+    # a video file as the query: one mask per decoded frame
+    video = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5, (query.width, query.height))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write a test video")
+    for t in range(len(query.frames)):
+        writer.write(cv2.imread(os.path.join(folder, f"{query.frames[t]}.jpg")))
+    writer.release()
+    written = predict.main(["--config", config, "--weight", str(tmp_path / "model.pth"), *supports,
+                            "--query", video, "--out", str(tmp_path / "from_video")])
+    assert sum(p.endswith("_mask.png") for p in written) == len(query.frames)
+
+    # paired supports need clip_len of them: one line, exit 2
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--config", config, "--weight", str(tmp_path / "model.pth"), *supports[:3],
+                      "--query", folder, "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "needs clip_len = 2 supports; 1 given" in capsys.readouterr().err
