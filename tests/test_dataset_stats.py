@@ -61,3 +61,6 @@ def test_video_stats_count_videos_and_frames_per_class_and_fold(synthetic_video_
     assert len(stats["episodes"]) == len(episodes)
     assert stats["episodes"][0]["query_video"] == index.videos[episodes[0].video].name
     assert stats["chunks"] == len(build_chunks(episodes, 3))
+    # no config file: the declared defaults and the overrides
+    alone = main(["dataset", "synthetic_video", "data_root", root, "split", "2", "shot", "2", "clip_len", "3"])
+    assert alone["val"] == stats["val"] and alone["folds"] == stats["folds"]

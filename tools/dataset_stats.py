@@ -2,6 +2,7 @@
 
     python tools/dataset_stats.py --config config/pascal/pascal_split0_resnet50.yaml \
         [KEY VALUE ...] [--episodes N --seed S] --json stats.json
+    python tools/dataset_stats.py dataset ytvis data_root data/ytvis split 0 shot 5
 
 Prints a table and writes JSON; ``episodes`` are drawn exactly as evaluation draws them
 (the same seeded list test.py scores for that seed). For the video datasets (ytvis,
@@ -17,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.classes import VIDEO_DATASETS, class_names, fold_classes  # noqa: E402
-from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
+from util.config import defaults, load_cfg, merge_cfg_from_list, parse_args_with_overrides, validate  # noqa: E402
 from util.dataset import _check_enough_images, draw_episodes, load_split  # noqa: E402
 from util.fileio import atomic_write_json  # noqa: E402
 from util.video_dataset import build_chunks, draw_video_episodes  # noqa: E402
@@ -131,12 +132,18 @@ def format_table(stats: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (config/<dataset>/...)")
+    parser.add_argument("--config", default="",
+                        help="YAML config (config/<dataset>/...); without one the declared defaults and the "
+                             "KEY VALUE overrides, e.g. dataset ytvis data_root data/ytvis split 0 shot 5")
     parser.add_argument("--episodes", type=int, default=0, help="also list N evaluation episodes")
     parser.add_argument("--seed", type=int, default=None, help="episode seed (default: manual_seed)")
     parser.add_argument("--json", default="", help="write the statistics to this JSON file")
     args, opts = parse_args_with_overrides(parser, argv)
-    cfg = load_cfg(args.config, opts)
+    if args.config:
+        cfg = load_cfg(args.config, opts)
+    else:
+        cfg = merge_cfg_from_list(defaults(), opts)
+        validate(cfg)
     stats = dataset_stats(cfg, args.episodes, args.seed)
     print(format_table(stats))
     if args.json:
