@@ -163,7 +163,7 @@ def predict_video(args, cfg) -> list[str]:
         written.append(os.path.join(args.out, f"{name}_mask.png"))
         write_image(written[-1], mask)
     strip = os.path.join(args.out, "strip.png")
-    write_image(strip, strip_image(frames, prediction))
+    write_image(strip, strip_image(frames, prediction, supports, names, title=args.class_name))
     written.append(strip)
     video = os.path.join(args.out, "overlay.mp4")
     if write_video(video, overlay_frames(frames, prediction.masks), fps or 10.0):

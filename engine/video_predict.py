@@ -29,7 +29,7 @@ from util.amp import autocast, to_device
 from util.errors import PredictInputError
 from util.video_dataset import chunk_spans
 from util.video_transform import frames_to_tensors, letterbox, letterbox_geometry
-from util.vis import DO_COLOUR, _fit, _label, heatmap, overlay, tint
+from util.vis import overlay, video_strip_image
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -149,12 +149,13 @@ def overlay_frames(frames: Sequence[np.ndarray], masks: Sequence[np.ndarray]) ->
     return [overlay(f, m) for f, m in zip(frames, masks)]
 
 
-def strip_image(frames: Sequence[np.ndarray], prediction: VideoPrediction, count: int = 8,
-                tile: int = 160) -> np.ndarray:
-    """Up to ``count`` evenly spaced frames in columns; rows: prediction, mined BG, mined DO."""
+def strip_image(frames: Sequence[np.ndarray], prediction: VideoPrediction, supports: Sequence,
+                names: Sequence[str], count: int = 8, title: str = "") -> np.ndarray:
+    """util.vis's video strip of up to ``count`` evenly spaced frames: the supports, then per
+    frame the prediction, the mined BG and the mined DO."""
     picks = sorted({round(i * (len(frames) - 1) / max(count - 1, 1)) for i in range(min(count, len(frames)))})
-    rows = [[_label(_fit(overlay(frames[t], prediction.masks[t]), tile), f"frame {t + 1}") for t in picks],
-            [_label(_fit((0.5 * frames[t] + 0.5 * heatmap(prediction.bg_maps[t])).astype(np.uint8), tile),
-                    "mined BG") for t in picks],
-            [_label(_fit(tint(frames[t], prediction.do_masks[t], DO_COLOUR), tile), "mined DO") for t in picks]]
-    return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+    return video_strip_image({
+        "query_imgs": [frames[t] for t in picks], "pred": [prediction.masks[t] for t in picks],
+        "bg_map": [prediction.bg_maps[t] for t in picks], "do_mask": [prediction.do_masks[t] for t in picks],
+        "frame_names": [names[t] for t in picks], "support_imgs": [s.image for s in supports],
+        "support_masks": [s.mask for s in supports], "class_name": title})
