@@ -13,7 +13,6 @@ K is the number of --support pairs. Masks are 0/1 or 0/255 single-channel PNGs (
 import argparse
 import logging
 import os
-import sys
 import time
 
 import cv2
@@ -21,22 +20,13 @@ import cv2
 from engine.predictor import Predictor, check_query_files, read_supports, resolve_device
 from engine.video import is_video
 from engine.video_predict import VideoPredictor, overlay_frames, read_query, strip_image
+from util.cli import run
 from util.config import KEYS, load_cfg, parse_args_with_overrides
-from util.errors import CheckpointError, ConfigError, PredictInputError
-from util.fileio import atomic_write
+from util.errors import PredictInputError
+from util.fileio import atomic_path, atomic_write_image
 from util.vis import overlay, save_panel
 
 log = logging.getLogger("ntrenetpp")
-
-
-def write_image(path: str, rgb_or_grey, params=()) -> None:
-    """Write a PNG/JPEG atomically; RGB arrays are converted to OpenCV's BGR."""
-    image = cv2.cvtColor(rgb_or_grey, cv2.COLOR_RGB2BGR) if rgb_or_grey.ndim == 3 else rgb_or_grey
-
-    def write(tmp):
-        if not cv2.imwrite(tmp, image, list(params)):
-            raise OSError(f"could not write '{path}'")
-    atomic_write(path, write)
 
 
 def output_stems(queries: list[str]) -> list[str]:
@@ -84,62 +74,60 @@ def parse(argv=None):
 
 
 def main(argv=None) -> list[str]:
-    """Run and return the written paths; bad input exits with status 2 and one clear line."""
+    """Run and return the written paths; bad input raises a UserError (``run`` reports it)."""
     args, opts = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_cfg(args.config, opts)
-        if is_video(cfg):
-            return predict_video(args, cfg)
-        # every input is checked before the checkpoint is loaded
-        stems = output_stems(args.query)
-        supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
-        check_query_files(args.query)
-        device = resolve_device(args.device)
-        amp = cfg.amp
-        if args.amp and amp == "none":
-            amp = "fp16" if device.type == "cuda" else "bf16"
-        predictor = Predictor.from_checkpoint(cfg, args.weight, device=device, amp=amp)
-        predictions = predictor.iter_predict(supports, args.query, args.class_id, args.class_name)
-        written, seconds = [], 0.0
-        for stem in stems:
-            t0 = time.perf_counter()
-            pred = next(predictions)
-            seconds += time.perf_counter() - t0
-            paths = [os.path.join(args.out, f"{stem}_mask.png"), os.path.join(args.out, f"{stem}_overlay.jpg")]
-            write_image(paths[0], pred.mask)
-            write_image(paths[1], overlay(pred.image, pred.mask), (cv2.IMWRITE_JPEG_QUALITY, 90))
-            if args.panels:
-                paths.append(os.path.join(args.out, f"{stem}_panel.png"))
-                save_panel(paths[2], pred.panel_sample())
-            log.info("%s: %.1f%% foreground -> %s", stem, 100 * pred.mask.mean(), ", ".join(paths))
-            written += paths
-    except (PredictInputError, CheckpointError, ConfigError) as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = load_cfg(args.config, opts)
+    if is_video(cfg):
+        return predict_video(args, cfg)
+    # every input is checked before the checkpoint is loaded
+    stems = output_stems(args.query)
+    supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
+    check_query_files(args.query)
+    device = resolve_device(args.device)
+    amp = cfg.amp
+    if args.amp and amp == "none":
+        amp = "fp16" if device.type == "cuda" else "bf16"
+    predictor = Predictor.from_checkpoint(cfg, args.weight, device=device, amp=amp)
+    predictions = predictor.iter_predict(supports, args.query, args.class_id, args.class_name)
+    written, seconds = [], 0.0
+    for stem in stems:
+        t0 = time.perf_counter()
+        pred = next(predictions)
+        seconds += time.perf_counter() - t0
+        paths = [os.path.join(args.out, f"{stem}_mask.png"), os.path.join(args.out, f"{stem}_overlay.jpg")]
+        atomic_write_image(paths[0], pred.mask)
+        atomic_write_image(paths[1], cv2.cvtColor(overlay(pred.image, pred.mask), cv2.COLOR_RGB2BGR),
+                           (cv2.IMWRITE_JPEG_QUALITY, 90))
+        if args.panels:
+            paths.append(os.path.join(args.out, f"{stem}_panel.png"))
+            save_panel(paths[2], pred.panel_sample())
+        log.info("%s: %.1f%% foreground -> %s", stem, 100 * pred.mask.mean(), ", ".join(paths))
+        written += paths
     log.info("%d query(ies), %d-shot, %s on %s%s: %.3f s per query (reading and network)", len(stems),
              len(supports), args.weight, predictor.device, f" ({amp})" if amp != "none" else "",
              seconds / len(stems))
     return written
 
 
+class _NoVideoEncoder(Exception):
+    pass
+
+
 def write_video(path: str, frames, fps: float) -> bool:
     """Write RGB frames as an MP4 (atomically); False where OpenCV has no MP4 encoder."""
     h, w = frames[0].shape[:2]
-    ok = [False]
-
-    def write(tmp):
-        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-        if not writer.isOpened():
-            return
-        for frame in frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        ok[0] = True
-    atomic_write(path, write)
-    if not ok[0]:
-        os.remove(path)
-    return ok[0]
+    try:
+        with atomic_path(path) as tmp:
+            writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            if not writer.isOpened():
+                raise _NoVideoEncoder
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            writer.release()
+    except _NoVideoEncoder:
+        return False
+    return True
 
 
 def predict_video(args, cfg) -> list[str]:
@@ -161,9 +149,10 @@ def predict_video(args, cfg) -> list[str]:
     written = []
     for name, mask in zip(names, prediction.masks):
         written.append(os.path.join(args.out, f"{name}_mask.png"))
-        write_image(written[-1], mask)
+        atomic_write_image(written[-1], mask)
     strip = os.path.join(args.out, "strip.png")
-    write_image(strip, strip_image(frames, prediction, supports, names, title=args.class_name))
+    atomic_write_image(strip, cv2.cvtColor(strip_image(frames, prediction, supports, names, title=args.class_name),
+                                           cv2.COLOR_RGB2BGR))
     written.append(strip)
     video = os.path.join(args.out, "overlay.mp4")
     if write_video(video, overlay_frames(frames, prediction.masks), fps or 10.0):
@@ -177,4 +166,4 @@ def predict_video(args, cfg) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,12 +7,15 @@ from engine.tester import run_test
 from util.cli import run
 from util.config import experiment_cfg
 from util.distributed import cleanup, init_distributed
+from util.host_memory import tune_cpu_process
 from util.logger import setup_logger
 
 
 def main(argv=None) -> dict:
     cfg = experiment_cfg(__doc__, argv)
     info = init_distributed(cfg.device)
+    if info.device.type == "cpu":
+        tune_cpu_process()      # keep freed memory, flush denormals (docs/benchmarks.md has what each bought)
     setup_logger(cfg.save_path, info.rank, "test.log")
     try:
         return run_test(cfg, info)

@@ -6,7 +6,6 @@ validation score, so a resumed run continues exactly as the uninterrupted one wo
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 from typing import Any
@@ -152,13 +151,7 @@ def build_model_from_checkpoint(path: str, cfg):
     check_compatible(state, cfg, path)
     bare = cfg.copy()
     bare.pretrained = ""
-    quiet = logging.getLogger("model.ntrenet")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)   # the "randomly initialised" warning would be wrong here
-    try:
-        model = build_model(bare)
-    finally:
-        quiet.setLevel(level)
+    model = build_model(bare, warn_random_backbone=False)   # the checkpoint's backbone replaces it
     load_model_weights(model, state, path)
     return model, state
 

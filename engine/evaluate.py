@@ -10,15 +10,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import cv2
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from util.amp import autocast, synchronize
+from util.amp import MODEL_INPUTS, autocast, batch_to_device, synchronize
 from util.classes import class_name
 from util.dataset import FewShotEvalDataset, eval_collate, worker_init
-from util.fileio import atomic_write, atomic_write_json
+from util.fileio import atomic_write_image, atomic_write_json
 from util.metrics import IoUAccumulator, IoUResult, score_episodes
 
 
@@ -35,11 +34,6 @@ def eval_loader(dataset: FewShotEvalDataset, cfg) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=cfg.workers,
                       collate_fn=eval_collate, pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
                       persistent_workers=False, generator=torch.Generator())  # leaves the global RNG alone
-
-
-def _write_prediction(path: str, pred: torch.Tensor) -> None:
-    array = pred.to(torch.uint8).cpu().numpy()
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, array))
 
 
 @torch.no_grad()
@@ -59,9 +53,7 @@ def evaluate(model, dataset: FewShotEvalDataset, cfg, device: torch.device, pred
     t_start = time.perf_counter()
     loader = eval_loader(dataset, cfg)
     for batch in (progress(loader) if progress else loader):
-        q = batch["query_img"].to(device, non_blocking=True)
-        s = batch["support_imgs"].to(device, non_blocking=True)
-        m = batch["support_masks"].to(device, non_blocking=True)
+        q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
         synchronize(device)
         t0 = time.perf_counter()
         with autocast(device, cfg.amp):
@@ -78,7 +70,7 @@ def evaluate(model, dataset: FewShotEvalDataset, cfg, device: torch.device, pred
             for i, pred in enumerate(preds):
                 ep = int(batch["episode_id"][i])
                 name = f"ep{ep:06d}.png"
-                _write_prediction(os.path.join(pred_dir, name), pred)
+                atomic_write_image(os.path.join(pred_dir, name), pred.to(torch.uint8).cpu().numpy())
                 records.append({"episode": ep, "class": int(batch["class_id"][i]),
                                 "class_name": names[int(batch["class_id"][i])],
                                 "query_label": os.path.relpath(batch["query_label_path"][i], cfg.data_root),

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.checkpoint import build_model_from_checkpoint
-from util.amp import autocast, to_device
+from util.amp import AMP_MODES, autocast, check_amp, to_device
+from util.dataset import binarize
 from util.distributed import pick_device
-from util.errors import DeviceError, PredictInputError
+from util.errors import PredictInputError
 from util.metrics import to_original_size
 from util.transform import eval_transform
 from util.vis import panel_image
@@ -123,9 +124,7 @@ def binary_mask(values: np.ndarray, class_id: int | None, name: str, ignore_labe
     or a 0/255 mask (255 = target); any other values need ``class_id``.
     """
     if class_id is not None:
-        out = (values == class_id).astype(np.uint8)
-        out[values == ignore_label] = ignore_label
-        return out
+        return binarize(values, class_id, ignore_label)     # as the datasets turn a label into an episode's
     present = set(np.unique(values).tolist())
     if present <= {0, 255}:
         return (values == 255).astype(np.uint8)
@@ -320,12 +319,8 @@ def resolve_device(device: str | torch.device, amp: str = "none") -> torch.devic
     """'auto' → CUDA when available; 'cuda' without a GPU, or fp16 off CUDA, is an error
     saying what to use instead."""
     if not isinstance(device, torch.device):
-        try:
-            device = pick_device(device)
-        except DeviceError as e:
-            raise PredictInputError(f"--device: {e}") from None
-    if amp not in ("none", "bf16", "fp16"):
+        device = pick_device(device)
+    if amp not in AMP_MODES:
         raise PredictInputError(f"amp {amp!r} is not a precision; use none, bf16 or fp16")
-    if amp == "fp16" and device.type != "cuda":
-        raise PredictInputError("amp fp16 needs a CUDA device; use bf16 on the CPU (or --device cuda)")
+    check_amp(amp, device)
     return device

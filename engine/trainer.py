@@ -22,19 +22,18 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.evaluate import evaluate
 from engine.video import VIDEO_BATCH_KEYS, is_video, validate_video, video_datasets, video_optimizer
 from model import build_model
-from util.amp import autocast, synchronize, to_device
+from util.amp import TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize, to_device
 from util.config import dump_cfg
 from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split_rank0_first, worker_init
 from util.distributed import DistInfo, barrier
+from util.errors import CheckpointError, ConfigError
 from util.fileio import atomic_write_text
 from util.logger import format_eta
 from util.vis import panel_image
 
 log = logging.getLogger("ntrenetpp")
 
-VAL_SEED_OFFSET = 1000
-# batch keys of the model inputs (query, supports, support masks, query label, class)
-IMAGE_BATCH_KEYS = ("query_img", "support_imgs", "support_masks", "query_mask", "class_id")   # validation episodes differ from the test seeds manual_seed + i
+VAL_SEED_OFFSET = 1000   # validation episodes differ from the test seeds manual_seed + i
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,16 +49,21 @@ def poly_lr(base_lr: float, it: int, max_iter: int, power: float, warmup_iters: 
 
 
 def train_loader(dataset: FewShotTrainDataset, cfg, info: DistInfo) -> DataLoader:
+    """This process's share of ``epoch_size`` episodes per epoch, ``batch_size / processes`` at a time."""
     if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by "
-                         f"{info.world_size} processes")
+        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by "
+                          f"{info.world_size} processes")
     sampler = dataset.sampler(cfg.epoch_size, cfg.manual_seed, info.world_size, info.rank)
-    return DataLoader(dataset, batch_size=cfg.batch_size // info.world_size, sampler=sampler,
-                      num_workers=cfg.workers, pin_memory=info.device.type == "cuda", drop_last=True,
-                      persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
-                      # its own generator: creating an epoch's iterator must not advance the global
-                      # torch RNG (dropout's), or a resumed run would drift from the uninterrupted one
-                      generator=torch.Generator().manual_seed(cfg.manual_seed))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size // info.world_size, sampler=sampler,
+                        num_workers=cfg.workers, pin_memory=info.device.type == "cuda", drop_last=True,
+                        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
+                        # its own generator: creating an epoch's iterator must not advance the global
+                        # torch RNG (dropout's), or a resumed run would drift from the uninterrupted one
+                        generator=torch.Generator().manual_seed(cfg.manual_seed))
+    if len(loader) == 0:
+        raise ConfigError(f"an epoch has no iteration: {len(sampler)} episodes per process, fewer than the "
+                          f"per-process batch {loader.batch_size}; raise epoch_size or lower batch_size")
+    return loader
 
 
 @dataclass
@@ -69,9 +73,10 @@ class TrainState:
     best_miou: float = -1.0
 
 
-def build_training(cfg, info: DistInfo):
-    """Model (wrapped for DDP/compile), optimizer and GradScaler."""
-    model = to_device(build_model(cfg), cfg, info.device)
+def build_training(cfg, info: DistInfo, warn_random_backbone: bool = True):
+    """Model, the model wrapped for DDP/compile, optimizer and GradScaler."""
+    check_amp(cfg.amp, info.device)
+    model = to_device(build_model(cfg, warn_random_backbone), cfg, info.device)
     if cfg.sync_bn and info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,42 +102,142 @@ def build_training(cfg, info: DistInfo):
 
 
 class Trainer:
-    def __init__(self, cfg, info: DistInfo, writer=None, keep_history: bool = False):
+    """The training loop, given its parts.
+
+    ``model`` is the plain network (checkpoints and validation use it), ``net`` what a step
+    calls (``model`` wrapped for DDP / torch.compile; ``model`` itself by default),
+    ``loader`` the training episodes (a :func:`train_loader`; only :meth:`train` needs it, a
+    :meth:`step` does not), ``val_set`` the validation episodes (None: no validation).
+    :meth:`from_cfg` builds every part from a config, as train.py does.
+    """
+
+    def __init__(self, cfg, info: DistInfo, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, loader: DataLoader | None = None,
+                 val_set: FewShotEvalDataset | None = None, net: torch.nn.Module | None = None, writer=None):
         self.cfg, self.info, self.writer = cfg, info, writer
-        self.keep_history = keep_history
+        self.model, self.net = model, model if net is None else net
+        self.optimizer, self.scaler = optimizer, scaler
+        self.loader, self.val_set = loader, val_set
+        self.video = is_video(cfg)                 # video clips: engine/video.py's parts
+        self.inputs = VIDEO_BATCH_KEYS if self.video else TRAIN_INPUTS
         self.model_dir = os.path.join(cfg.save_path, "model")
-        torch.manual_seed(cfg.manual_seed + info.rank)   # dropout differs per rank, init is broadcast
-        self.video = is_video(cfg)
-        self.batch_keys = VIDEO_BATCH_KEYS if self.video else IMAGE_BATCH_KEYS
-        if self.video:
-            self.train_set, self.val_set = video_datasets(cfg, info, cfg.manual_seed + VAL_SEED_OFFSET)
-        else:
-            train_split = load_split_rank0_first(cfg, True)
-            val_split = load_split_rank0_first(cfg, False) if cfg.evaluate else None
-            self.train_set = FewShotTrainDataset(cfg, split=train_split)
-        self.loader = train_loader(self.train_set, cfg, info)
-        self.iters_per_epoch = len(self.loader)
-        if self.iters_per_epoch == 0:
-            raise ValueError(f"an epoch has no iteration: {len(self.loader.sampler)} episodes per process, fewer than "
-                             f"the per-process batch {self.loader.batch_size}; raise epoch_size or lower batch_size")
-        self.max_iter = cfg.epochs * self.iters_per_epoch
-        if not self.video:
-            self.val_set = None
-        if cfg.evaluate and not self.video:
-            self.val_set = FewShotEvalDataset(cfg, seed=cfg.manual_seed + VAL_SEED_OFFSET,
-                                              num_episodes=cfg.val_num or cfg.test_num, split=val_split,
-                                              rank=info.rank, world_size=info.world_size)
-        self.model, self.net, self.optimizer, self.scaler = build_training(cfg, info)
         self.state = TrainState()
+        self.lr = cfg.base_lr
         self.pending: list[torch.Tensor] = []    # stacked loss values since the last read-back
         self.loss_names: list[str] = []
-        self.history: list[dict] = []            # per-iteration loss values (keep_history, for tests)
+        self._clock = (time.perf_counter(), 0)   # (start time, iteration then) for s/it and the ETA
+
+    @classmethod
+    def from_cfg(cls, cfg, info: DistInfo, writer=None) -> "Trainer":
+        """Seed this process, load both splits, build the loader, the validation episodes, the
+        model (wrapped for DDP/compile), optimizer and GradScaler."""
+        torch.manual_seed(cfg.manual_seed + info.rank)   # dropout differs per rank, init is broadcast
+        if is_video(cfg):
+            train_set, val_set = video_datasets(cfg, info, cfg.manual_seed + VAL_SEED_OFFSET)
+            model, net, optimizer, scaler = build_training(cfg, info)
+            return cls(cfg, info, model, optimizer, scaler, train_loader(train_set, cfg, info), val_set, net, writer)
+        train_split = load_split_rank0_first(cfg, True)
+        val_split = load_split_rank0_first(cfg, False) if cfg.evaluate else None
+        loader = train_loader(FewShotTrainDataset(cfg, split=train_split), cfg, info)
+        val_set = None
+        if cfg.evaluate:
+            val_set = FewShotEvalDataset(cfg, seed=cfg.manual_seed + VAL_SEED_OFFSET,
+                                         num_episodes=cfg.val_num or cfg.test_num, split=val_split,
+                                         rank=info.rank, world_size=info.world_size)
+        model, net, optimizer, scaler = build_training(cfg, info)
+        return cls(cfg, info, model, optimizer, scaler, loader, val_set, net, writer)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def max_iter(self) -> int:
+        return self.cfg.epochs * self.iters_per_epoch
+
+    # ---------------------------------------------------------------- the policy
+    def train(self) -> dict:
+        """Epoch after epoch: the iterations, then at the epoch's end validate (every
+        ``val_freq`` epochs and after the last), keep ``best.pth``, write ``last.pth``;
+        ``stop_iter`` ends the run after the next ``last.pth``."""
+        if self.loader is None:
+            raise ValueError("Trainer.train needs a loader (Trainer.from_cfg builds one)")
+        self.start()
+        metrics: dict = {}
+        while self.state.epoch < self.cfg.epochs:
+            if self.run_epoch(metrics):
+                self.state.epoch += 1
+                if self.validation_due():
+                    metrics = self.validate()
+                    self.keep_if_best(metrics)
+            self.save("last", metrics)
+            if self.stop_reached():
+                log.info("stop_iter %d reached: saved %s", self.cfg.stop_iter, self.checkpoint_path("last"))
+                return metrics
+        synchronize(self.info.device)
+        log.info("training done: %d iterations, best validation class mIoU %.2f", self.state.iteration,
+                 self.state.best_miou)
+        return metrics
+
+    def start(self) -> None:
+        """The experiment folder and its config copy, a resume, the run's size in the log."""
+        if self.info.is_main:
+            os.makedirs(self.model_dir, exist_ok=True)
+            atomic_write_text(os.path.join(self.cfg.save_path, "config.yaml"), dump_cfg(self.cfg))
+        self.maybe_resume()
+        log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
+                 len(self.loader.sampler) * self.info.world_size, len(self.loader.dataset), self.iters_per_epoch,
+                 self.max_iter, self.info.world_size)
+        self._clock = (time.perf_counter(), self.state.iteration)
+
+    def run_epoch(self, metrics: dict) -> bool:
+        """The current epoch's iterations (after a resume, the rest of them); False when
+        ``stop_iter`` cut it short."""
+        cfg, epoch = self.cfg, self.state.epoch
+        skip = self.state.iteration - epoch * self.iters_per_epoch
+        self.loader.sampler.set_epoch(epoch, start=skip * self.loader.batch_size)
+        self.net.train()
+        batches = self.loader
+        if self.info.is_main and sys.stdout.isatty():
+            batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False)
+        for batch in batches:
+            self.lr = poly_lr(cfg.base_lr, self.state.iteration + 1, self.max_iter, cfg.power, cfg.warmup_iters)
+            self.step(batch, self.lr)
+            self.state.iteration += 1
+            if self.state.iteration % cfg.print_freq == 0:
+                self.flush_losses()
+            # an epoch's last iteration is left to train(), which validates before it saves: a
+            # save here would let a resume skip that epoch's validation
+            if self.state.iteration % self.iters_per_epoch == 0:
+                continue
+            if self.stop_reached():
+                return False
+            if cfg.ckpt_freq_iters and self.state.iteration % cfg.ckpt_freq_iters == 0:
+                self.save("last", metrics)
+        self.flush_losses()
+        return True
+
+    def validation_due(self) -> bool:
+        epoch = self.state.epoch
+        return self.val_set is not None and (epoch % self.cfg.val_freq == 0 or epoch == self.cfg.epochs)
+
+    def keep_if_best(self, metrics: dict) -> None:
+        if metrics["miou"] > self.state.best_miou:
+            self.state.best_miou = metrics["miou"]
+            self.save("best", metrics)
+            log.info("new best class mIoU %.2f: saved %s", metrics["miou"], self.checkpoint_path("best"))
+
+    def stop_reached(self) -> bool:
+        return bool(self.cfg.stop_iter) and self.state.iteration >= self.cfg.stop_iter
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_path(self, name: str) -> str:
         return os.path.join(self.model_dir, f"{name}.pth")
 
     def save(self, name: str, metrics: dict | None = None) -> None:
+        """Write ``model/<name>.pth``, after the pending losses are checked: a non-finite
+        loss stops training before any checkpoint takes it in."""
+        self.flush_losses()
         if self.info.is_main:
             save_checkpoint(self.checkpoint_path(name), self.model, self.cfg, self.optimizer, self.scaler,
                             self.state.epoch, self.state.iteration, self.state.best_miou,
@@ -150,9 +255,9 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.cfg, self.optimizer, self.scaler, restore_rng=True)
         saved_ipe = state.get("metrics", {}).get("iters_per_epoch", self.iters_per_epoch)
         if saved_ipe != self.iters_per_epoch:
-            raise ValueError(f"{path} was trained with {saved_ipe} iterations per epoch, this run has "
-                             f"{self.iters_per_epoch}: resume with the same batch_size, epoch_size and "
-                             f"process count, or start a new experiment")
+            raise CheckpointError(f"{path} was trained with {saved_ipe} iterations per epoch, this run has "
+                                  f"{self.iters_per_epoch}: resume with the same batch_size, epoch_size and "
+                                  f"process count, or start a new experiment")
         if self.info.rank:   # dropout streams stay distinct per rank after a resume too
             torch.manual_seed(self.cfg.manual_seed + self.info.rank + state["iteration"])
         self.state = TrainState(state["iteration"] // self.iters_per_epoch, state["iteration"], state["best_miou"])
@@ -160,7 +265,7 @@ class Trainer:
                  path, self.state.iteration, self.state.epoch, self.state.best_miou)
 
     # ---------------------------------------------------------------- logging
-    def flush_losses(self, lr: float, t_start: float, it_start: int) -> None:
+    def flush_losses(self) -> None:
         """Read the pending loss values back (one sync), check them, log them."""
         if not self.pending:
             return
@@ -183,28 +288,26 @@ class Trainer:
                 f"non-finite loss {where}. Training stopped; the last good checkpoint "
                 f"({last if os.path.isfile(last) else 'none written yet'}) is intact. "
                 f"Try a lower base_lr, amp none, or check the data.")
-        if self.keep_history:
-            self.history += [dict(zip(self.loss_names, row.tolist())) for row in values]
         if self.writer is not None:
             for r in range(values.shape[0]):
                 for c, name in enumerate(self.loss_names):
                     self.writer.add_scalar(f"train/loss_{name}", values[r, c].item(), first_it + r)
-            self.writer.add_scalar("train/lr", lr, self.state.iteration)
-        done = self.state.iteration - it_start
-        per_it = (time.perf_counter() - t_start) / max(done, 1)
+            self.writer.add_scalar("train/lr", self.lr, self.state.iteration)
+        t_start, it_start = self._clock
+        per_it = (time.perf_counter() - t_start) / max(self.state.iteration - it_start, 1)
         mean = values.mean(0)
         parts = " ".join(f"{n} {mean[i]:.4f}" for i, n in enumerate(self.loss_names))
         log.info("epoch %d/%d iter %d/%d | %s | lr %.5f | %.3f s/it | eta %s",
                  self.state.epoch + 1, self.cfg.epochs,
-                 self.state.iteration, self.max_iter, parts, lr, per_it,
+                 self.state.iteration, self.max_iter, parts, self.lr, per_it,
                  format_eta(per_it * (self.max_iter - self.state.iteration)))
 
-    # ---------------------------------------------------------------- steps
+    # ---------------------------------------------------------------- one step, one validation
     def step(self, batch: dict, lr: float) -> None:
         dev = self.info.device
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
-        q, s, m, y, c = (batch[k].to(dev, non_blocking=True) for k in self.batch_keys)
+        q, s, m, y, c = batch_to_device(batch, dev, self.inputs).values()
         with autocast(dev, self.cfg.amp):
             _, losses = self.net(q, s, m, query_mask=y, class_ids=c)
         self.optimizer.zero_grad(set_to_none=True)
@@ -226,69 +329,6 @@ class Trainer:
         if self.writer is not None:
             self.writer.add_scalar("val/miou", r.miou, self.state.epoch)
             self.writer.add_scalar("val/fbiou", r.fbiou, self.state.epoch)
-            if out.samples:
-                for i, sample in enumerate(out.samples):
-                    self.writer.add_image(f"val/episode_{i}", panel_image(sample), self.state.epoch,
-                                          dataformats="HWC")
+            for i, sample in enumerate(out.samples):
+                self.writer.add_image(f"val/episode_{i}", panel_image(sample), self.state.epoch, dataformats="HWC")
         return {"miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou, "episodes": r.episodes}
-
-    def stop_reached(self) -> bool:
-        if self.cfg.stop_iter and self.state.iteration >= self.cfg.stop_iter:
-            log.info("stop_iter %d reached: saved %s", self.cfg.stop_iter, self.checkpoint_path("last"))
-            return True
-        return False
-
-    def train(self) -> dict:
-        cfg = self.cfg
-        if self.info.is_main:
-            os.makedirs(self.model_dir, exist_ok=True)
-            atomic_write_text(os.path.join(cfg.save_path, "config.yaml"), dump_cfg(cfg))
-        self.maybe_resume()
-        log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
-                 len(self.loader.sampler) * self.info.world_size, len(self.train_set), self.iters_per_epoch,
-                 self.max_iter, self.info.world_size)
-        metrics: dict = {}
-        t_start, it_start = time.perf_counter(), self.state.iteration
-        lr = cfg.base_lr
-        show_bar = self.info.is_main and sys.stdout.isatty()
-        while self.state.epoch < cfg.epochs:
-            epoch = self.state.epoch
-            skip = self.state.iteration - epoch * self.iters_per_epoch
-            self.loader.sampler.set_epoch(epoch, start=skip * self.loader.batch_size)
-            self.net.train()
-            batches = self.loader
-            if show_bar:
-                batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False)
-            for batch in batches:
-                lr = poly_lr(cfg.base_lr, self.state.iteration + 1, self.max_iter, cfg.power, cfg.warmup_iters)
-                self.step(batch, lr)
-                self.state.iteration += 1
-                if self.state.iteration % cfg.print_freq == 0:
-                    self.flush_losses(lr, t_start, it_start)
-                # at an epoch's end the block below validates and saves; a mid-epoch save there
-                # would let a resume skip that epoch's validation
-                if self.state.iteration % self.iters_per_epoch == 0:
-                    continue
-                if cfg.ckpt_freq_iters and self.state.iteration % cfg.ckpt_freq_iters == 0:
-                    self.flush_losses(lr, t_start, it_start)
-                    self.save("last", metrics)
-                if self.stop_reached():
-                    self.flush_losses(lr, t_start, it_start)
-                    self.save("last", metrics)
-                    return metrics
-            self.flush_losses(lr, t_start, it_start)
-            self.state.epoch += 1
-            if self.val_set is not None and (self.state.epoch % cfg.val_freq == 0 or self.state.epoch == cfg.epochs):
-                metrics = self.validate()
-                if metrics["miou"] > self.state.best_miou:
-                    self.state.best_miou = metrics["miou"]
-                    self.save("best", metrics)
-                    log.info("new best class mIoU %.2f: saved %s", metrics["miou"], self.checkpoint_path("best"))
-            self.save("last", metrics)
-            if self.stop_reached():
-                return metrics
-        synchronize(self.info.device)
-        log.info("training done: %d iterations, best validation class mIoU %.2f", self.state.iteration,
-                 self.state.best_miou)
-        return metrics
-

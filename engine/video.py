@@ -12,7 +12,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import cv2
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -23,14 +22,15 @@ from util.amp import autocast, synchronize, to_device
 from util.classes import VIDEO_DATASETS, class_name
 from util.dataset import EpisodeSampler, shard, worker_init
 from util.distributed import DistInfo
-from util.fileio import atomic_write, atomic_write_json
+from util.fileio import atomic_write_image, atomic_write_json
 from util.video_dataset import VideoEvalDataset, VideoTrainDataset, video_eval_collate
 from util.video_metrics import VideoResult, VideoScoreAccumulator, score_frames
 from util.vis import save_video_strip
 
 log = logging.getLogger("ntrenetpp")
 
-# batch keys of the model inputs (query, supports, support masks, query label, class)
+# batch keys of a training step's inputs (query clips, supports, support masks, clip labels,
+# class), in the order of util.amp.TRAIN_INPUTS for images
 VIDEO_BATCH_KEYS = ("query_imgs", "support_imgs", "support_masks", "query_masks", "class_id")
 
 
@@ -147,11 +147,6 @@ class VideoEvalOutput:
     samples: list[dict] = field(default_factory=list)   # chunks kept for panels / TensorBoard
 
 
-def _write_mask(path: str, mask: torch.Tensor) -> None:
-    array = mask.to(torch.uint8).cpu().numpy()
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, array))
-
-
 def _gather(records: list) -> list:
     if dist.is_available() and dist.is_initialized():
         parts = [None] * dist.get_world_size()
@@ -231,7 +226,8 @@ def _save_chunk_predictions(pred_dir: str, batch: dict, pred: torch.Tensor) -> l
         frames = [name for name, on in zip(batch["frame_names"][b], batch["scored"][b].tolist()) if on]
         for t, (name, on) in enumerate(zip(batch["frame_names"][b], batch["scored"][b].tolist())):
             if on:
-                _write_mask(os.path.join(pred_dir, video, str(class_id), f"{name}.png"), pred[b, t])
+                atomic_write_image(os.path.join(pred_dir, video, str(class_id), f"{name}.png"),
+                                   pred[b, t].to(torch.uint8).cpu().numpy())
         records.append({"episode_id": int(batch["episode_id"][b]), "video": video, "class_id": class_id,
                         "frames": frames, "letterbox": batch["letterbox"][b].tolist()})
     return records

@@ -45,8 +45,14 @@ def target_margin(logits: torch.Tensor, size) -> torch.Tensor:
 
 
 def segmentation_losses(logit_maps, label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
-    """:func:`segmentation_loss` of every N×2×h×w map of ``logit_maps`` against the same
-    N×H×W label → a tensor of one loss per map.
+    """Cross-entropy of every N×2×h×w map of ``logit_maps``, bilinearly upsampled to the same
+    N×H×W label (0/1, ignore 255) → a tensor of one loss per map.
+
+    Each loss is averaged over each image's valid pixels, then over images: what the
+    reference's 4 GPUs × 1 episode computed, and the same value however a batch is split
+    across ranks (a batch-wide pixel mean is not). An image with no valid pixel contributes
+    0. Computed from the upsampled logit margin (:func:`target_margin`); equals
+    ``F.cross_entropy(resize(logits), label, ignore_index=255)`` per image (tested).
 
     Maps of the same size are upsampled in one call, and the label-derived masks are built
     once, not once per map.
@@ -71,18 +77,6 @@ def segmentation_losses(logit_maps, label: torch.Tensor, ignore_label: int = 255
         for j, i in enumerate(members):
             losses[i] = per_image[j].mean()
     return torch.stack(losses)
-
-
-def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
-    """Cross-entropy of N×2×h×w logits, bilinearly upsampled to the N×H×W label (0/1, ignore 255).
-
-    Averaged over each image's valid pixels, then over images: what the reference's 4 GPUs ×
-    1 episode computed, and the same value however a batch is split across ranks (a
-    batch-wide pixel mean is not). An image with no valid pixel contributes 0. Computed
-    from the upsampled logit margin (:func:`target_margin`); equals
-    ``F.cross_entropy(resize(logits), label, ignore_index=255)`` per image (tested).
-    """
-    return segmentation_losses([logits], label, ignore_label)[0]
 
 
 def bg_mining_loss(bg_logits: torch.Tensor, label: torch.Tensor, alpha: float = 0.5,

@@ -101,10 +101,3 @@ class DOMemoryBank(nn.Module):
         self.prototypes.index_put_((rows, slots), values)
         self.write_pointer.copy_((self.write_pointer + added) % self.capacity)
         self.fill_count.copy_((self.fill_count + added).clamp_max(self.capacity))
-
-    def stored(self, class_id: int) -> torch.Tensor:
-        """The prototypes of ``class_id`` in insertion order, oldest first (for inspection/tests)."""
-        count = int(self.fill_count[class_id])
-        start = int(self.write_pointer[class_id]) - count
-        slots = [(start + i) % self.capacity for i in range(count)]
-        return self.prototypes[class_id, slots]

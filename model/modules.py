@@ -9,7 +9,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from util.errors import ConfigError
 
 from .ops import Dropout, conv1x1_relu, fuse_concat, fuse_concat_weight, fuse_relu, resize, spatial_sum
 
@@ -128,14 +129,10 @@ class ASPP(nn.Module):
     def forward(self, x):
         pooled = self.image_pool(spatial_sum(x) / (x.shape[2] * x.shape[3]))   # mean: N×C×1×1
         branches = [self.pointwise(x)] + [conv(x) for conv in self.atrous]
-        # fuse(concat(expand(pooled), branches)): the pooled branch is constant over the image,
-        # so its share of the 1×1 convolution is a per-image bias (no expanded copy, no extra GEMM);
-        # the branches are summed through their weight slices (no concatenation)
+        # fuse(concat(expand(pooled), branches)) without the concatenation: the pooled branch is
+        # constant over the image, so its share of the 1×1 convolution is a per-image bias
         conv, relu = self.fuse
-        C = pooled.shape[1]
-        out = fuse_concat_weight(conv.weight[:, C:], conv.bias, branches)
-        out = out.add_(F.linear(pooled.flatten(1), conv.weight.flatten(1)[:, :C]).to(out.dtype)[:, :, None, None])
-        return relu(out)
+        return relu(fuse_concat_weight(conv.weight, conv.bias, branches, [pooled], prototypes_first=True))
 
 
 class AgentAttention(nn.Module):
@@ -286,7 +283,7 @@ class DOEliminating(nn.Module):
     def __init__(self, channels: int, pool: str = "gap"):
         super().__init__()
         if pool not in ("gap", "map"):
-            raise ValueError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
+            raise ConfigError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
         self.pool = global_masked_pooling if pool == "gap" else masked_average_pooling
         self.fuse = conv1x1_relu(channels * 2, channels)
 

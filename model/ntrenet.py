@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from util.classes import NUM_CLASSES, VIDEO_DATASETS
+from util.errors import ConfigError
 
 from .backbone import build_backbone, load_backbone_weights
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
@@ -45,7 +46,7 @@ class NTRENetPP(nn.Module):
                  num_negatives: int = 1000, seed: int = 0):
         super().__init__()
         if not ppm_scales:
-            raise ValueError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
+            raise ConfigError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
         self.backbone = backbone
         self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
         self.ppm_scales = tuple(ppm_scales)
@@ -216,18 +217,22 @@ class NTRENetPP(nn.Module):
         return proto, pixel
 
 
-def build_model(cfg) -> NTRENetPP:
+def build_model(cfg, warn_random_backbone: bool = True) -> NTRENetPP:
     """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank; for a
-    video dataset (``ytvis``, ``synthetic_video``) the video network (model/video.py)."""
+    video dataset (``ytvis``, ``synthetic_video``) the video network (model/video.py).
+
+    With ``pretrained ''`` the backbone stays randomly initialised, and a warning says so
+    unless ``warn_random_backbone`` is False (a checkpoint's weights are about to replace it,
+    or random weights are what the caller wants)."""
     if cfg.classes != 2:
-        raise ValueError(f"config key 'classes' is {cfg.classes}; NTRENet++ predicts 2 logits "
+        raise ConfigError(f"config key 'classes' is {cfg.classes}; NTRENet++ predicts 2 logits "
                          "(not target / target): set 'classes 2'")
     if cfg.dataset not in NUM_CLASSES:
-        raise ValueError(f"config key 'dataset' is {cfg.dataset!r}; expected one of {sorted(NUM_CLASSES)}")
+        raise ConfigError(f"config key 'dataset' is {cfg.dataset!r}; expected one of {sorted(NUM_CLASSES)}")
     backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem)
     if cfg.pretrained:
         load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
-    else:
+    elif warn_random_backbone:
         log.warning("pretrained is '': the backbone is randomly initialised (fine for tests and the "
                     "synthetic demo, not for ImageNet-based results)")
     settings = LossSettings(ignore_label=cfg.ignore_label, aux_weight=cfg.aux_weight, bg_weight=cfg.bg_weight,

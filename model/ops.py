@@ -87,24 +87,29 @@ def fuse_concat(conv: nn.Conv2d, maps, prototypes=(), scalar_maps=()) -> torch.T
     return fuse_concat_weight(conv.weight, conv.bias, maps, prototypes, scalar_maps)
 
 
-def fuse_concat_weight(weight: torch.Tensor, bias, maps, prototypes=(), scalar_maps=()) -> torch.Tensor:
-    """:func:`fuse_concat` with the 1×1 convolution given as its ``weight`` (out×in×1×1) and ``bias``."""
+def fuse_concat_weight(weight: torch.Tensor, bias, maps, prototypes=(), scalar_maps=(),
+                       prototypes_first: bool = False) -> torch.Tensor:
+    """:func:`fuse_concat` with the 1×1 convolution given as its ``weight`` (out×in×1×1) and ``bias``.
+    ``prototypes_first``: the concatenation is ``[*prototypes, *maps, *scalar_maps]`` instead."""
     if isinstance(maps, torch.Tensor):
         maps = [maps]
     flat = weight.flatten(1)                                          # out×in
-    out, offset = None, 0
+    map_width = sum(x.shape[1] for x in maps)
+    proto_width = sum(p.shape[1] for p in prototypes)
+    out, offset = None, proto_width if prototypes_first else 0
     for x in maps:
         width = x.shape[1]
         part = F.conv2d(x, weight[:, offset:offset + width], bias if out is None else None)
         out = part if out is None else out.add_(part)   # in place: a conv output is not saved for backward
         offset += width
     if prototypes:
-        shift = 0
+        shift, offset = 0, 0 if prototypes_first else map_width
         for p in prototypes:
             width = p.shape[1]
             shift = shift + F.linear(p.flatten(1), flat[:, offset:offset + width])
             offset += width
         out = out.add_(shift.to(out.dtype)[:, :, None, None])
+    offset = map_width + proto_width
     for m in scalar_maps:
         # addcmul keeps ``out``'s memory format (a broadcast product alone would come out NCHW)
         out = out.addcmul_(flat[:, offset].to(out.dtype).view(1, -1, 1, 1), m.to(out.dtype))

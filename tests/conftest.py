@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from tools.make_synthetic import main as make_synthetic
+from util.config import defaults
+
 
 def write_tree(root, labels, list_name="list.txt", prefix="img"):
     """Write ``labels`` (uint8 arrays) with random JPEGs under ``root`` in the VOC layout and a
@@ -43,8 +46,6 @@ def tiny_pascal(tmp_path):
     """A PASCAL-like tree (64x64 images = 4096 px) where every class 1..20 is served by
     exactly 3 images (>= 2048 px), plus one image serving two classes and one serving none.
     Returns (cfg, root)."""
-    from util.config import defaults
-
     labels = []
     for c in range(1, 21):
         for k in range(3):
@@ -66,3 +67,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# a network and run small enough for a test: seconds on a CPU core
+TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
+            train_h=33, train_w=33, val_size=41, batch_size=4, batch_size_val=4, workers=0,
+            min_class_pixels=150, class_index_workers=1, epochs=2, epoch_size=8, print_freq=1,
+            test_num=12, test_seeds=2, val_num=8, memory_size=40, num_negatives=16, tb_images=0,
+            manual_seed=5)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A tiny synthetic dataset (60 training, 80 evaluation images of 64 px), made once."""
+    root = str(tmp_path_factory.mktemp("synth"))
+    make_synthetic(["--out", root, "--train", "60", "--val", "80", "--size", "64", "--workers", "1"])
+    return root
+
+
+def tiny_cfg(root, save_path, **over):
+    """A config that trains and evaluates on :func:`synth_root` in seconds."""
+    cfg = defaults()
+    cfg.update(TINY, data_root=root, train_list=os.path.join(root, "train.txt"),
+               val_list=os.path.join(root, "val.txt"), save_path=str(save_path))
+    cfg.update(over)
+    return cfg

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from model.losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
-                          prototype_infonce, segmentation_loss, total_loss)
+                          prototype_infonce, segmentation_losses, total_loss)
 from model.modules import distracting_object_mask, global_masked_pooling, masked_average_pooling, prior_mask
+
+
+def segmentation_loss(logits, label):
+    """The loss of one logit map (the network computes several at once)."""
+    return segmentation_losses([logits], label)[0]
 
 
 def test_masked_average_pooling_exact():
@@ -226,3 +231,39 @@ def test_pixel_contrast_gradient_equals_a_full_matrix_max():
     assert torch.allclose(loss, naive, atol=1e-6) and valid.all()
     assert torch.allclose(grads[0], query.grad, atol=1e-6)
     assert torch.allclose(grads[1], support.grad, atol=1e-6)
+
+
+# ---- the grouped margin form equals cross-entropy on upsampled logits (the form it replaced) ----
+def _old_segmentation_loss(logits, label, ignore=255):
+    logits = torch.nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear",
+                                             align_corners=True).float()
+    per_pixel = torch.nn.functional.cross_entropy(logits, label, ignore_index=ignore, reduction="none")
+    valid = (label != ignore).flatten(1).sum(dim=1)
+    return (per_pixel.flatten(1).sum(dim=1) / valid.clamp_min(1)).mean()
+
+
+def _old_bg_mining_loss(bg_logits, label, alpha=0.5, ignore=255):
+    up = torch.nn.functional.interpolate(bg_logits, size=label.shape[-2:], mode="bilinear", align_corners=True)
+    log_prob = torch.nn.functional.log_softmax(up.float(), dim=1)
+    target, valid = (label == 1).float(), (label != ignore).float()
+    not_bg = -(log_prob[:, 0] * target).sum(dim=(1, 2)) / (target.sum(dim=(1, 2)) + 1e-5)
+    bg = -(log_prob[:, 1] * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+    return (not_bg + alpha * bg).mean()
+
+
+def test_grouped_margin_losses_equal_cross_entropy_on_upsampled_logits():
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 2, (3, 41, 41), generator=g)
+    label[:, 18:21] = 255                                            # an ignored band
+    label[2] = 255                                                   # an image with no valid pixel
+    maps = [torch.randn(3, 2, s, s, generator=g).mul(4).requires_grad_() for s in (41, 11, 11, 6, 11)]
+    new = segmentation_losses(maps, label)
+    old = torch.stack([_old_segmentation_loss(m, label) for m in maps])
+    assert torch.allclose(new, old, atol=1e-5)
+    w = torch.randn(len(maps), generator=g)
+    for a, b in zip(torch.autograd.grad((new * w).sum(), maps), torch.autograd.grad((old * w).sum(), maps)):
+        assert torch.allclose(a, b, atol=1e-6)
+    bg = torch.randn(3, 2, 11, 11, generator=g).mul(4).requires_grad_()
+    new, old = bg_mining_loss(bg, label, 0.7), _old_bg_mining_loss(bg, label, 0.7)
+    assert torch.allclose(new, old, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(new, bg)[0], torch.autograd.grad(old, bg)[0], atol=1e-6)

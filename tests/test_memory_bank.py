@@ -24,7 +24,11 @@ def push(bank, values, classes, keep=None):
 
 
 def stored_values(bank, class_id):
-    return bank.stored(class_id)[:, 0].tolist()
+    """First feature of each prototype of ``class_id`` in insertion order, oldest first."""
+    count = int(bank.fill_count[class_id])
+    start = int(bank.write_pointer[class_id]) - count
+    slots = [(start + i) % bank.capacity for i in range(count)]
+    return bank.prototypes[class_id, slots][:, 0].tolist()
 
 
 def test_fifo_keeps_the_newest_capacity_entries_in_order():

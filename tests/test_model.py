@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model import build_model
+from util.amp import to_device, use_channels_last
 from util.config import defaults
 
 FRACTIONS = [1.0, 0.5, 0.25, 0.125]
@@ -271,3 +272,20 @@ def test_prior_is_computed_from_the_masked_support():
         _, extras = model(query, supports, torch.full_like(support_masks, 255), return_extras=True)
     assert torch.equal(extras["prior"], torch.zeros_like(extras["prior"]))
     assert not math.isnan(extras["bg_logits"].sum().item())
+
+
+def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
+    cfg = make_cfg(layers=18, ppm_scales=[1.0, 0.5])
+    assert cfg.channels_last == "auto" and use_channels_last(cfg, torch.device("cpu"))
+    assert not use_channels_last(cfg, torch.device("cuda"))
+    cfg.channels_last = False
+    assert not use_channels_last(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = build_model(cfg).eval()
+    cfg.channels_last = "auto"
+    fast = to_device(build_model(cfg), cfg, torch.device("cpu")).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    inputs = episode(2, 2, 65)[:3]                                   # plain NCHW tensors
+    with torch.no_grad():
+        assert torch.allclose(fast(*inputs), plain(*inputs), atol=1e-4)

@@ -11,6 +11,7 @@ import predict
 from engine.checkpoint import save_checkpoint
 from engine.predictor import Prediction, Predictor, binary_mask, read_mask_values
 from model import build_model
+from util.cli import run
 from util.config import defaults
 from util.dataset import read_image
 from util.errors import CheckpointError, PredictInputError
@@ -189,7 +190,7 @@ def run_cli(files, tmp_path, capsys, *args, weight=None, config=None):
     argv = ["--config", config or files["config"], "--weight", weight or files["weight"],
             "--out", str(tmp_path / "out"), "--device", "cpu", *args]
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(argv)
+        run(predict.main, argv)
     assert exit_info.value.code == 2
     assert not (tmp_path / "out").exists()
     return capsys.readouterr().err

@@ -220,7 +220,7 @@ def test_copy_makes_regular_files(coco, tmp_path):
 
 def test_missing_folder_names_the_fix(coco, tmp_path):
     os.rename(os.path.join(coco, "annotations"), os.path.join(coco, "ann"))
-    with pytest.raises(SystemExit, match=r"annotations' does not exist; --coco must point at the folder holding"):
+    with pytest.raises(PrepError, match=r"annotations' does not exist; --coco must point at the folder holding"):
         main(["--coco", coco, "--out", str(tmp_path / "out")])
     os.rename(os.path.join(coco, "ann"), os.path.join(coco, "annotations"))
     os.remove(os.path.join(coco, "annotations", "instances_val2014.json"))
@@ -242,7 +242,7 @@ def test_broken_image_is_an_error_and_no_list_is_written(coco, tmp_path, breakag
         anns = [dict(a, segmentation=[[4, 4, 8, 4, 8]]) if a["id"] == 100 else a for a in TRAIN_ANNS]
         write_json(os.path.join(coco, "annotations", "instances_train2014.json"), TRAIN_IMAGES, anns)
     lists = tmp_path / "lists"
-    with pytest.raises(SystemExit, match=r"1 problem\(s\) in COCO labels") as err:
+    with pytest.raises(PrepError, match=r"1 problem\(s\) in COCO labels") as err:
         main(["--coco", coco, "--out", str(tmp_path / "out"), "--lists", str(lists), "--workers", "2"])
     assert re.search(message, str(err.value)), str(err.value)
     assert not lists.exists()

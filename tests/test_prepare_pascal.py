@@ -219,10 +219,10 @@ def test_image_only_in_sbd_img_is_used_and_counted(archives, tmp_path, capsys):
 
 def test_missing_folder_names_the_fix(archives, tmp_path):
     voc, sbd, _ = archives
-    with pytest.raises(SystemExit, match=r"--voc must point at VOCdevkit/VOC2012 \(the folder holding"):
+    with pytest.raises(PrepError, match=r"--voc must point at VOCdevkit/VOC2012 \(the folder holding"):
         run(os.path.dirname(voc), sbd, tmp_path / "out", tmp_path / "lists")
     os.rename(os.path.join(sbd, "cls"), os.path.join(sbd, "cls_gone"))
-    with pytest.raises(SystemExit, match=r"cls' does not exist; --sbd must point at benchmark_RELEASE/dataset"):
+    with pytest.raises(PrepError, match=r"cls' does not exist; --sbd must point at benchmark_RELEASE/dataset"):
         run(voc, sbd, tmp_path / "out", tmp_path / "lists")
     os.rename(os.path.join(sbd, "cls_gone"), os.path.join(sbd, "cls"))
     os.remove(os.path.join(voc, "ImageSets", "Segmentation", "val.txt"))
@@ -250,7 +250,7 @@ def test_broken_input_is_an_error_and_no_list_is_written(archives, tmp_path, bre
     else:
         save_mat(os.path.join(sbd, "cls", "2008_000007.mat"), np.full((H, W), 33, np.uint8))
     lists = tmp_path / "lists"
-    with pytest.raises(SystemExit, match="1 problem\\(s\\) in PASCAL labels") as err:
+    with pytest.raises(PrepError, match="1 problem\\(s\\) in PASCAL labels") as err:
         run(voc, sbd, tmp_path / "out", lists, "--workers", "2")
     assert __import__("re").search(message, str(err.value)), str(err.value)
     assert not lists.exists()

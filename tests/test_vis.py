@@ -176,7 +176,7 @@ def test_validation_logs_panels_to_tensorboard(synthetic_cfg, tmp_path):
     cfg = synthetic_cfg.copy()
     cfg.update(save_path=str(tmp_path), tb_images=2)
     writer = Writer()
-    Trainer(cfg, DistInfo(), writer).validate()
+    Trainer.from_cfg(cfg, DistInfo(), writer).validate()
     assert sorted(writer.images) == ["val/episode_0", "val/episode_1"]
     for image, step, dataformats in writer.images.values():
         assert image.shape == (TITLE_H + TILE, 6 * TILE, 3) and image.dtype == np.uint8

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from util.errors import DataError
 from util.fileio import atomic_path, atomic_write, atomic_write_text
 
 IMAGE_DIR = "JPEGImages"
@@ -27,7 +28,7 @@ IGNORE = 255
 MAX_SHOWN = 10  # problems printed in full; the rest are counted
 
 
-class PrepError(RuntimeError):
+class PrepError(DataError):
     """Broken or missing input; the message names the file and how to fix it."""
 
 
@@ -178,7 +179,3 @@ def add_output_args(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument("--copy", action="store_true", help="copy the JPEGs instead of symlinking them")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
 
-
-def fail(tool: str, error: PrepError) -> SystemExit:
-    """The SystemExit a tool's main() raises for broken input: message on stderr, status 1."""
-    return SystemExit(f"{tool}: error: {error}")

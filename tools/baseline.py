@@ -18,8 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.tester import run_test  # noqa: E402
 from engine.video import is_video  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
+from util.errors import ConfigError, DataFileMissing  # noqa: E402
 from util.logger import setup_logger  # noqa: E402
 
 
@@ -54,24 +56,23 @@ def main(argv=None) -> dict:
     cfg.update(save_pred=False, vis=0, save_path="")
     res = None
     if args.compare:
+        if not os.path.isfile(args.compare):
+            raise DataFileMissing(f"--compare '{args.compare}' does not exist; pass a test_*.json written by test.py")
         with open(args.compare) as f:
             res = json.load(f)
-    if res is not None and is_video(cfg):
-        # the very episodes the result scored: its runs, shots, clip length and support draws
-        cfg.update(test_seeds=len(res["runs"]), shot=res["shot"], clip_len=res["clip_len"],
-                   support_per=res["support_per"], manual_seed=res["manual_seed"])
-        for key in ("dataset", "split"):
-            if res[key] != cfg[key]:
-                raise SystemExit(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
-                                 f"{cfg[key]!r}: pass the same config and overrides as that test run")
-    elif res is not None:
-        # score the very episodes the result scored: its seeds, count and shots
-        cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
-                   manual_seed=res.get("manual_seed", cfg.manual_seed))
+    if res is not None:
         for key in ("dataset", "split", "val_list"):
             if key in res and res[key] != cfg[key]:
-                raise SystemExit(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
-                                 f"{cfg[key]!r}: pass the same config and overrides as that test run")
+                raise ConfigError(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
+                                  f"{cfg[key]!r}: pass the same config and overrides as that test run")
+        if is_video(cfg):
+            # the very episodes the result scored: its runs, shots, clip length and support draws
+            cfg.update(test_seeds=len(res["runs"]), shot=res["shot"], clip_len=res["clip_len"],
+                       support_per=res["support_per"], manual_seed=res["manual_seed"])
+        else:
+            # score the very episodes the result scored: its seeds, count and shots
+            cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
+                       manual_seed=res.get("manual_seed", cfg.manual_seed))
     setup_logger("", 0)
     base = run_test(cfg, DistInfo(), model=AllForeground(), write_json=False)
     if res is not None and is_video(cfg):
@@ -87,5 +88,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run  # noqa: E402
     run(main)

@@ -15,6 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.class_index import build_class_index, cache_path_for, load_area_table  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.classes import fold_classes  # noqa: E402
 from util.fileio import read_list  # noqa: E402
 
@@ -48,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import io
 import json
@@ -59,9 +60,17 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.amp import autocast, synchronize, use_channels_last  # noqa: E402
+from engine.trainer import Trainer, build_training, train_loader  # noqa: E402
+from tools.make_synthetic import main as make_synthetic  # noqa: E402
+from util.amp import (MODEL_INPUTS, TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,  # noqa: E402
+                      use_channels_last)
+from util.classes import NUM_CLASSES  # noqa: E402
+from util.cli import run as run_cli  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
+from util.dataset import FewShotTrainDataset, load_split  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
+from util.fileio import atomic_write_json  # noqa: E402
+from util.host_memory import tune_cpu_process  # noqa: E402
 
 FIELDS = ("backbone_ms", "train_step_ms", "eval_episode_ms", "eval_batched_episode_ms",
           "loader_episodes_per_s", "loader_vs_step", "step_gflop", "backbone_gflop", "peak_gflops",
@@ -199,15 +208,11 @@ def measure_peak(device: torch.device, amp: str, warmup: int, reps: int) -> tupl
     return best_fwd, best_bwd
 
 
-def make_trainer(cfg, info: DistInfo):
-    """A ``Trainer`` without datasets: the model, optimizer and ``step`` of the real one."""
-    from engine.trainer import Trainer, build_training
-
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.info, trainer.writer = cfg, info, None
-    trainer.model, trainer.net, trainer.optimizer, trainer.scaler = build_training(cfg, info)
-    trainer.pending, trainer.loss_names, trainer.history = [], [], []
-    return trainer
+def make_trainer(cfg, info: DistInfo) -> Trainer:
+    """A ``Trainer`` without datasets: the model, optimizer and ``step`` of the real one
+    (random backbone weights on purpose: they time the same)."""
+    model, net, optimizer, scaler = build_training(cfg, info, warn_random_backbone=False)
+    return Trainer(cfg, info, model, optimizer, scaler, net=net)
 
 
 def prepare(cfg, device: torch.device, tune_malloc: bool = True):
@@ -215,9 +220,6 @@ def prepare(cfg, device: torch.device, tune_malloc: bool = True):
     first ``util.host_memory.tune_cpu_process`` as train.py and test.py do (denormals flushed;
     with ``tune_malloc``, glibc malloc keeps freed memory — ``tuned`` says what was applied),
     then the seeded trainer and one random batch as the training loader gives it."""
-    from util.classes import NUM_CLASSES
-    from util.host_memory import tune_cpu_process
-
     tuned = tune_cpu_process(tune_malloc) if device.type == "cpu" else {}
     torch.manual_seed(cfg.manual_seed)
     trainer = make_trainer(cfg, DistInfo(device=device))
@@ -268,9 +270,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
 
     # ---- backbone alone (everything the frozen part of the step runs)
     log("backbone ...")
-    q = batch["query_img"].to(device)
-    s = batch["support_imgs"].to(device)
-    m = batch["support_masks"].to(device)
+    q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
 
     def backbone():
         with torch.no_grad(), autocast(device, cfg.amp):
@@ -283,10 +283,9 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     # ---- the training step
     log("training step ...")
     step = step_fn(trainer, batch)
-    net = trainer.net
-    trainer.net = model                       # count on the plain module (torch.compile aside)
-    res["step_gflop"] = count_gflop(step)
-    trainer.net = net
+    # counted on the plain module (torch.compile aside): a Trainer of the same parts without the wrapper
+    plain = Trainer(cfg, trainer.info, model, trainer.optimizer, trainer.scaler)
+    res["step_gflop"] = count_gflop(step_fn(plain, batch))
     with PeakMemory(device) as mem:
         times = timed(step, device, warmup, reps)
     res["train_step_ms"] = statistics.median(times)
@@ -407,11 +406,8 @@ def step_is_sync_free(trainer, batch) -> bool:
 def amp_loss_check(model, batch, cfg, device) -> dict:
     """Every loss of one training forward in fp32 and under ``cfg.amp``, same weights, same DO
     bank, dropout off: {name: [fp32, amp, |difference|]}."""
-    import copy
-
     values = {}
-    inputs = [batch[k].to(device) for k in ("query_img", "support_imgs", "support_masks", "query_mask",
-                                             "class_id")]
+    inputs = list(batch_to_device(batch, device, TRAIN_INPUTS).values())
     for amp in ("none", cfg.amp):
         twin = copy.deepcopy(model).train()
         for m in twin.modules():
@@ -433,7 +429,7 @@ def measure_eval(net, cfg, device, warmup, reps):
     net.eval()
     for n in (1, batched):
         batch = make_batch(n, cfg.shot, size, seed=1)
-        q, s, m = (batch[k].to(device) for k in ("query_img", "support_imgs", "support_masks"))
+        q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
 
         def episode():
             with torch.no_grad(), autocast(device, cfg.amp):
@@ -446,10 +442,6 @@ def measure_eval(net, cfg, device, warmup, reps):
 def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
     """Episodes per second of the configured training loader on a synthetic tree at the
     configured resolution (first batch, i.e. worker start-up, excluded)."""
-    from tools.make_synthetic import main as make_synthetic
-    from util.dataset import FewShotTrainDataset, load_split
-    from engine.trainer import train_loader
-
     B = cfg.batch_size
     batches = batches or max(12, 2 * max(cfg.workers, 1))
     images = max(40, 2 * B * (cfg.shot + 1))
@@ -558,11 +550,8 @@ def main(argv=None) -> dict:
     cfg.pretrained = ""                       # random weights time the same; no weight file needed
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA GPU")
-    if cfg.amp == "fp16" and args.device != "cuda":
-        parser.error("amp fp16 needs --device cuda; use 'amp bf16' on the CPU")
     device = torch.device(args.device)
-    import logging
-    logging.getLogger("model.ntrenet").setLevel(logging.ERROR)   # the 'random backbone' warning
+    check_amp(cfg.amp, device)
     if args.profile:
         folder = os.path.dirname(os.path.abspath(args.profile))
         os.makedirs(folder, exist_ok=True)
@@ -576,11 +565,9 @@ def main(argv=None) -> dict:
     res = run(cfg, device, args.reps, args.warmup, skip, tune_malloc=not args.default_malloc, log=lambda m: print(m, file=sys.stderr))
     print(format_table(res))
     if args.json:
-        from util.fileio import atomic_write_json
         atomic_write_json(args.json, res)
     return res
 
 
 if __name__ == "__main__":
-    from util.cli import run as run_cli     # a config mistake: one line and exit status 2
     run_cli(main)

@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.classes import VIDEO_DATASETS, class_names, fold_classes  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.config import defaults, load_cfg, merge_cfg_from_list, parse_args_with_overrides, validate  # noqa: E402
 from util.dataset import _check_enough_images, draw_episodes, load_split  # noqa: E402
 from util.fileio import atomic_write_json  # noqa: E402
@@ -153,5 +154,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run  # noqa: E402
     run(main)

@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.classes import SYNTHETIC_CLASSES  # noqa: E402
-from util.fileio import atomic_write, atomic_write_text  # noqa: E402
+from util.cli import run  # noqa: E402
+from util.fileio import atomic_write_image, atomic_write_text  # noqa: E402
 
 SPLIT_IDS = {"train": 0, "val": 1}
 
@@ -281,15 +282,9 @@ def _write_one(task) -> tuple[str, int, np.ndarray]:
     out, split, index, seed, size, band, quality = task
     img, label = render_image((seed, SPLIT_IDS[split], index), size, band, main_class_of(seed, split, index))
     name = image_name(split, index)
-    atomic_write(os.path.join(out, "JPEGImages", name + ".jpg"),
-                 lambda p: _imwrite(p, img, [cv2.IMWRITE_JPEG_QUALITY, quality]))
-    atomic_write(os.path.join(out, "SegmentationClassAug", name + ".png"), lambda p: _imwrite(p, label))
+    atomic_write_image(os.path.join(out, "JPEGImages", name + ".jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    atomic_write_image(os.path.join(out, "SegmentationClassAug", name + ".png"), label)
     return split, index, np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES + 1]
-
-
-def _imwrite(path: str, arr: np.ndarray, params=()) -> None:
-    if not cv2.imwrite(path, arr, list(params)):
-        raise OSError(f"could not write '{path}'")
 
 
 def _init_worker() -> None:
@@ -379,4 +374,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

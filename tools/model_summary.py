@@ -16,6 +16,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model import build_model, parameter_counts  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.config import defaults, load_cfg, merge_cfg_from_list, validate  # noqa: E402
 
 
@@ -26,8 +28,6 @@ def backbone_name(cfg) -> str:
 
 
 def summary(cfg) -> str:
-    from model import build_model, parameter_counts
-
     model = build_model(cfg)
     rows = parameter_counts(model)
     bank = model.memory_bank.prototypes
@@ -53,13 +53,8 @@ def main(argv=None) -> None:
         cfg = merge_cfg_from_list(defaults(), args.opts)
         validate(cfg)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from model import BackboneWeightsError
-
-    try:
-        print(summary(cfg))
-    except BackboneWeightsError as e:
-        sys.exit(f"error: {e}")
+    print(summary(cfg))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,9 +31,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from tools._prep_common import (IMAGE_DIR, IGNORE, LABEL_DIR, ItemResult, PrepError, add_output_args, fail,
+from tools._prep_common import (IMAGE_DIR, IGNORE, LABEL_DIR, ItemResult, PrepError, add_output_args,
                                 image_hw, link_or_copy, require_dir, require_file, run_tasks, summarise,
                                 write_label, write_list)
+from util.cli import run
 
 COCO_HINT = ("--coco must point at the folder holding train2014/, val2014/ and annotations/ "
              "(extracted from train2014.zip, val2014.zip and annotations_trainval2014.zip)")
@@ -240,12 +241,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        prepare_coco(args.coco, args.out, args.lists, args.crowd, args.copy, args.workers)
-    except PrepError as e:
-        raise fail("prepare_coco.py", e) from None
+    prepare_coco(args.coco, args.out, args.lists, args.crowd, args.copy, args.workers)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

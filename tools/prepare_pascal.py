@@ -27,9 +27,10 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from tools._prep_common import (IMAGE_DIR, IGNORE, LABEL_DIR, ItemResult, PrepError, add_output_args, fail,
+from tools._prep_common import (IMAGE_DIR, IGNORE, LABEL_DIR, ItemResult, PrepError, add_output_args,
                                 image_hw, link_or_copy, require_dir, require_file, run_tasks, summarise,
                                 write_label, write_list)
+from util.cli import run
 
 NUM_CLASSES = 20
 VOC_HINT = ("--voc must point at VOCdevkit/VOC2012 (the folder holding JPEGImages/, "
@@ -194,12 +195,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        prepare_pascal(args.voc, args.sbd, args.out, args.lists, args.copy, args.workers)
-    except PrepError as e:
-        raise fail("prepare_pascal.py", e) from None
+    prepare_pascal(args.voc, args.sbd, args.out, args.lists, args.copy, args.workers)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

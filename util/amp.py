@@ -1,18 +1,30 @@
-"""Mixed-precision contexts from the ``amp`` config key (none | bf16 | fp16), and the memory
-format from ``channels_last``."""
+"""Where tensors run and in what precision: the autocast context of the ``amp`` config key
+(none | bf16 | fp16), the memory format from ``channels_last``, a model or an episode batch
+moved to the device."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
+from util.errors import DeviceError
+
+AMP_MODES = ("none", "bf16", "fp16")
+MODEL_INPUTS = ("query_img", "support_imgs", "support_masks")       # what the network is called with
+TRAIN_INPUTS = MODEL_INPUTS + ("query_mask", "class_id")             # ... and what its losses need
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """fp16 autocast runs on CUDA only (bf16 is the CPU's low precision): a DeviceError otherwise."""
+    if amp == "fp16" and device.type != "cuda":
+        raise DeviceError("amp fp16 needs a CUDA device; use amp bf16 on the CPU")
+
 
 def autocast(device: torch.device, amp: str):
     """The autocast context for ``amp`` on ``device`` (a null context for 'none')."""
     if amp == "none":
         return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp 'fp16' needs a CUDA device; use 'bf16' on the CPU")
+    check_amp(amp, device)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -37,3 +49,9 @@ def to_device(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Mod
     if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def batch_to_device(batch: dict, device: torch.device, keys=TRAIN_INPUTS) -> dict:
+    """The tensors ``keys`` of a collated episode batch on ``device`` (asynchronous copies
+    when the loader pinned the batch)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from util.errors import DataError
 from util.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: written only by scans that checked each label's format
 CACHE_SUFFIX = ".classindex.npz"
 
 
@@ -37,16 +38,24 @@ class AreaTable:
     cls: np.ndarray     # int64, class ids 1..254
     area: np.ndarray    # int64 pixel counts (> 0)
 
-    def areas_of(self, index: int) -> dict[int, int]:
-        lo, hi = np.searchsorted(self.image, [index, index + 1])
-        return dict(zip(self.cls[lo:hi].tolist(), self.area[lo:hi].tolist()))
+
+LABEL_FORMAT = ("labels are single-channel 8-bit PNGs of class ids (0 background, 1..N the classes, "
+                "255 ignore)")
 
 
 def label_class_areas(label_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(class ids, pixel counts) of one label file, ignoring 0 (background) and 255."""
-    label = cv2.imread(label_path, cv2.IMREAD_GRAYSCALE)
+    """(class ids, pixel counts) of one label file, ignoring 0 (background) and 255.
+
+    The label must be single-channel 8-bit: a colour or palette PNG (VOC's original
+    ``SegmentationClass``, a colour-coded label) or a 16-bit one is a DataError, never read
+    as grey levels."""
+    label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)   # OpenCV expands a palette to 3 channels
     if label is None:
-        raise ValueError(f"cannot read label '{label_path}' (missing or not an image)")
+        raise DataError(f"cannot read label '{label_path}' (missing or not an image)")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        kind = [f"{label.shape[2]}-channel (colour or palette)"] if label.ndim == 3 else []
+        kind += [] if label.dtype == np.uint8 else [f"{label.dtype.itemsize * 8}-bit"]
+        raise DataError(f"label '{label_path}' is a {', '.join(kind)} image; {LABEL_FORMAT}")
     counts = np.bincount(label.ravel(), minlength=256)
     counts[0] = counts[255] = 0
     ids = np.flatnonzero(counts)
@@ -95,9 +104,36 @@ def cache_path_for(list_path: str) -> str:
     return list_path + CACHE_SUFFIX
 
 
+def check_class_ids(table: AreaTable, label_paths: list[str], num_classes: int) -> None:
+    """Every class id in the table is 1..``num_classes`` (0 and 255 are not in it): a
+    DataError naming the first label holding another value."""
+    bad = table.cls > num_classes
+    if bad.any():
+        first = int(table.image[bad][0])
+        values = sorted(set(table.cls[table.image == first].tolist()) - set(range(1, num_classes + 1)))
+        raise DataError(f"label '{label_paths[first]}' holds the values {values}, outside 0..{num_classes} "
+                        f"and 255 ({int(np.unique(table.image[bad]).size)} label(s) in all); {LABEL_FORMAT}")
+
+
 def load_area_table(list_path: str, data_root: str, label_paths: list[str], workers: int = 0,
-                    use_cache: bool = True) -> tuple[AreaTable, bool]:
-    """The area table of a list, from the cache when it is valid. Returns (table, from_cache)."""
+                    use_cache: bool = True, num_classes: int | None = None,
+                    fix: str = "") -> tuple[AreaTable, bool]:
+    """The area table of a list, from the cache when it is valid. Returns (table, from_cache).
+
+    Labels are checked as they are scanned (:func:`label_class_areas`) and, with
+    ``num_classes``, for class ids beyond it (:func:`check_class_ids`); a bad label is a
+    DataError naming the file, followed by ``fix`` (how to produce proper labels)."""
+    try:
+        table, cached = _area_table(list_path, data_root, label_paths, workers, use_cache)
+        if num_classes is not None:
+            check_class_ids(table, label_paths, num_classes)
+    except DataError as e:
+        raise DataError(f"{e}. {fix}" if fix else str(e)) from None
+    return table, cached
+
+
+def _area_table(list_path: str, data_root: str, label_paths: list[str], workers: int,
+                use_cache: bool) -> tuple[AreaTable, bool]:
     key = cache_key(list_path, data_root, label_paths)
     path = cache_path_for(list_path)
     if use_cache and os.path.isfile(path):

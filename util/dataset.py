@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from util.class_index import ClassIndex, build_class_index, load_area_table
-from util.classes import fold_classes
+from util.classes import NUM_CLASSES, fold_classes
+from util.distributed import barrier, is_main_process
+from util.errors import DataError, DataFileMissing
 from util.fileio import read_list
 from util.transform import eval_transform, train_transform
 
@@ -32,21 +34,21 @@ def read_image(path: str) -> np.ndarray:
     """RGB float32 H×W×3 on the 0–255 scale."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"cannot read image '{path}' (missing, empty or not an image)")
+        raise DataError(f"cannot read image '{path}' (missing, empty or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
 def read_label(path: str) -> np.ndarray:
     label = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if label is None:
-        raise ValueError(f"cannot read label '{path}' (missing, empty or not an image)")
+        raise DataError(f"cannot read label '{path}' (missing, empty or not an image)")
     return label
 
 
 def read_pair(image_path: str, label_path: str) -> tuple[np.ndarray, np.ndarray]:
     image, label = read_image(image_path), read_label(label_path)
     if image.shape[:2] != label.shape:
-        raise ValueError(f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} but its label "
+        raise DataError(f"image '{image_path}' is {image.shape[1]}x{image.shape[0]} but its label "
                          f"'{label_path}' is {label.shape[1]}x{label.shape[0]}; they must match")
     return image, label
 
@@ -78,12 +80,14 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
     (training classes when ``train``, held-out ones otherwise)."""
     list_path = cfg.train_list if train else cfg.val_list
     if not os.path.isfile(list_path):
-        raise FileNotFoundError(f"list file '{list_path}' ({'train_list' if train else 'val_list'}) does not exist; "
+        raise DataFileMissing(f"list file '{list_path}' ({'train_list' if train else 'val_list'}) does not exist; "
                                 f"build the {cfg.dataset} data with: {PREPARE_COMMAND[cfg.dataset]}")
     pairs = read_list(list_path, cfg.data_root, check_files=cfg.check_files)
     train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
     table, cached = load_area_table(list_path, cfg.data_root, [lab for _, lab in pairs],
-                                    workers=cfg.class_index_workers, use_cache=use_cache)
+                                    workers=cfg.class_index_workers, use_cache=use_cache,
+                                    num_classes=NUM_CLASSES[cfg.dataset],
+                                    fix=f"Produce the labels with: {PREPARE_COMMAND[cfg.dataset]}")
     active = train_classes if train else val_classes
     exclude = val_classes if (train and cfg.exclude_novel_images) else []
     index = build_class_index(table, active, cfg.min_class_pixels, exclude)
@@ -96,8 +100,6 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
 def load_split_rank0_first(cfg, train: bool) -> SplitData:
     """:func:`load_split` where rank 0 builds the class-index cache and the other processes
     then read it, instead of every process scanning the labels at once."""
-    from util.distributed import barrier, is_main_process
-
     split = load_split(cfg, train) if is_main_process() else None
     barrier()
     return split if split is not None else load_split(cfg, train)
@@ -113,7 +115,7 @@ def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
              if len(split.index.images_of[c]) < shot + 1}
     if short:
         detail = ", ".join(f"class {c}: {n}" for c, n in short.items())
-        raise ValueError(
+        raise DataError(
             f"{where}: {shot}-shot episodes need at least {shot + 1} images per class "
             f"(a query and {shot} distinct supports), but {detail}. Use a fuller list, "
             f"fewer shots or a lower min_class_pixels.")
@@ -131,7 +133,7 @@ class EpisodeSampler(Sampler):
     def __init__(self, num_images: int, epoch_size: int = 0, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
         if num_images < 1:
-            raise ValueError("no training images serve any training class; check the list and the split")
+            raise DataError("no training images serve any training class; check the list and the split")
         self.num_images, self.seed, self.shuffle = num_images, seed, shuffle
         self.epoch_size = epoch_size or num_images
         self.num_replicas, self.rank, self.epoch, self.start = num_replicas, rank, 0, 0

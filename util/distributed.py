@@ -51,18 +51,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (if any) and pick this process's device. On
-    the CPU, also keep freed memory for reuse and flush denormals to zero
-    (util.host_memory.tune_cpu_process; docs/benchmarks.md has what each bought)."""
+    """Join the process group torchrun describes (if any) and pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        from util.host_memory import tune_cpu_process
-        tune_cpu_process()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistInfo(rank, local_rank, world_size, device)

@@ -12,6 +12,11 @@ import os
 import tempfile
 from typing import Any, Callable, Iterator
 
+import cv2
+import numpy as np
+
+from util.errors import DataError, DataFileMissing
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -42,6 +47,16 @@ def atomic_write(path: str, writer: Callable[[str], Any]) -> None:
     """Call ``writer(tmp_path)`` and move the result onto ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def atomic_write_image(path: str, image: np.ndarray, params=()) -> None:
+    """Write an image atomically, in the format of ``path``'s extension (PNG, JPEG, ...).
+    ``image`` is as OpenCV takes it: H×W grey or H×W×3 BGR; ``params`` are ``cv2.imwrite``'s.
+    A failed encode is an OSError naming the file."""
+    def write(tmp):
+        if not cv2.imwrite(tmp, image, list(params)):
+            raise OSError(f"could not write image '{path}'")
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -76,7 +91,7 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
     the error says how many are missing, the first few, and the list's path.
     """
     if not os.path.isfile(list_path):
-        raise FileNotFoundError(
+        raise DataFileMissing(
             f"list file '{list_path}' does not exist; build it with tools/prepare_pascal.py, "
             f"tools/prepare_coco.py or tools/make_synthetic.py, or fix the list key in the config")
     pairs = []
@@ -87,15 +102,15 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"{list_path}:{lineno}: expected 'image_path label_path', got {line!r}")
+                raise DataError(f"{list_path}:{lineno}: expected 'image_path label_path', got {line!r}")
             pairs.append((os.path.join(data_root, parts[0]), os.path.join(data_root, parts[1])))
     if not pairs:
-        raise ValueError(f"list file '{list_path}' names no images")
+        raise DataError(f"list file '{list_path}' names no images")
     if check_files:
         missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
         if missing:
             shown = "\n  ".join(missing[:5])
-            raise FileNotFoundError(
+            raise DataFileMissing(
                 f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{data_root}'); "
                 f"first ones:\n  {shown}\nCheck data_root in the config or rebuild the list.")
     return pairs

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from util.fileio import atomic_write
+from util.fileio import atomic_write_image
 from util.transform import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = 160                    # side of one square tile, in pixels
@@ -156,7 +156,7 @@ def save_panel(path: str, sample: dict, tile: int = TILE) -> np.ndarray:
     image = panel_image(sample, tile)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     # full compression: a third of OpenCV's default size, for a few ms more
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9]))
+    atomic_write_image(path, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     return image
 
 
@@ -210,5 +210,5 @@ def save_video_strip(path: str, sample: dict, tile: int = TILE) -> np.ndarray:
     """Render and write a video strip PNG atomically; returns the RGB array."""
     image = video_strip_image(sample, tile)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    atomic_write(path, lambda tmp: cv2.imwrite(tmp, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9]))
+    atomic_write_image(path, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     return image

@@ -1,0 +1,67 @@
+"""engine/checkpoint.py: clear errors for corrupt or mismatched checkpoints; optimizer state
+resumed in the parameters' memory layout."""
+import copy
+
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from model import build_model
+from model.ops import memory_format_of
+from tests.conftest import tiny_cfg
+from util.errors import CheckpointError
+
+
+def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_path):
+    cfg = tiny_cfg(synth_root, tmp_path)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"bad.pth' is unreadable or corrupt"):
+        load_checkpoint(str(bad), build_model(cfg), cfg)
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        load_checkpoint(str(tmp_path / "none.pth"), build_model(cfg), cfg)
+    good = tmp_path / "r18.pth"
+    save_checkpoint(str(good), build_model(cfg), cfg)
+    other = tiny_cfg(synth_root, tmp_path, layers=34)
+    with pytest.raises(CheckpointError, match=r"different network:\n  layers: checkpoint 18, config 34"):
+        load_checkpoint(str(good), build_model(other), other)
+    state = torch.load(good, weights_only=False)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, good)
+    with pytest.raises(CheckpointError, match=r"does not fit the model: 1 missing key"):
+        load_checkpoint(str(good), build_model(cfg), cfg)
+
+
+@pytest.mark.parametrize("saved_layout,resumed_layout", [(torch.contiguous_format, torch.channels_last),
+                                                         (torch.channels_last, torch.contiguous_format)])
+def test_optimizer_state_follows_the_parameter_layout_on_resume(saved_layout, resumed_layout):
+    """A checkpoint written in one memory format and resumed in the other (a GPU run resumed on
+    the CPU under channels_last auto) continues SGD exactly; fused stays as this run built it."""
+    def setup(layout, fused):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(4, 6, 3).to(memory_format=layout)
+        return conv, torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused)
+
+    def step(conv, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, 7, 7, generator=g).contiguous(memory_format=memory_format_of(conv.weight))
+        opt.zero_grad()
+        (conv(x) * torch.randn(2, 6, 5, 5, generator=g)).sum().backward()
+        opt.step()
+
+    reference, ref_opt = setup(saved_layout, True)
+    step(reference, ref_opt, 1)
+    saved = {"model": {k: v.clone() for k, v in reference.state_dict().items()},
+             "optimizer": copy.deepcopy(ref_opt.state_dict())}   # as written to disk
+    saved["optimizer"]["param_groups"][0]["fused"] = None          # as checkpoints from before fused SGD
+    step(reference, ref_opt, 2)
+
+    resumed, opt = setup(resumed_layout, True)
+    resumed.load_state_dict(saved["model"])
+    load_optimizer_state(opt, saved["optimizer"])
+    assert opt.param_groups[0]["fused"] is True
+    buffer = opt.state[resumed.weight]["momentum_buffer"]
+    assert buffer.stride() == resumed.weight.stride()
+    step(resumed, opt, 2)
+    assert torch.allclose(resumed.weight, reference.weight, atol=1e-6)
+    assert torch.allclose(resumed.bias, reference.bias, atol=1e-6)

@@ -1,0 +1,59 @@
+"""The layout of docs/layout.md holds: imports run one way (entry points -> engine -> model,
+util), model/ reads no image files and draws nothing, and no project import hides in a function."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("engine", "model", "util", "tools")
+
+
+def modules(package):
+    folder = os.path.join(ROOT, package)
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py"))
+
+
+def imports(path):
+    """(top-level package, inside a function?) of every import in ``path``."""
+    tree = ast.parse(open(path).read(), path)
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                found.extend((a.name.split(".")[0], in_function) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                found.append((child.module.split(".")[0], in_function))
+            elif isinstance(child, ast.ImportFrom):            # relative: within the package
+                found.append((os.path.basename(os.path.dirname(path)), in_function))
+            visit(child, nested)
+    visit(tree, False)
+    return found
+
+
+@pytest.mark.parametrize("package, forbidden", [("model", {"engine", "tools", "cv2", "PIL"}),
+                                                ("util", {"model", "engine", "tools"}),
+                                                ("engine", {"tools"})])
+def test_imports_run_one_way(package, forbidden):
+    for path in modules(package):
+        bad = {name for name, _ in imports(path)} & forbidden
+        assert not bad, f"{os.path.relpath(path, ROOT)} imports {sorted(bad)}"
+
+
+def test_no_project_import_inside_a_function():
+    paths = [p for pkg in PACKAGES for p in modules(pkg)]
+    paths += [os.path.join(ROOT, f) for f in ("train.py", "test.py", "predict.py")]
+    for path in paths:
+        hidden = [name for name, in_function in imports(path) if in_function and name in PACKAGES]
+        assert not hidden, f"{os.path.relpath(path, ROOT)} imports {hidden} inside a function"
+
+
+def test_importing_the_network_loads_no_engine_image_io_or_drawing():
+    code = ("import sys, model; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('engine', 'cv2', 'PIL', 'matplotlib') or m == 'util.vis'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
