@@ -32,10 +32,10 @@ from pycocotools import mask as mask_utils
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill, _imwrite,  # noqa: E402
+from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill,  # noqa: E402
                                   _init_worker, _object_texture, _poly_area, _shape_contours)
 from util.classes import SYNTHETIC_VIDEO_CLASSES  # noqa: E402
-from util.fileio import atomic_write, atomic_write_text  # noqa: E402
+from util.fileio import atomic_write_image, atomic_write_text  # noqa: E402
 
 FRAME_STEP = 5   # YouTube-VIS frame names step by 5 (00000, 00005, ...)
 
@@ -165,8 +165,8 @@ def _write_video(task) -> dict:
     frames, classes, visible = render_video((seed, 13, index), n_frames, size, portrait, main_class_of(seed, index))
     name = video_name(index)
     for t, img in enumerate(frames):
-        atomic_write(os.path.join(out, "train", "JPEGImages", name, frame_name(t) + ".jpg"),
-                     lambda p, img=img: _imwrite(p, img, [cv2.IMWRITE_JPEG_QUALITY, quality]))
+        atomic_write_image(os.path.join(out, "train", "JPEGImages", name, frame_name(t) + ".jpg"), img,
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
     h, w = frames[0].shape[:2]
     annotations = []
     for k, cls in enumerate(classes):
