@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from util.classes import class_name, fold_classes
+from util.errors import PredictInputError
 from util.video_index import load_video_index
 
 from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
@@ -133,7 +134,7 @@ def test_resumed_video_run_equals_the_uninterrupted_one(tiny_repo, tmp_path):
         assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if isinstance(sa[i][k], torch.Tensor))
 
 
-def test_predict_on_a_folder_of_frames_and_a_video_file(tiny_repo, tmp_path, capsys):
+def test_predict_on_a_folder_of_frames_and_a_video_file(tiny_repo, tmp_path):
     import predict
     from engine.checkpoint import save_checkpoint
     from model import build_model
@@ -176,8 +177,7 @@ def test_predict_on_a_folder_of_frames_and_a_video_file(tiny_repo, tmp_path, cap
                             "--query", video, "--out", str(tmp_path / "from_video")])
     assert sum(p.endswith("_mask.png") for p in written) == len(query.frames)
 
-    # paired supports need clip_len of them: one line, exit 2
-    with pytest.raises(SystemExit) as e:
+    # paired supports need clip_len of them: a user error (one line and exit 2 through util.cli.run)
+    with pytest.raises(PredictInputError, match="needs clip_len = 2 supports; 1 given"):
         predict.main(["--config", config, "--weight", str(tmp_path / "model.pth"), *supports[:3],
                       "--query", folder, "--out", str(tmp_path / "bad")])
-    assert e.value.code == 2 and "needs clip_len = 2 supports; 1 given" in capsys.readouterr().err
