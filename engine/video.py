@@ -57,8 +57,9 @@ class HeadAndAttentionOptimizer:
     def __init__(self, head_params, attention_params, cfg, fused: bool = False):
         self.sgd = torch.optim.SGD(head_params, lr=cfg.base_lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, fused=fused)
+        # fused: one kernel, and no host read of the step count (the per-tensor Adam reads it)
         self.adam = torch.optim.Adam(attention_params, lr=cfg.attention_lr, betas=(0.9, 0.999),
-                                     weight_decay=cfg.attention_weight_decay)
+                                     weight_decay=cfg.attention_weight_decay, fused=fused)
         for group in self.sgd.param_groups:
             group["lr_scale"] = 1.0
         for group in self.adam.param_groups:
