@@ -1,4 +1,4 @@
-"""Backbones: dilated ResNets (output stride 8) and VGG-16-bn, and their weight loading.
+"""Backbones: dilated ResNets (output stride 8) and VGG-16-bn (PFENet's slices), and their weight loading.
 
 Every backbone exposes the same two calls the network needs:
 
@@ -209,20 +209,23 @@ class ResNet(nn.Module):
 # VGG-16-bn
 # --------------------------------------------------------------------------------------
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-# torchvision's features.N index ranges of PFENet's slices; pools 33 and 43 are dropped,
-# so layer3 and layer4 keep layer2's stride (8).
-VGG_SLICES = {"layer0": (0, 7), "layer1": (7, 14), "layer2": (14, 24), "layer3": (24, 33), "layer4": (34, 43)}
+# torchvision's features.N index ranges of PFENet's slices: layer0..layer3 each end with a
+# max-pool (6, 13, 23, 33), layer4 is the fifth block without its pool (43 is not used). So
+# layer2 is at stride 8 and layer3/layer4 at stride 16 (30x30 at 473).
+VGG_SLICES = {"layer0": (0, 7), "layer1": (7, 14), "layer2": (14, 24), "layer3": (24, 34), "layer4": (34, 43)}
 
 
 class VGG16BN(nn.Module):
-    """VGG-16-bn ``features`` sliced into layer0..layer4 (output stride 8, 256/512/512 ch)."""
+    """VGG-16-bn ``features`` sliced into layer0..layer4 as PFENet and the authors do: 2×2
+    max-pools in ceil mode (473 → 237 → 119 → 60 → 30), layer2 256 ch at stride 8, layer3 and
+    layer4 512 ch at stride 16; ``mid_level`` resizes layer2 to layer3's size."""
 
     def __init__(self):
         super().__init__()
         features, in_ch = [], 3
         for v in VGG16_CFG:
             if v == "M":
-                features.append(nn.MaxPool2d(2, 2))
+                features.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
                 features += [nn.Conv2d(in_ch, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 in_ch = v

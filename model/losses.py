@@ -1,4 +1,4 @@
-"""Losses of NTRENet++ (method.md §3, §5, §6), vectorised over episodes and shots.
+"""Losses of NTRENet++ (docs/method.md §3 and §6), vectorised over episodes and shots.
 
 All of them compute in float32 whatever the autocast dtype, and none reads a tensor value
 on the host: "nothing to learn from" cases (no negatives yet, an episode without target
@@ -19,7 +19,7 @@ PIXEL_LOG_EPS = 1e-8
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The loss weights and contrast settings of the config (method.md §6)."""
+    """The loss weights and contrast settings of the config (docs/method.md §6)."""
     ignore_label: int = 255
     aux_weight: float = 1.0
     bg_weight: float = 1.0

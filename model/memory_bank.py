@@ -1,4 +1,4 @@
-"""The DO memory bank (method.md §5): per-class FIFO queues of distracting-object prototypes.
+"""The DO memory bank (docs/method.md §6): per-class FIFO queues of distracting-object prototypes.
 
 Everything lives in registered buffers, so the bank is saved and restored with the model's
 state_dict. Row ``c`` holds class id ``c`` (1..num_classes); row 0 is never a class (0 is

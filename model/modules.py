@@ -1,4 +1,4 @@
-"""The building blocks of NTRENet++ (method.md §2–§4), each named as in the method's figure.
+"""The building blocks of NTRENet++ (docs/method.md §2–§5), each named as in the method's figure.
 
 Shapes: ``B`` episodes, ``K`` shots, ``C`` reduced channels, ``h×w`` feature size,
 ``b×b`` one pyramid bin. Masks are float maps in [0, 1] with one channel.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from util.errors import ConfigError
 
-from .ops import Dropout, conv1x1_relu, fuse_concat, fuse_concat_weight, fuse_relu, resize, spatial_sum
+from .ops import conv1x1_relu, fuse_concat, fuse_concat_weight, fuse_relu, resize, spatial_sum
 
 MAP_EPS = 5e-4      # PFENet's Weighted_GAP
 COSINE_EPS = 1e-7   # PFENet's prior mask
@@ -79,13 +79,13 @@ class ResidualBlock(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    """3×3 conv, ReLU, Dropout(0.1), 1×1 → ``classes`` logits."""
+    """3×3 conv, ReLU, Dropout2d(0.1), 1×1 → ``classes`` logits (every prediction head)."""
 
     def __init__(self, channels: int, classes: int = 2):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True),
-            Dropout(0.1), nn.Conv2d(channels, classes, 1))
+            nn.Dropout2d(0.1), nn.Conv2d(channels, classes, 1))
 
     def forward(self, x):
         return self.body(x)
@@ -109,9 +109,9 @@ class Reduce(nn.Sequential):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling on the query (new in NTRENet++).
 
-    Five branches — global pooling + 1×1, 1×1, and 3×3 at each dilation — each ReLU +
-    Dropout(0.5), concatenated (5C) and fused by a 1×1 conv to C (+ ReLU, so the query
-    features stay non-negative like the support features they are matched against).
+    Five branches — global pooling + 1×1, 1×1, and 3×3 at each dilation, each conv with a
+    bias, then ReLU and Dropout2d(0.5) — concatenated (5C) and fused by a 1×1 conv without
+    bias to C, then ReLU and Dropout2d(0.5), as in the authors' code.
     """
 
     def __init__(self, channels: int, dilations=(6, 12, 18)):
@@ -120,20 +120,21 @@ class ASPP(nn.Module):
         def branch(kernel, dilation=1):
             return nn.Sequential(
                 nn.Conv2d(channels, channels, kernel, padding=dilation if kernel == 3 else 0, dilation=dilation),
-                nn.ReLU(inplace=True), Dropout(0.5))
+                nn.ReLU(inplace=True), nn.Dropout2d(0.5))
 
         self.image_pool = branch(1)
         self.pointwise = branch(1)
         self.atrous = nn.ModuleList(branch(3, d) for d in dilations)
-        self.fuse = nn.Sequential(nn.Conv2d(channels * (2 + len(dilations)), channels, 1), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(nn.Conv2d(channels * (2 + len(dilations)), channels, 1, bias=False),
+                                  nn.ReLU(inplace=True), nn.Dropout2d(0.5))
 
     def forward(self, x):
         pooled = self.image_pool(spatial_sum(x) / (x.shape[2] * x.shape[3]))   # mean: N×C×1×1
         branches = [self.pointwise(x)] + [conv(x) for conv in self.atrous]
         # fuse(concat(expand(pooled), branches)) without the concatenation: the pooled branch is
         # constant over the image, so its share of the 1×1 convolution is a per-image bias
-        conv, relu = self.fuse
-        return relu(fuse_concat_weight(conv.weight, conv.bias, branches, [pooled], prototypes_first=True))
+        conv, relu, dropout = self.fuse
+        return dropout(relu(fuse_concat_weight(conv.weight, conv.bias, branches, [pooled], prototypes_first=True)))
 
 
 class AgentAttention(nn.Module):
@@ -244,17 +245,31 @@ class BGEliminating(nn.Module):
         return fuse_relu(self.fuse, query_bin, [bg_prototype])
 
 
+PROTOTYPE_POOLS = {"gap": global_masked_pooling, "map": masked_average_pooling}
+
+
+def prototype_pool(pool: str, key: str):
+    """The pooling a config key names: 'gap' (``Σ X·m / (h·w)``, the authors') or 'map'
+    (``Σ X·m / (Σ m + 5e-4)``)."""
+    if pool not in PROTOTYPE_POOLS:
+        raise ConfigError(f"config key '{key}' is {pool!r}; expected 'gap' or 'map'")
+    return PROTOTYPE_POOLS[pool]
+
+
 class TargetMatching(nn.Module):
     """Matches the support prototype (→ initial prediction), then the query's own one.
 
     ``forward(X_BG, P_s, prior_b, q_b)`` → ``(X_self, init_logits, second_logits)``. The query
-    self-prototype ``P_q`` is the masked average of ``q_b`` over the initial prediction's
-    foreground (PFENet's Weighted_GAP). ``temporal`` (video model): cross-frame
-    :class:`AgentAttention` after the self-prototype merge (``forward(..., frames=T)``).
+    self-prototype ``P_q`` pools ``q_b`` over the initial prediction's foreground:
+    ``self_proto_pool`` 'gap' (default, the authors' code) divides by b·b, so ``P_q`` scales with
+    the predicted foreground fraction; 'map' divides by the foreground area. ``temporal`` (video
+    model): cross-frame :class:`AgentAttention` after the self-prototype merge
+    (``forward(..., frames=T)``).
     """
 
-    def __init__(self, channels: int, classes: int = 2, temporal: bool = False):
+    def __init__(self, channels: int, classes: int = 2, self_proto_pool: str = "gap", temporal: bool = False):
         super().__init__()
+        self.pool = prototype_pool(self_proto_pool, "self_proto_pool")
         self.support_merge = conv1x1_relu(channels * 2 + 1, channels)
         self.support_residual = ResidualBlock(channels)
         self.init_head = SegmentationHead(channels, classes)
@@ -263,12 +278,16 @@ class TargetMatching(nn.Module):
         self.self_residual = ResidualBlock(channels)
         self.second_head = SegmentationHead(channels, classes)
 
+    def self_prototype(self, init_logits, query_bin):
+        """``P_q = pool(argmax(Ŷ_init) · q_b)`` → N×C×1×1."""
+        init_fg = init_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
+        return self.pool(query_bin, init_fg)
+
     def forward(self, x_bg, support_prototype, prior_bin, query_bin, frames: int | None = None):
         x_act = fuse_relu(self.support_merge, x_bg, [support_prototype], [prior_bin])
         x_act = self.support_residual(x_act)
         init_logits = self.init_head(x_act)
-        init_fg = init_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
-        query_prototype = masked_average_pooling(query_bin, init_fg)
+        query_prototype = self.self_prototype(init_logits, query_bin)
         x_self = fuse_relu(self.self_merge, x_act, [query_prototype], [prior_bin])
         x_self = self.self_residual(mix_frames(self.temporal, x_self, frames))
         return x_self, init_logits, self.second_head(x_self)
@@ -278,14 +297,12 @@ class DOEliminating(nn.Module):
     """Mines the distracting objects (neither BG nor target) of the query and removes them.
 
     ``forward(X_self, q_b, bg_logits_b, second_logits)`` → ``(X_DO, M_DO)``.
-    ``pool``: 'gap' divides by h·w (the reference), 'map' by the mask area.
+    ``pool`` (config ``do_pool``): 'gap' divides by b·b (the authors'), 'map' by the mask area.
     """
 
     def __init__(self, channels: int, pool: str = "gap"):
         super().__init__()
-        if pool not in ("gap", "map"):
-            raise ConfigError(f"config key 'do_pool' is {pool!r}; expected 'gap' or 'map'")
-        self.pool = global_masked_pooling if pool == "gap" else masked_average_pooling
+        self.pool = prototype_pool(pool, "do_pool")
         self.fuse = conv1x1_relu(channels * 2, channels)
 
     def forward(self, x_self, query_bin, bg_logits_bin, second_logits):
@@ -313,7 +330,7 @@ class ScaleEnrichment(nn.Module):
 
 
 class ScalePath(nn.Module):
-    """Everything method.md §4 does at one bin: BG elimination, target matching,
+    """Everything docs/method.md §4 does at one bin: BG elimination, target matching,
     DO elimination and the inter-scale enrichment.
 
     Video model only: ``prototype_channels`` (BG prototype width) and ``temporal``
@@ -322,11 +339,11 @@ class ScalePath(nn.Module):
     """
 
     def __init__(self, channels: int, has_previous: bool, do_pool: str = "gap", classes: int = 2,
-                 prototype_channels: int | None = None, temporal: bool = False):
+                 self_proto_pool: str = "gap", prototype_channels: int | None = None, temporal: bool = False):
         super().__init__()
         self.bg_eliminating = BGEliminating(channels, prototype_channels)
         self.temporal = AgentAttention(channels) if temporal else None
-        self.target_matching = TargetMatching(channels, classes, temporal)
+        self.target_matching = TargetMatching(channels, classes, self_proto_pool, temporal)
         self.do_eliminating = DOEliminating(channels, do_pool)
         self.enrichment = ScaleEnrichment(channels, has_previous, classes)
 

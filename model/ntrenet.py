@@ -1,4 +1,4 @@
-"""NTRENet++: the network of method.md, assembled from the modules beside it."""
+"""NTRENet++: the network of docs/method.md, assembled from the modules beside it."""
 from __future__ import annotations
 
 import logging
@@ -41,7 +41,8 @@ class NTRENetPP(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, reduce_dim: int = 256,
                  ppm_scales: Sequence[float] = (60, 30, 15, 8), aspp_dilations: Sequence[int] = (6, 12, 18),
-                 do_pool: str = "gap", freeze_backbone: bool = True, fix_bn: bool = True,
+                 do_pool: str = "gap", self_proto_pool: str = "gap", freeze_backbone: bool = True,
+                 fix_bn: bool = True,
                  losses: LossSettings = LossSettings(), bank_classes: int = 20, memory_size: int = 2000,
                  num_negatives: int = 1000, seed: int = 0):
         super().__init__()
@@ -57,8 +58,9 @@ class NTRENetPP(nn.Module):
         self.down_supp = Reduce(mid_channels, C)
         self.aspp = ASPP(C, aspp_dilations)
         self.bgmm = BGMiningModule(C)
-        self.scales = nn.ModuleList(ScalePath(C, has_previous=i > 0, do_pool=do_pool)
-                                    for i in range(len(self.ppm_scales)))
+        self.scales = nn.ModuleList(
+            ScalePath(C, has_previous=i > 0, do_pool=do_pool, self_proto_pool=self_proto_pool)
+            for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
         self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed)
         if freeze_backbone:
@@ -68,7 +70,7 @@ class NTRENetPP(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.fix_bn:
-            self.backbone.eval()   # BN statistics stay fixed (the reference lets them drift)
+            self.backbone.eval()   # BN statistics stay fixed (the authors' code lets them drift)
         return self
 
     def bin_sizes(self, feature_size: int) -> list[int]:
@@ -81,25 +83,46 @@ class NTRENetPP(nn.Module):
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_img, support_imgs, support_masks):
         """The frozen part of the forward: ``(F, prior, m)`` with ``F = [layer3, layer2]`` of the
-        query and all supports (two B(1+K)×·×h×w maps, query first; the network uses their
-        channel concatenation, which is never built), the prior (B×1×h×w) and the support masks
-        at feature size (BK×1×h×w).
+        query and all supports (two B(1+K)×·×h×w maps, query first, then the supports episode by
+        episode; the network uses their channel concatenation, which is never built), the prior
+        (B×1×h×w) and the support masks at feature size (BK×1×h×w).
 
-        One backbone pass for the query and all supports; the masked supports' layer4 (with the
-        query's, for the prior) is the only extra one.
+        Where BatchNorm is a fixed affine map (eval mode, or ``fix_bn``) the query and all supports
+        pass as one batch, and the masked supports' layer4 with the query's as one more. In
+        training with ``fix_bn: False`` BatchNorm normalises with the statistics of its batch, so
+        the passes are the authors': the query images alone, then each shot's images alone, and
+        the same for layer4 — the same features and the same running-statistics updates.
         """
         B, K = support_imgs.shape[:2]
-        # laid out like the first convolution's weight (channels_last when the model is)
-        images = torch.cat([query_img, support_imgs.flatten(0, 1)]).contiguous(memory_format=self._input_format())
         support_target = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()       # BK×1×H×W
+        batch_statistics = self.training and not self.fix_bn
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            layer2, layer3 = self.backbone.mid_level(images)
+            if batch_statistics:
+                layer2, layer3 = self._per_group(self.backbone.mid_level, query_img, support_imgs.unbind(1))
+            else:
+                # laid out like the first convolution's weight (channels_last when the model is)
+                images = torch.cat([query_img, support_imgs.flatten(0, 1)]).contiguous(memory_format=self._input_format())
+                layer2, layer3 = self.backbone.mid_level(images)
             feature_size = layer3.shape[-2:]
             support_mask = resize(support_target, feature_size).to(layer3.dtype)         # m^k
-            high = self.backbone.high_level(torch.cat([layer3[:B], layer3[B:] * support_mask]))
+            masked = layer3[B:] * support_mask
+            if batch_statistics:
+                (high,) = self._per_group(lambda x: (self.backbone.high_level(x),), layer3[:B],
+                                          masked.unflatten(0, (B, K)).unbind(1))
+            else:
+                high = self.backbone.high_level(torch.cat([layer3[:B], masked]))
             support_high = high[B:] * resize(support_mask, high.shape[-2:])
             prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), feature_size)
         return [layer3, layer2], prior, support_mask
+
+    def _per_group(self, run, query, shots):
+        """``run`` on the query batch, then on each shot's batch (B each), outputs joined as one
+        batch does them: the query, then the supports episode by episode (index ``B + b·K + k``)."""
+        memory_format = self._input_format()
+        query_out = run(query.contiguous(memory_format=memory_format))
+        shot_outs = [run(x.contiguous(memory_format=memory_format)) for x in shots]
+        return [torch.cat([q, torch.stack(per_shot, dim=1).flatten(0, 1)])
+                for q, per_shot in zip(query_out, zip(*shot_outs))]
 
     def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
                 return_extras: bool = False):
@@ -131,7 +154,7 @@ class NTRENetPP(nn.Module):
             x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
                               resize(prior, size), resize(bg_logits, size),
                               scale_features[-1] if scale_features else None)
-            scale_features.append(resize(x, bins[0]))
+            scale_features.append(resize(x, feature_size))   # every level at h×w (PFENet, the authors)
             scale_outputs.append(outputs)
         logits = resize(self.merge(scale_features), image_size)
 
@@ -244,6 +267,7 @@ def build_model(cfg, warn_random_backbone: bool = True) -> NTRENetPP:
         return build_video_model(cfg, backbone, settings)
     return NTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales,
                      aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool,
+                     self_proto_pool=cfg.self_proto_pool,
                      freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, losses=settings,
                      bank_classes=NUM_CLASSES[cfg.dataset], memory_size=cfg.memory_size,
                      num_negatives=cfg.num_negatives, seed=cfg.manual_seed)

@@ -135,17 +135,3 @@ def pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
         return F.avg_pool2d(x, (h // size, w // size))
     return F.adaptive_avg_pool2d(x, size)
 
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` (element-wise; kept values scaled by 1/(1−p) in training) with a faster
-    CPU path: one ``torch.rand`` draw per element, thresholded and scaled in place, then one
-    multiply. ATen's CPU dropout draws with ``bernoulli_`` and then divides and multiplies in
-    separate passes — about twice the time (docs/benchmarks.md), and the network runs ~20 of
-    them per step. Same distribution; the mask is drawn in fp32 whatever the input's dtype.
-    Other devices keep PyTorch's own (fused) kernel."""
-
-    def forward(self, x):
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
-            return super().forward(x)
-        keep = torch.rand_like(x, dtype=torch.float32).ge_(self.p).mul_(1 / (1 - self.p))
-        return x * keep.to(x.dtype)

@@ -3,6 +3,8 @@ import logging
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from model.backbone import (BackboneWeightsError, ResNet, VGG16BN, build_backbone, load_backbone_weights)
 from util.config import defaults
@@ -12,18 +14,46 @@ from util.config import defaults
     (18, False, (128, 256, 512)), (34, False, (128, 256, 512)),
     (50, False, (512, 1024, 2048)), (101, False, (512, 1024, 2048)), (0, True, (256, 512, 512)),
 ])
-def test_output_stride_8_and_channels(layers, vgg, channels):
+def test_feature_sizes_and_channels(layers, vgg, channels):
     torch.manual_seed(0)
     net = build_backbone(layers, vgg).eval()
     x = torch.randn(1, 3, 65, 65)
     with torch.no_grad():
         layer2, layer3 = net.mid_level(x)
         layer4 = net.high_level(layer3)
-    side = 8 if vgg else 9        # 65 → 32 → 16 → 8 (VGG max-pools) / 33 → 17 → 9 (ResNet)
+    # ResNet: stride 8, 65 → 33 → 17 → 9; VGG: ceil-mode pools 65 → 33 → 17 → 9 (layer2) → 5
+    # (layer3, layer4: stride 16), layer2 resized to layer3's 5×5
+    side = 5 if vgg else 9
     assert layer2.shape == (1, channels[0], side, side)
     assert layer3.shape == (1, channels[1], side, side)
     assert layer4.shape == (1, channels[2], side, side)
     assert (net.layer2_channels, net.layer3_channels, net.layer4_channels) == channels
+
+
+def test_vgg_geometry_is_pfenets_30x30_at_473():
+    """PFENet's VGG-16-bn: the 4th max-pool kept (ceil mode), layer3/layer4 at stride 16 — 30×30 at
+    473 — and layer2 (60×60, stride 8) resized to layer3's size. Shapes on the meta device: no arithmetic."""
+    net = VGG16BN().to("meta").eval()
+    x = torch.empty(1, 3, 473, 473, device="meta")
+    raw_layer2 = net.layer2(net.layer1(net.layer0(x)))
+    layer2, layer3 = net.mid_level(x)
+    assert raw_layer2.shape == (1, 256, 60, 60)
+    assert layer2.shape == (1, 256, 30, 30) and layer3.shape == (1, 512, 30, 30)
+    assert net.high_level(layer3).shape == (1, 512, 30, 30)
+    pools = [m for m in net.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 4 and all(p.ceil_mode and p.kernel_size == 2 and p.stride == 2 for p in pools)
+    assert isinstance(net.layer3[-1], nn.MaxPool2d) and not isinstance(net.layer4[-1], nn.MaxPool2d)
+
+
+def test_vgg_layer2_is_resized_bilinearly_to_layer3():
+    torch.manual_seed(0)
+    net = VGG16BN().eval()
+    x = torch.randn(1, 3, 41, 41)          # 41 → 21 → 11 → 6 (layer2) → 3 (layer3)
+    with torch.no_grad():
+        raw_layer2 = net.layer2(net.layer1(net.layer0(x)))
+        layer2, layer3 = net.mid_level(x)
+    assert raw_layer2.shape[-2:] == (6, 6) and layer3.shape[-2:] == (3, 3)
+    assert torch.equal(layer2, F.interpolate(raw_layer2, size=(3, 3), mode="bilinear", align_corners=True))
 
 
 def test_resnet_dilation_and_stem():

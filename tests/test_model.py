@@ -289,3 +289,128 @@ def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
     inputs = episode(2, 2, 65)[:3]                                   # plain NCHW tensors
     with torch.no_grad():
         assert torch.allclose(fast(*inputs), plain(*inputs), atol=1e-4)
+
+
+# ---- the network equals the authors' (docs/method.md §7 and §9) ------------
+def _dropouts(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+
+
+def expected_dropouts(levels):
+    """(module name, p) of every dropout the authors' network has, in module order."""
+    head = lambda prefix: (f"{prefix}.body.2", 0.1)   # noqa: E731 - SegmentationHead: conv, ReLU, dropout, conv
+    names = [("down_query.2", 0.5), ("down_supp.2", 0.5),
+             ("aspp.image_pool.2", 0.5), ("aspp.pointwise.2", 0.5),
+             ("aspp.atrous.0.2", 0.5), ("aspp.atrous.1.2", 0.5), ("aspp.atrous.2.2", 0.5), ("aspp.fuse.2", 0.5),
+             ("bgmm.fuse.2", 0.5), head("bgmm.head")]
+    for i in range(levels):
+        names += [head(f"scales.{i}.target_matching.init_head"), head(f"scales.{i}.target_matching.second_head"),
+                  head(f"scales.{i}.enrichment.aux_head")]
+    return names + [head("merge.head")]
+
+
+def test_every_dropout_is_channel_dropout_with_the_authors_p_at_the_authors_places():
+    model = build_model(make_cfg(layers=18))
+    found = _dropouts(model)
+    assert [(name, m.p) for name, m in found] == expected_dropouts(len(FRACTIONS))
+    assert sum(m.p == 0.5 for _, m in found) == 9 and sum(m.p == 0.1 for _, m in found) == 14
+    modules = dict(model.named_modules())
+    for i, (name, m) in enumerate(found):
+        assert type(m) is torch.nn.Dropout2d, name
+        parent, index = name.rsplit(".", 1)
+        assert isinstance(modules[parent][int(index) - 1], torch.nn.ReLU), f"{name} does not follow a ReLU"
+        # behaviour, not only the class: whole channels are kept or dropped (element-wise fails this)
+        torch.manual_seed(i)
+        out = m.train()(torch.ones(4, 64, 6, 6))
+        per_channel = out.flatten(2)
+        assert torch.equal(per_channel.amax(dim=2), per_channel.amin(dim=2)), name
+        assert set(per_channel[..., 0].unique().tolist()) == {0.0, torch.tensor(1 / (1 - m.p)).item()}, name
+
+
+def test_aspp_fusion_has_no_bias_and_ends_with_relu_and_channel_dropout():
+    aspp = build_model(make_cfg(layers=18)).aspp
+    conv, relu, dropout = aspp.fuse
+    assert conv.bias is None and conv.kernel_size == (1, 1)
+    assert isinstance(relu, torch.nn.ReLU) and type(dropout) is torch.nn.Dropout2d and dropout.p == 0.5
+    for branch in [aspp.image_pool, aspp.pointwise, *aspp.atrous]:
+        assert branch[0].bias is not None       # the five branch convs keep theirs
+
+
+def test_query_self_prototype_is_the_global_average_by_default():
+    """P_q = Σ(argmax(Ŷ_init) · q_b) / b² (the authors' AdaptiveAvgPool2d(1)); 'map' divides by the area."""
+    query_bin = torch.arange(1.0, 19.0).view(1, 2, 3, 3)             # channel 0: 1..9, channel 1: 10..18
+    init_logits = torch.zeros(1, 2, 3, 3)
+    init_logits[0, 1, 0, 0] = init_logits[0, 1, 0, 1] = init_logits[0, 1, 2, 2] = 1.0   # foreground: 1, 2, 9
+    gap = build_model(make_cfg(layers=18)).scales[0].target_matching
+    assert torch.equal(gap.self_prototype(init_logits, query_bin).flatten(), torch.tensor([12 / 9, 39 / 9]))
+    masked = build_model(make_cfg(layers=18, self_proto_pool="map")).scales[0].target_matching
+    assert torch.allclose(masked.self_prototype(init_logits, query_bin).flatten(),
+                          torch.tensor([12 / (3 + 5e-4), 39 / (3 + 5e-4)]), rtol=1e-6, atol=0)
+
+
+def test_self_proto_pool_reaches_the_forward_and_a_bad_value_names_the_key():
+    torch.manual_seed(0)
+    gap = build_model(make_cfg(layers=18)).eval()
+    masked = build_model(make_cfg(layers=18, self_proto_pool="map")).eval()
+    masked.load_state_dict(gap.state_dict())
+    query, supports, support_masks, _, _ = episode(1, 1, 65)
+    with torch.no_grad():
+        assert not torch.allclose(gap(query, supports, support_masks), masked(query, supports, support_masks))
+    with pytest.raises(ValueError, match="self_proto_pool"):
+        build_model(make_cfg(layers=18, self_proto_pool="max"))
+
+
+def test_fix_bn_false_trains_with_the_authors_separate_backbone_passes():
+    """With fix_bn False BatchNorm normalises with its batch's statistics, so the batches must be
+    the authors': the query images, then each shot's images, each alone; layer4 on the query's
+    layer3, then on each shot's masked layer3. The same features, prior and running statistics."""
+    import copy
+
+    from model.modules import prior_mask
+    from model.ops import resize
+
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18, fix_bn=False)).train()
+    reference = copy.deepcopy(model.backbone).train()
+    B, K = 2, 3
+    query, supports, support_masks, _, _ = episode(B, K, 65)
+    with torch.no_grad():
+        (layer3, layer2), prior, support_mask = model.backbone_features(query, supports, support_masks)
+        query2, query3 = reference.mid_level(query)
+        shots = [reference.mid_level(supports[:, k]) for k in range(K)]
+        masks = [resize((support_masks[:, k] == 1).unsqueeze(1).float(), query3.shape[-2:]) for k in range(K)]
+        query4 = reference.high_level(query3)
+        support4 = [reference.high_level(shots[k][1] * masks[k]) for k in range(K)]
+        support4 = torch.stack([s * resize(m, s.shape[-2:]) for s, m in zip(support4, masks)], dim=1)
+        expected_prior = prior_mask(query4, support4, query3.shape[-2:])
+    per_episode = lambda maps: torch.stack(maps, dim=1).flatten(0, 1)   # noqa: E731 - index b·K + k
+    assert torch.allclose(layer3, torch.cat([query3, per_episode([s[1] for s in shots])]), atol=1e-6)
+    assert torch.allclose(layer2, torch.cat([query2, per_episode([s[0] for s in shots])]), atol=1e-6)
+    assert torch.equal(support_mask, per_episode(masks))
+    assert torch.allclose(prior, expected_prior, atol=1e-6)
+    for (name, mine), theirs in zip(model.backbone.named_buffers(), reference.buffers()):
+        assert torch.allclose(mine.float(), theirs.float(), atol=1e-6), name
+    # one batch of all B·(K+1) images would normalise differently: the test can tell them apart
+    with torch.no_grad():
+        _, one_batch3 = copy.deepcopy(model.backbone).mid_level(torch.cat([query, supports.flatten(0, 1)]))
+    assert not torch.allclose(one_batch3, layer3, atol=1e-3)
+    # in eval mode (running statistics) one batch is used, with the same values
+    model.eval()
+    with torch.no_grad():
+        (eval3, _), _, _ = model.backbone_features(query, supports, support_masks)
+        alone = model.backbone.mid_level(supports[:, 1])[1]
+    assert torch.allclose(eval3[B:].unflatten(0, (B, K))[:, 1], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers, vgg, frozen, trainable", [
+    (50, False, 23_631_808, 30_681_628), (0, True, 14_723_136, 30_288_412),
+])
+def test_parameter_counts_of_the_published_configurations(layers, vgg, frozen, trainable):
+    """README's table (tools/model_summary.py): reduce_dim 256, 4 levels, frozen backbone. The head
+    is the authors' less their unused parameters (docs/method.md §9) and plus a 2-logit final conv."""
+    from model import parameter_counts
+
+    cfg = defaults()
+    cfg.update(pretrained="", layers=layers or 50, vgg=vgg)
+    rows = parameter_counts(build_model(cfg))
+    assert (sum(r[2] for r in rows), sum(r[1] for r in rows)) == (frozen, trainable)

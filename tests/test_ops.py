@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from model.modules import global_masked_pooling, masked_average_pooling
-from model.ops import Dropout, fuse_concat, pool_to
+from model.ops import fuse_concat, pool_to
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -58,22 +58,3 @@ def test_spatial_sum_gradient_keeps_the_memory_format(channels_last):
         assert torch.allclose(grad_new, grad_old, atol=1e-6)
         assert grad_new.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
-
-def test_cpu_dropout_keeps_the_distribution_scale_layout_and_gradient():
-    drop = Dropout(0.1).train()
-    x = torch.randn(4, 8, 50, 50).contiguous(memory_format=torch.channels_last).requires_grad_()
-    torch.manual_seed(0)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.005          # 80 000 draws: std 0.001
-    assert torch.allclose(y[kept], x[kept] / 0.9, rtol=1e-6, atol=0)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    y.backward(torch.ones_like(y))
-    assert torch.equal(x.grad != 0, kept)
-    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.9))
-    torch.manual_seed(0)
-    assert torch.equal(drop(x), y)                                   # seeded: the same mask
-    low = drop(x.detach().bfloat16())
-    assert low.dtype == torch.bfloat16 and 0.85 < (low != 0).float().mean().item() < 0.95
-    drop.eval()
-    assert torch.equal(drop(x), x)

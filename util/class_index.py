@@ -168,7 +168,7 @@ class ClassIndex:
 
 def build_class_index(table: AreaTable, active_classes: list[int], min_pixels: int = 2048,
                       exclude_classes: list[int] = ()) -> ClassIndex:
-    """Filter the area table (protocol.md): an image serves class c of ``active_classes``
+    """Filter the area table (docs/protocol.md): an image serves class c of ``active_classes``
     if it has at least ``min_pixels`` pixels of c; images serving none are dropped. With
     ``exclude_classes`` (BAM convention), images containing any pixel of those are dropped."""
     active = np.isin(table.cls, np.asarray(active_classes, np.int64))

@@ -69,12 +69,15 @@ SCHEMA: tuple[Key, ...] = (
        "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)"),
     _k("allow_missing_backbone_keys", "bool", False, "accept a weight file that lacks backbone keys"),
     _k("freeze_backbone", "bool", True, "backbone gets no gradient and runs under no_grad"),
-    _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode (False reproduces the reference's drift)"),
+    _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode; False = the authors' train-mode BN "
+       "(batch statistics of separate query / per-shot passes, drifting running statistics)"),
     _k("reduce_dim", "int", 256, "channels C of the reduced features"),
     _k("ppm_scales", "list", [60, 30, 15, 8],
        "per-scale bins: sizes > 1 are absolute, values <= 1.0 fractions of the feature size (PFENet)"),
-    _k("do_pool", "str", "gap", "DO prototype pooling: 'gap' divides by h*w (reference), 'map' by mask area",
+    _k("do_pool", "str", "gap", "DO prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area",
        ("gap", "map")),
+    _k("self_proto_pool", "str", "gap",
+       "query self-prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area", ("gap", "map")),
     _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches"),
     # ---- VIDEO MODEL (dataset ytvis / synthetic_video; docs/video.md) -------------------
     _k("support_mode", "str", "paired",

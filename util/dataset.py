@@ -1,4 +1,4 @@
-"""Episodic few-shot datasets (protocol.md).
+"""Episodic few-shot datasets (docs/protocol.md).
 
 * :class:`FewShotTrainDataset` — random episodes. Items are addressed by
   ``(image_position, episode_seed)`` pairs from :class:`EpisodeSampler`, so an episode's
@@ -205,7 +205,7 @@ class FewShotTrainDataset(Dataset):
 
 def draw_class_and_supports(index: ClassIndex, query: int, shot: int,
                             rng: np.random.Generator) -> tuple[int, list[int]]:
-    """The episode rule (protocol.md): a class uniformly among the query's eligible ones, then
+    """The episode rule (docs/protocol.md): a class uniformly among the query's eligible ones, then
     ``shot`` distinct images of that class, never the query."""
     classes = index.classes_of[query]
     class_id = classes[int(rng.integers(len(classes)))]

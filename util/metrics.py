@@ -1,4 +1,4 @@
-"""Episode scoring and the FSS metrics (protocol.md), computed on the device.
+"""Episode scoring and the FSS metrics (docs/protocol.md), computed on the device.
 
 Per episode we count intersection and union of background (0) and foreground (1).
 * class mIoU: per held-out class, ΣI / (ΣU + 1e-10) of the foreground over that class's

@@ -148,7 +148,7 @@ class ToTensorNormalize:
 
 
 def train_transform(cfg) -> Compose:
-    """The training augmentation of method.md §7, from config keys."""
+    """The training augmentation of docs/method.md §8, from config keys."""
     return Compose([
         RandScale(cfg.scale_min, cfg.scale_max),
         RandRotate(cfg.rotate_min, cfg.rotate_max, IMAGENET_MEAN, cfg.padding_label, p=cfg.rotate_p),
