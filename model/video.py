@@ -35,7 +35,8 @@ class VideoNTRENetPP(nn.Module):
     def __init__(self, backbone: nn.Module, *, reduce_dim: int = 256,
                  ppm_scales: Sequence[float] = (60, 30, 15, 8), use_aspp: bool = False,
                  aspp_dilations: Sequence[int] = (6, 12, 18), bg_prototype_dim: int = 512,
-                 support_mode: str = "paired", do_pool: str = "gap", freeze_backbone: bool = True,
+                 support_mode: str = "paired", do_pool: str = "gap", self_proto_pool: str = "gap",
+                 freeze_backbone: bool = True,
                  fix_bn: bool = True, temporal_attention: bool = True, losses: LossSettings = LossSettings()):
         super().__init__()
         if support_mode not in SUPPORT_MODES:
@@ -54,8 +55,8 @@ class VideoNTRENetPP(nn.Module):
         self.aspp = ASPP(C, aspp_dilations) if use_aspp else None
         bg_dim = bg_prototype_dim or C
         self.bgmm = BGMiningModule(C, prototype_channels=bg_dim, temporal=temporal_attention)
-        self.scales = nn.ModuleList(ScalePath(C, has_previous=i > 0, do_pool=do_pool, prototype_channels=bg_dim,
-                                              temporal=temporal_attention)
+        self.scales = nn.ModuleList(ScalePath(C, has_previous=i > 0, do_pool=do_pool, self_proto_pool=self_proto_pool,
+                                              prototype_channels=bg_dim, temporal=temporal_attention)
                                     for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
         if freeze_backbone:
@@ -81,20 +82,37 @@ class VideoNTRENetPP(nn.Module):
 
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_imgs, support_imgs, support_masks):
-        """``(F, prior, m)``: ``F = [layer3, layer2]`` of all query frames and supports (one
-        backbone batch of B·T + B·K images, query frames first), the per-frame prior
-        ((B·T)×1×h×w) and the support masks at feature size ((B·K)×1×h×w)."""
+        """``(F, prior, m)``: ``F = [layer3, layer2]`` of all query frames and supports (query
+        frames first), the per-frame prior ((B·T)×1×h×w) and the support masks at feature size
+        ((B·K)×1×h×w).
+
+        Where BatchNorm is a fixed affine map (eval mode, or ``fix_bn``) the B·T frames and B·K
+        supports pass the backbone as one batch, and the masked supports' layer4 with the
+        frames' as one more. In training with ``fix_bn: False`` BatchNorm normalises with its
+        batch's statistics, so the passes are the reference's: the query frames, then the
+        supports (each with its layer4).
+        """
         B, T = query_imgs.shape[:2]
         K = support_imgs.shape[1]
-        images = torch.cat([query_imgs.flatten(0, 1), support_imgs.flatten(0, 1)])
-        images = images.contiguous(memory_format=self._input_format())
+        n = B * T
+        memory_format = self._input_format()
         support_target = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()
+        batch_statistics = self.training and not self.fix_bn
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            layer2, layer3 = self.backbone.mid_level(images)
+            if batch_statistics:
+                groups = [self.backbone.mid_level(x.flatten(0, 1).contiguous(memory_format=memory_format))
+                          for x in (query_imgs, support_imgs)]
+                layer2, layer3 = (torch.cat(parts) for parts in zip(*groups))
+            else:
+                images = torch.cat([query_imgs.flatten(0, 1), support_imgs.flatten(0, 1)])
+                layer2, layer3 = self.backbone.mid_level(images.contiguous(memory_format=memory_format))
             feature_size = layer3.shape[-2:]
             support_mask = resize(support_target, feature_size).to(layer3.dtype)
-            n = B * T
-            high = self.backbone.high_level(torch.cat([layer3[:n], layer3[n:] * support_mask]))
+            masked = layer3[n:] * support_mask
+            if batch_statistics:
+                high = torch.cat([self.backbone.high_level(layer3[:n]), self.backbone.high_level(masked)])
+            else:
+                high = self.backbone.high_level(torch.cat([layer3[:n], masked]))
             support_high = high[n:] * resize(support_mask, high.shape[-2:])
             if self.support_mode == "paired":      # frame t against support t alone
                 prior = prior_mask(high[:n], support_high.unsqueeze(1), feature_size)
@@ -147,7 +165,7 @@ class VideoNTRENetPP(nn.Module):
             x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
                               resize(prior, size), resize(bg_logits, size),
                               scale_features[-1] if scale_features else None, frames=T)
-            scale_features.append(resize(x, bins[0]))
+            scale_features.append(resize(x, feature_size))   # every level at h×w, as the image network
             scale_outputs.append(outputs)
         logits = resize(self.merge(scale_features), image_size)                       # (B·T)×2×H×W
 
@@ -196,5 +214,6 @@ def build_video_model(cfg, backbone: nn.Module, settings: LossSettings) -> Video
                           f"equal 'clip_len' ({cfg.clip_len}); set them equal or use 'support_mode mean'")
     return VideoNTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales, use_aspp=cfg.video_aspp,
                           aspp_dilations=cfg.aspp_dilations, bg_prototype_dim=cfg.video_bg_dim,
-                          support_mode=cfg.support_mode, do_pool=cfg.do_pool, freeze_backbone=cfg.freeze_backbone,
+                          support_mode=cfg.support_mode, do_pool=cfg.do_pool, self_proto_pool=cfg.self_proto_pool,
+                          freeze_backbone=cfg.freeze_backbone,
                           fix_bn=cfg.fix_bn, temporal_attention=cfg.video_attention, losses=settings)
