@@ -25,7 +25,7 @@ from util.distributed import DistInfo
 from util.fileio import atomic_write_image, atomic_write_json
 from util.video_dataset import VideoEvalDataset, VideoTrainDataset, video_eval_collate
 from util.video_metrics import VideoResult, VideoScoreAccumulator, score_frames
-from util.vis import save_video_strip
+from util.vis import save_video_strip, video_strip_image
 
 log = logging.getLogger("ntrenetpp")
 
@@ -215,7 +215,7 @@ def evaluate_video(model, dataset, cfg, device: torch.device, pred_dir: str = ""
     if pred_dir:
         records = _gather(records)
         if _is_main():
-            _write_prediction_index(pred_dir, records, dataset, cfg)
+            _write_prediction_index(pred_dir, records, cfg)
     model.train(was_training)
     return VideoEvalOutput(result, 1000 * model_s / max(frames, 1), time.perf_counter() - t_start, records, samples)
 
@@ -229,14 +229,15 @@ def _save_chunk_predictions(pred_dir: str, batch: dict, pred: torch.Tensor) -> l
             if on:
                 atomic_write_image(os.path.join(pred_dir, video, str(class_id), f"{name}.png"),
                                    pred[b, t].to(torch.uint8).cpu().numpy())
-        records.append({"episode_id": int(batch["episode_id"][b]), "video": video, "class_id": class_id,
-                        "frames": frames, "letterbox": batch["letterbox"][b].tolist()})
+        records.append({"episode_id": int(batch["episode_id"][b]), "chunk_id": int(batch["chunk_id"][b]),
+                        "video": video, "class_id": class_id, "frames": frames,
+                        "letterbox": batch["letterbox"][b].tolist()})
     return records
 
 
-def _write_prediction_index(pred_dir: str, records: list[dict], dataset, cfg) -> None:
+def _write_prediction_index(pred_dir: str, records: list[dict], cfg) -> None:
     by_episode: dict[int, dict] = {}
-    for r in sorted(records, key=lambda r: r["episode_id"]):
+    for r in sorted(records, key=lambda r: (r["episode_id"], r["chunk_id"])):   # frames in time order
         entry = by_episode.setdefault(r["episode_id"], {
             "episode_id": r["episode_id"], "video": r["video"], "class_id": r["class_id"],
             "class_name": class_name(cfg.dataset, r["class_id"]), "letterbox": r["letterbox"], "frames": []})
@@ -279,13 +280,16 @@ def format_video_result(title: str, r: VideoResult, ms: float, unit: str = "vide
 
 
 def validate_video(model, val_set: ValidationClips, cfg, device: torch.device, epoch: int, writer=None) -> dict:
-    """Validation during training; the model is selected on the class IoU (the reference's)."""
-    out = evaluate_video(model, val_set, cfg, device)
+    """Validation during training; the model is selected on the class IoU (the reference's).
+    TensorBoard gets the figures and ``tb_images`` strips (frames, prediction, mined BG and DO)."""
+    out = evaluate_video(model, val_set, cfg, device, keep_samples=cfg.tb_images if writer is not None else 0)
     r = out.result
     log.info(format_video_result(f"validation after epoch {epoch}", r, out.ms_per_frame, unit="clips"))
     if writer is not None:
         for key, value in (("class_iou", r.class_iou), ("J", r.mean_j), ("F", r.mean_f), ("JF", r.jf)):
             writer.add_scalar(f"val/{key}", value, epoch)
+        for i, sample in enumerate(out.samples):
+            writer.add_image(f"val/clip_{i}", video_strip_image(sample), epoch, dataformats="HWC")
     return {"miou": r.class_iou, "J": r.mean_j, "F": r.mean_f, "JF": r.jf,
             "class_iou": {k: v["IoU"] for k, v in r.per_class.items()}, "frames": r.frames}
 

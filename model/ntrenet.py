@@ -17,7 +17,7 @@ from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_
 from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
                       prior_mask)
-from .ops import memory_format_of, pool_to, resize
+from .ops import input_format, pool_to, pyramid_bins, resize
 from .video import build_video_model
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ class NTRENetPP(nn.Module):
 
     def bin_sizes(self, feature_size: int) -> list[int]:
         """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
-        return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in self.ppm_scales]
+        return pyramid_bins(self.ppm_scales, feature_size)
 
     def _input_format(self):
-        return memory_format_of(next(m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d)))
+        return input_format(self.backbone)
 
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_img, support_imgs, support_masks):

@@ -12,7 +12,7 @@ from util.errors import ConfigError
 from .losses import LossSettings, bg_mining_loss, segmentation_losses, soft_iou_loss, total_loss
 from .modules import (ASPP, AgentAttention, BGMiningModule, Merge, Reduce, ScalePath, masked_average_pooling,
                       prior_mask)
-from .ops import memory_format_of, pool_to, resize
+from .ops import input_format, pool_to, pyramid_bins, resize
 
 SUPPORT_MODES = ("paired", "mean")
 
@@ -71,14 +71,14 @@ class VideoNTRENetPP(nn.Module):
 
     def bin_sizes(self, feature_size: int) -> list[int]:
         """As the image model: values <= 1.0 are fractions of the feature height."""
-        return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in self.ppm_scales]
+        return pyramid_bins(self.ppm_scales, feature_size)
 
     def attention_parameters(self) -> list[nn.Parameter]:
         """The cross-frame attention blocks' parameters (the reference trains them with Adam)."""
         return [p for m in self.modules() if isinstance(m, AgentAttention) for p in m.parameters()]
 
     def _input_format(self):
-        return memory_format_of(next(m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d)))
+        return input_format(self.backbone)
 
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_imgs, support_imgs, support_masks):

@@ -218,3 +218,32 @@ def test_optimizer_pair_splits_steps_and_round_trips():
     again.load_state_dict(opt.state_dict())
     assert torch.equal(again.adam.state[adam_params[0]]["exp_avg"], opt.adam.state[adam_params[0]]["exp_avg"])
     assert len(opt.state) == len(sgd_params) + len(adam_params)
+
+
+def test_bf16_autocast_gives_finite_losses_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_model(video_cfg()).train()
+    for m in model.modules():                       # the same computation in both precisions
+        if isinstance(m, torch.nn.Dropout2d):
+            m.p = 0.0
+    q, s, m, y = clip_episode(1, 3, 3)
+    _, full = model(q, s, m, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, low = model(q, s, m, y)
+    for name in ("main", "iou", "bg", "total"):
+        assert torch.isfinite(low[name]), name
+        assert abs(low[name].item() - full[name].item()) < 0.05 * max(1.0, abs(full[name].item())), name
+
+
+def test_without_attention_blocks_the_pair_still_builds_and_steps():
+    torch.manual_seed(0)
+    cfg = video_cfg(video_attention=False)
+    model = build_model(cfg).train()
+    assert not any(isinstance(m, AgentAttention) for m in model.modules())
+    opt = video_optimizer(model, cfg)
+    q, s, m, y = clip_episode(1, 3, 3)
+    before = model.merge.fuse[0].weight.detach().clone()
+    opt.zero_grad()
+    model(q, s, m, y)[1]["total"].backward()
+    opt.step()
+    assert not torch.equal(before, model.merge.fuse[0].weight)
