@@ -1,3 +1,5 @@
+import pytest
+
 from util.classes import COCO_CLASSES, PASCAL_CLASSES, class_name, fold_classes
 
 
@@ -29,3 +31,26 @@ def test_class_names_follow_label_ids():
     assert class_name("coco", 1) == "person" and class_name("coco", 80) == "toothbrush"
     assert class_name("coco", 57) == "chair" and class_name("coco", 62) == "toilet"
     assert len(set(COCO_CLASSES)) == 80
+
+
+def test_ytvis_folds_interleave_the_40_classes():
+    from util.classes import SYNTHETIC_CLASSES, YTVIS_CLASSES, class_names
+
+    assert len(YTVIS_CLASSES) == 40 and len(set(YTVIS_CLASSES)) == 40
+    assert class_name("ytvis", 1) == "person" and class_name("ytvis", 40) == "tennis_racket"
+    held_out = {
+        0: "person skateboard snake duck train motorbike deer truck snowboard frog",
+        1: "giant_panda sedan monkey cat horse giraffe owl zebra boat eagle",
+        2: "lizard ape hand cow turtle leopard surfboard tiger shark earless_seal",
+        3: "parrot dog rabbit fish bear fox airplane elephant mouse tennis_racket",
+    }
+    for fold, names in held_out.items():
+        for use_split in (True, False):          # the COCO switch does not apply
+            train, val = fold_classes("ytvis", fold, use_split)
+            assert val == list(range(fold + 1, 41, 4))
+            assert [class_name("ytvis", c) for c in val] == names.split()
+            assert len(train) == 30 and sorted(train + val) == list(range(1, 41))
+    assert class_names("synthetic_video") == SYNTHETIC_CLASSES
+    assert fold_classes("synthetic_video", 1)[1] == [2, 6, 10, 14, 18]
+    with pytest.raises(ValueError, match="unknown dataset 'davis'; expected one of pascal, coco, synthetic, ytvis"):
+        class_names("davis")

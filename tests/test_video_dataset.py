@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from tests.video_fixtures import box, synthetic_video_tree, video_cfg, write_ytvis  # noqa: F401 (fixture)
 from tools.prepare_ytvis import prepare_ytvis
 from util.classes import fold_classes
+from util.dataset import worker_init
 from util.errors import DataError
 from util.video_dataset import (VideoEvalDataset, VideoTrainDataset, build_chunks, chunk_spans, draw_video_episodes,
                                 query_clip, video_eval_collate)
@@ -74,7 +75,8 @@ def test_training_items_do_not_depend_on_workers_or_processes(synthetic_video_tr
     _, root = synthetic_video_tree
     ds = VideoTrainDataset(video_cfg(root, samples_per_class=1))
     one = batches(DataLoader(ds, batch_size=3, sampler=ds.sampler(seed=5)))
-    two = batches(DataLoader(ds, batch_size=3, sampler=ds.sampler(seed=5), num_workers=2))
+    # worker_init: no OpenCV threads in forked workers (as the engine's loaders do)
+    two = batches(DataLoader(ds, batch_size=3, sampler=ds.sampler(seed=5), num_workers=2, worker_init_fn=worker_init))
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # two processes: rank r serves global positions r, r+2, ...; the items are the same
