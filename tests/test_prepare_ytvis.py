@@ -73,11 +73,11 @@ def test_rerun_keeps_what_is_right_and_repairs_what_is_not(tmp_path):
 def fails(capsys, argv, *fragments):
     """The CLI exits 2 with one line naming what is wrong."""
     with pytest.raises(SystemExit) as e:
-        run(main, argv)
+        run(main, argv, prog="prepare_ytvis.py")
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     err = [line for line in lines if not line.startswith("ytvis:")]     # the progress bar
-    assert len(err) == 1 and err[0].startswith("error: prepare_ytvis.py: ")
+    assert len(err) == 1 and err[0].startswith("prepare_ytvis.py: error: ")
     for fragment in fragments:
         assert fragment in err[0]
     return err[0]

@@ -75,8 +75,10 @@ def test_training_items_do_not_depend_on_workers_or_processes(synthetic_video_tr
     _, root = synthetic_video_tree
     ds = VideoTrainDataset(video_cfg(root, samples_per_class=1))
     one = batches(DataLoader(ds, batch_size=3, sampler=ds.sampler(seed=5)))
-    # worker_init: no OpenCV threads in forked workers (as the engine's loaders do)
-    two = batches(DataLoader(ds, batch_size=3, sampler=ds.sampler(seed=5), num_workers=2, worker_init_fn=worker_init))
+    # spawned workers: a forked one can inherit a lock another thread of this test process
+    # (tqdm's monitor, OpenCV's pool) holds; worker_init as the engine's loaders use
+    two = batches(DataLoader(ds, batch_size=3, sampler=ds.sampler(seed=5), num_workers=2, worker_init_fn=worker_init,
+                             multiprocessing_context="spawn"))
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # two processes: rank r serves global positions r, r+2, ...; the items are the same

@@ -32,9 +32,10 @@ from pycocotools import mask as mask_utils
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill,  # noqa: E402
-                                  _init_worker, _object_texture, _poly_area, _shape_contours)
+from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill, _init_worker,  # noqa: E402
+                                  _object_texture, _poly_area, _shape_contours)
 from util.classes import SYNTHETIC_VIDEO_CLASSES  # noqa: E402
+from util.cli import run  # noqa: E402
 from util.fileio import atomic_write_image, atomic_write_text  # noqa: E402
 
 FRAME_STEP = 5   # YouTube-VIS frame names step by 5 (00000, 00005, ...)
@@ -274,4 +275,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -39,7 +39,7 @@ from tools._prep_common import (MAX_SHOWN, ItemResult, PrepError, image_hw, link
 from tools.prepare_coco import instance_mask
 from util.classes import VIDEO_DATASETS, class_names
 from util.fileio import atomic_write_json
-from util.errors import DataError
+from util.cli import run
 from util.video_index import IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, image_relpath, index_document, mask_relpath
 
 JSON_CANDIDATES = ("train/instances.json", "train.json", "train/train.json")
@@ -266,13 +266,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Broken input raises PrepError (a DataError): ``run`` reports it on one line, exit 2."""
     args = parse_args(argv)
-    try:
-        return prepare_ytvis(args.ytvis, args.out, args.json, args.copy, args.workers)
-    except PrepError as e:
-        raise DataError(f"prepare_ytvis.py: {e}") from None
+    return prepare_ytvis(args.ytvis, args.out, args.json, args.copy, args.workers)
 
 
 if __name__ == "__main__":
-    from util.cli import run
     run(main)

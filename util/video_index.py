@@ -19,10 +19,10 @@ import json
 import os
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from util.classes import class_names
+from util.dataset import read_image, read_label
 from util.errors import DataError
 
 INDEX_NAME = "index.json"
@@ -78,21 +78,11 @@ class VideoIndex:
 
     def read_frame(self, video: int, frame: int) -> np.ndarray:
         """RGB float32 H×W×3 on the 0–255 scale."""
-        path = self.image_path(video, frame)
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
-        if image is None:
-            raise DataError(f"cannot read frame '{path}' (missing or not an image); re-run "
-                                 f"{PREPARE_COMMAND.get(self.dataset, PREPARE_COMMAND['ytvis'])}")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
+        return read_image(self.image_path(video, frame))
 
     def read_mask(self, video: int, class_id: int, frame: int) -> np.ndarray:
         """The 0/1 uint8 mask of ``class_id`` in a frame that has it."""
-        path = self.mask_path(video, class_id, frame)
-        mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise DataError(f"cannot read mask '{path}' (missing or not an image); re-run "
-                                 f"{PREPARE_COMMAND.get(self.dataset, PREPARE_COMMAND['ytvis'])}")
-        return mask
+        return read_label(self.mask_path(video, class_id, frame))
 
 
 def index_document(dataset: str, categories: list[str], videos: list[Video], source: str) -> dict:
