@@ -1,6 +1,10 @@
 """Segment your own images: python predict.py --config CFG --weight CKPT \\
     --support a.jpg a_mask.png [--support b.jpg b_mask.png ...] --query q1.jpg [q2.jpg ...] --out DIR [KEY VALUE ...]
 
+A video checkpoint (config dataset ytvis / synthetic_video) takes one --query: a folder of
+frames or a video file; it writes <out>/<frame>_mask.png per frame, <out>/overlay.mp4 and
+<out>/strip.png (frames with the prediction, mined BG and DO).
+
 K is the number of --support pairs. Masks are 0/1 or 0/255 single-channel PNGs (255 in a
 0/1 mask is ignored), or class-id / palette PNGs with --class-id C. Writes per query
 <out>/<stem>_mask.png (0/1, the query's size), <out>/<stem>_overlay.jpg and, with --panels,
@@ -14,10 +18,12 @@ import time
 import cv2
 
 from engine.predictor import Predictor, check_query_files, read_supports, resolve_device
+from engine.video import is_video
+from engine.video_predict import VideoPredictor, overlay_frames, read_query, strip_image
 from util.cli import run
 from util.config import KEYS, load_cfg, parse_args_with_overrides
 from util.errors import PredictInputError
-from util.fileio import atomic_write_image
+from util.fileio import atomic_path, atomic_write_image
 from util.vis import overlay, save_panel
 
 log = logging.getLogger("ntrenetpp")
@@ -72,6 +78,8 @@ def main(argv=None) -> list[str]:
     args, opts = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_cfg(args.config, opts)
+    if is_video(cfg):
+        return predict_video(args, cfg)
     # every input is checked before the checkpoint is loaded
     stems = output_stems(args.query)
     supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
@@ -101,6 +109,61 @@ def main(argv=None) -> list[str]:
     log.info("%d query(ies), %d-shot, %s on %s%s: %.3f s per query (reading and network)", len(stems),
              len(supports), args.weight, predictor.device, f" ({amp})" if amp != "none" else "",
              seconds / len(stems))
+    return written
+
+
+class _NoVideoEncoder(Exception):
+    pass
+
+
+def write_video(path: str, frames, fps: float) -> bool:
+    """Write RGB frames as an MP4 (atomically); False where OpenCV has no MP4 encoder."""
+    h, w = frames[0].shape[:2]
+    try:
+        with atomic_path(path) as tmp:
+            writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            if not writer.isOpened():
+                raise _NoVideoEncoder
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            writer.release()
+    except _NoVideoEncoder:
+        return False
+    return True
+
+
+def predict_video(args, cfg) -> list[str]:
+    """The video model: one query (folder of frames or video file) → per-frame masks, an
+    overlay video and a strip."""
+    if len(args.query) != 1:
+        raise PredictInputError(f"a video model takes one --query (a folder of frames or a video file); "
+                                f"got {len(args.query)}")
+    supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
+    frames, names, fps = read_query(args.query[0])
+    device = resolve_device(args.device)
+    amp = cfg.amp
+    if args.amp and amp == "none":
+        amp = "fp16" if device.type == "cuda" else "bf16"
+    predictor = VideoPredictor.from_checkpoint(cfg, args.weight, device=device, amp=amp)
+    t0 = time.perf_counter()
+    prediction = predictor.predict(supports, frames, args.class_id)
+    seconds = time.perf_counter() - t0
+    written = []
+    for name, mask in zip(names, prediction.masks):
+        written.append(os.path.join(args.out, f"{name}_mask.png"))
+        atomic_write_image(written[-1], mask)
+    strip = os.path.join(args.out, "strip.png")
+    atomic_write_image(strip, cv2.cvtColor(strip_image(frames, prediction, supports, names, title=args.class_name),
+                                           cv2.COLOR_RGB2BGR))
+    written.append(strip)
+    video = os.path.join(args.out, "overlay.mp4")
+    if write_video(video, overlay_frames(frames, prediction.masks), fps or 10.0):
+        written.append(video)
+    else:
+        log.warning("this OpenCV build cannot encode MP4: no overlay.mp4 (the masks and strip.png are written)")
+    log.info("%d frames, %d-shot, %s on %s: %.3f s per frame (network and preprocessing); wrote %d masks, %s",
+             len(frames), len(supports), args.weight, predictor.device, seconds / len(frames), len(names),
+             ", ".join(written[len(names):]))
     return written
 
 

@@ -34,7 +34,7 @@ FORMAT = "ntrenetpp-checkpoint-v2"    # v2: RNG states as tensors (weights_only)
 PREVIOUS_SUFFIX = ".prev.pth"           # last.pth -> last.prev.pth
 # config keys that change the shape of the network: a checkpoint must agree on them
 ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
-             "dataset", "memory_size")
+             "dataset", "memory_size", "video_attention", "video_aspp", "video_bg_dim")
 
 
 class CheckpointWriteError(CheckpointError):

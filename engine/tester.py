@@ -13,6 +13,7 @@ import time
 
 from engine.checkpoint import build_model_from_checkpoint, resolve_weight
 from engine.evaluate import evaluate
+from engine.video import is_video, run_video_test
 from util.amp import to_device
 from util.dataset import FewShotEvalDataset, load_split_rank0_first
 from util.distributed import DistInfo
@@ -35,7 +36,10 @@ def format_seed_table(seed: int, result, ms: float) -> str:
 
 
 def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
-    """Evaluate the configured checkpoint (or ``model`` as given) and write the JSON result."""
+    """Evaluate the configured checkpoint (or ``model`` as given) and write the JSON result
+    (a video experiment: engine/video.py's report)."""
+    if is_video(cfg):
+        return run_video_test(cfg, info, model, write_json)
     weight_path = resolve_weight(cfg.weight, cfg.save_path) if model is None else "(in-memory model)"
     ckpt_info = ""
     if model is None:

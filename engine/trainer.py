@@ -20,6 +20,7 @@ from tqdm import tqdm
 from engine.checkpoint import load_checkpoint, pick_resume, read_checkpoint, save_checkpoint
 from engine.evaluate import evaluate
 from engine.experiment import ExperimentGuard
+from engine.video import VIDEO_BATCH_KEYS, is_video, validate_video, video_datasets, video_optimizer
 from model import build_model
 from util.amp import TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize, to_device
 from util.config import dump_cfg
@@ -81,8 +82,12 @@ def build_training(cfg, info: DistInfo, warn_random_backbone: bool = True):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters instead of a loop of per-tensor ops (2x faster on the CPU)
-    optimizer = torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=info.device.type in ("cpu", "cuda"))
+    fused = info.device.type in ("cpu", "cuda")
+    if is_video(cfg):    # the reference's SGD for the head + Adam for the attention blocks
+        optimizer = video_optimizer(model, cfg, fused)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    fused=fused)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     net = model
     if info.distributed:
@@ -121,6 +126,8 @@ class Trainer:
         self.model, self.net = model, model if net is None else net
         self.optimizer, self.scaler = optimizer, scaler
         self.loader, self.val_set = loader, val_set
+        self.video = is_video(cfg)                 # video clips: engine/video.py's parts
+        self.inputs = VIDEO_BATCH_KEYS if self.video else TRAIN_INPUTS
         self.model_dir = os.path.join(cfg.save_path, "model")
         self.state = TrainState()
         self.lr = cfg.base_lr
@@ -138,6 +145,11 @@ class Trainer:
         """Seed this process, load both splits, build the loader, the validation episodes, the
         model (wrapped for DDP/compile), optimizer and GradScaler."""
         torch.manual_seed(cfg.manual_seed + info.rank)   # dropout differs per rank, init is broadcast
+        if is_video(cfg):
+            train_set, val_set = video_datasets(cfg, info, cfg.manual_seed + VAL_SEED_OFFSET)
+            model, net, optimizer, scaler = build_training(cfg, info)
+            return cls(cfg, info, model, optimizer, scaler, train_loader(train_set, cfg, info), val_set, net, writer,
+                       tensorboard, continue_cmd)
         train_split = load_split_rank0_first(cfg, True)
         val_split = load_split_rank0_first(cfg, False) if cfg.evaluate else None
         loader = train_loader(FewShotTrainDataset(cfg, split=train_split), cfg, info)
@@ -389,11 +401,10 @@ class Trainer:
     def step(self, batch: dict, lr: float) -> None:
         dev = self.info.device
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batch = batch_to_device(batch, dev, TRAIN_INPUTS)
+            group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+        q, s, m, y, c = batch_to_device(batch, dev, self.inputs).values()
         with autocast(dev, self.cfg.amp):
-            _, losses = self.net(batch["query_img"], batch["support_imgs"], batch["support_masks"],
-                                 query_mask=batch["query_mask"], class_ids=batch["class_id"])
+            _, losses = self.net(q, s, m, query_mask=y, class_ids=c)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total"]).backward()
         self.scaler.step(self.optimizer)
@@ -403,6 +414,8 @@ class Trainer:
         self.pending.append(torch.stack([losses[k].detach().float() for k in self.loss_names]))
 
     def validate(self) -> dict:
+        if self.video:
+            return validate_video(self.model, self.val_set, self.cfg, self.info.device, self.state.epoch, self.writer)
         out = evaluate(self.model, self.val_set, self.cfg, self.info.device, keep_samples=self.cfg.tb_images)
         r = out.result
         log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",

@@ -29,6 +29,8 @@ class LossSettings:
     bg_alpha: float = 0.5
     temperature: float = 1.0
     pixel_negative: bool = False
+    main_weight: float = 1.0     # the video model's 5 (docs/video.md)
+    iou_weight: float = 0.0      # the video model's soft-IoU term (1)
 
 
 def target_margin(logits: torch.Tensor, size) -> torch.Tensor:
@@ -173,8 +175,31 @@ def episode_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values * valid.to(values.dtype)).mean()
 
 
+def soft_iou_loss(logits: torch.Tensor, label: torch.Tensor, ignore_label: int = 255) -> torch.Tensor:
+    """``1 − Σ min(p, y) / Σ max(p, y)`` per clip, averaged over clips (the video loss's IoU term).
+
+    ``logits``: B×T×2×h×w, bilinearly upsampled to the B×T×H×W label (0/1, ignore 255);
+    ``p`` = the softmax foreground probability (= sigmoid of the logit margin), ``y`` = 1 on
+    the target. The sums run over all valid pixels of all T frames of a clip (the reference's
+    ``mask_iou`` over a clip). With a binary ``y``: ``min(p, y) = p·y``, ``max(p, y) = p + y − p·y``.
+    A clip without any valid pixel counts 0.
+    """
+    B, T = label.shape[:2]
+    p = torch.sigmoid(target_margin(logits.flatten(0, 1), label.shape[-2:])).view(label.shape)
+    y = (label == 1).float()
+    valid = (label != ignore_label).float()
+    inter = (p * y * valid).flatten(1).sum(dim=1)
+    union = ((p + y - p * y) * valid).flatten(1).sum(dim=1)
+    iou = inter / union.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(union > 0, 1 - iou, 0.0).mean()
+
+
 def total_loss(losses: dict, settings: LossSettings) -> torch.Tensor:
-    """``CE(final) + aux_weight · [bg_w·L_BG + aux1_w·L_aux1 + aux2_w·L_aux2 + con_w·L_con]``."""
+    """``main_w·CE(final) + aux_weight · [bg_w·L_BG + aux1_w·L_aux1 + aux2_w·L_aux2 + con_w·L_con]``,
+    plus ``iou_w·L_IoU`` where the losses have the video model's soft-IoU term."""
     bracket = (settings.bg_weight * losses["bg"] + settings.aux1_weight * losses["aux1"]
                + settings.aux2_weight * losses["aux2"] + settings.contrast_weight * losses["contrast"])
-    return losses["main"] + settings.aux_weight * bracket
+    total = settings.main_weight * losses["main"] + settings.aux_weight * bracket
+    if "iou" in losses:
+        total = total + settings.iou_weight * losses["iou"]
+    return total

@@ -5,8 +5,11 @@ Shapes: ``B`` episodes, ``K`` shots, ``C`` reduced channels, ``h×w`` feature si
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from util.errors import ConfigError
 
@@ -134,33 +137,109 @@ class ASPP(nn.Module):
         return dropout(relu(fuse_concat_weight(conv.weight, conv.bias, branches, [pooled], prototypes_first=True)))
 
 
+class AgentAttention(nn.Module):
+    """Cross-frame "agent" attention of the video model (DANet's, as clip-NTRENet++ uses it).
+
+    ``forward(x, frames)`` with ``x`` (B·T)×C×h×w, the T frames of each clip consecutive:
+
+    1. the middle frame (index T//2) is the agent: its positions query the keys and values of
+       all T·h·w positions of its clip (1×1 convs: keys and queries C → C/2, values C → C),
+       ``agent = x_mid + attention``, then ``agent = agent + MLP(agent)``;
+    2. every frame's positions query the agent's keys and values (a second set of 1×1
+       convs), ``out = x + attention``, then ``out = out + MLP(out)``.
+
+    Softmax over the keys with the logits scaled by 1/√C (C the input channels, as the
+    reference does, not the key width). MLP = 1×1 conv, ReLU, 1×1 conv (with biases).
+    No normalisation layer. Shape in = shape out.
+    """
+
+    def __init__(self, channels: int, key_channels: int | None = None):
+        super().__init__()
+        key = key_channels or channels // 2
+
+        def mlp():
+            return nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(channels, channels, 1))
+
+        self.agent_query = nn.Conv2d(channels, key, 1)
+        self.agent_key = nn.Conv2d(channels, key, 1)
+        self.agent_value = nn.Conv2d(channels, channels, 1)
+        self.agent_mlp = mlp()
+        self.frame_query = nn.Conv2d(channels, key, 1)
+        self.frame_key = nn.Conv2d(channels, key, 1)
+        self.frame_value = nn.Conv2d(channels, channels, 1)
+        self.frame_mlp = mlp()
+
+    @staticmethod
+    def _tokens(x: torch.Tensor, clips: int) -> torch.Tensor:
+        """(clips·T)×D×h×w → clips×(T·h·w)×D (frame-major, then row-major positions)."""
+        n, d = x.shape[:2]
+        return x.reshape(clips, n // clips, d, -1).permute(0, 1, 3, 2).reshape(clips, -1, d)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if frames < 1 or n % frames:
+            raise ValueError(f"AgentAttention: {n} feature maps are not whole clips of {frames} frames")
+        clips = n // frames
+        scale = 1.0 / math.sqrt(c)
+        middle = x.unflatten(0, (clips, frames))[:, frames // 2]                    # B×C×h×w
+        attended = F.scaled_dot_product_attention(
+            self._tokens(self.agent_query(middle), clips), self._tokens(self.agent_key(x), clips),
+            self._tokens(self.agent_value(x), clips), scale=scale)                   # B×hw×C
+        agent = middle + attended.transpose(1, 2).reshape(clips, c, h, w)
+        agent = agent + self.agent_mlp(agent)
+        attended = F.scaled_dot_product_attention(
+            self._tokens(self.frame_query(x), clips), self._tokens(self.frame_key(agent), clips),
+            self._tokens(self.frame_value(agent), clips), scale=scale)               # B×(T·hw)×C
+        out = x + attended.reshape(clips, frames, h * w, c).permute(0, 1, 3, 2).reshape(n, c, h, w)
+        return out + self.frame_mlp(out)
+
+
+def mix_frames(attention: AgentAttention | None, x: torch.Tensor, frames: int | None) -> torch.Tensor:
+    """``attention(x, frames)``, or ``x`` itself where the block has no temporal part (the
+    image network)."""
+    if attention is None:
+        return x
+    if frames is None:
+        raise ValueError("a block with cross-frame attention needs frames=T (clip length)")
+    return attention(x, frames)
+
+
 class BGMiningModule(nn.Module):
     """BGMM: a learnable, episode-independent BG prototype and the BG branch.
 
     ``forward(X)`` → BG logits (N×2×h×w, channel 1 = BG) for any stack of feature maps
     (the query; in training also every support).
+
+    Video model only: ``prototype_channels`` (the reference's 512-d BG prototype; default C)
+    and ``temporal`` (cross-frame :class:`AgentAttention` after the fusion, ``forward(X,
+    frames=T)``). With the defaults the block is the image network's.
     """
 
-    def __init__(self, channels: int, classes: int = 2):
+    def __init__(self, channels: int, classes: int = 2, prototype_channels: int | None = None,
+                 temporal: bool = False):
         super().__init__()
-        self.bg_prototype = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.fuse = nn.Sequential(nn.Conv2d(channels * 2, channels, 1, bias=False),
+        prototype_channels = prototype_channels or channels
+        self.bg_prototype = nn.Parameter(torch.zeros(1, prototype_channels, 1, 1))
+        self.fuse = nn.Sequential(nn.Conv2d(channels + prototype_channels, channels, 1, bias=False),
                                   nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+        self.temporal = AgentAttention(channels) if temporal else None
         self.residual = ResidualBlock(channels)
         self.head = SegmentationHead(channels, classes)
 
-    def forward(self, x):
+    def forward(self, x, frames: int | None = None):
         conv, relu, dropout = self.fuse     # fuse = 1×1 on concat(X, expand(P_BG)), ReLU, Dropout2d
         x = dropout(relu(fuse_concat(conv, x, [self.bg_prototype])))
+        x = mix_frames(self.temporal, x, frames)
         return self.head(self.residual(x))
 
 
 class BGEliminating(nn.Module):
     """``X_BG = ReLU(conv1×1(concat(q_b, P_BG)))``: removes the BG from the query at one bin."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, prototype_channels: int | None = None):
         super().__init__()
-        self.fuse = conv1x1_relu(channels * 2, channels)
+        self.fuse = conv1x1_relu(channels + (prototype_channels or channels), channels)
 
     def forward(self, query_bin, bg_prototype):
         return fuse_relu(self.fuse, query_bin, [bg_prototype])
@@ -183,16 +262,19 @@ class TargetMatching(nn.Module):
     ``forward(X_BG, P_s, prior_b, q_b)`` → ``(X_self, init_logits, second_logits)``. The query
     self-prototype ``P_q`` pools ``q_b`` over the initial prediction's foreground:
     ``self_proto_pool`` 'gap' (default, the authors' code) divides by b·b, so ``P_q`` scales with
-    the predicted foreground fraction; 'map' divides by the foreground area.
+    the predicted foreground fraction; 'map' divides by the foreground area. ``temporal`` (video
+    model): cross-frame :class:`AgentAttention` after the self-prototype merge
+    (``forward(..., frames=T)``).
     """
 
-    def __init__(self, channels: int, classes: int = 2, self_proto_pool: str = "gap"):
+    def __init__(self, channels: int, classes: int = 2, self_proto_pool: str = "gap", temporal: bool = False):
         super().__init__()
         self.pool = prototype_pool(self_proto_pool, "self_proto_pool")
         self.support_merge = conv1x1_relu(channels * 2 + 1, channels)
         self.support_residual = ResidualBlock(channels)
         self.init_head = SegmentationHead(channels, classes)
         self.self_merge = conv1x1_relu(channels * 2 + 1, channels)
+        self.temporal = AgentAttention(channels) if temporal else None
         self.self_residual = ResidualBlock(channels)
         self.second_head = SegmentationHead(channels, classes)
 
@@ -201,13 +283,13 @@ class TargetMatching(nn.Module):
         init_fg = init_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
         return self.pool(query_bin, init_fg)
 
-    def forward(self, x_bg, support_prototype, prior_bin, query_bin):
+    def forward(self, x_bg, support_prototype, prior_bin, query_bin, frames: int | None = None):
         x_act = fuse_relu(self.support_merge, x_bg, [support_prototype], [prior_bin])
         x_act = self.support_residual(x_act)
         init_logits = self.init_head(x_act)
         query_prototype = self.self_prototype(init_logits, query_bin)
         x_self = fuse_relu(self.self_merge, x_act, [query_prototype], [prior_bin])
-        x_self = self.self_residual(x_self)
+        x_self = self.self_residual(mix_frames(self.temporal, x_self, frames))
         return x_self, init_logits, self.second_head(x_self)
 
 
@@ -249,19 +331,27 @@ class ScaleEnrichment(nn.Module):
 
 class ScalePath(nn.Module):
     """Everything docs/method.md §4 does at one bin: BG elimination, target matching,
-    DO elimination and the inter-scale enrichment."""
+    DO elimination and the inter-scale enrichment.
+
+    Video model only: ``prototype_channels`` (BG prototype width) and ``temporal``
+    (cross-frame :class:`AgentAttention` after BG elimination and after the self-prototype
+    merge; ``forward(..., frames=T)``).
+    """
 
     def __init__(self, channels: int, has_previous: bool, do_pool: str = "gap", classes: int = 2,
-                 self_proto_pool: str = "gap"):
+                 self_proto_pool: str = "gap", prototype_channels: int | None = None, temporal: bool = False):
         super().__init__()
-        self.bg_eliminating = BGEliminating(channels)
-        self.target_matching = TargetMatching(channels, classes, self_proto_pool)
+        self.bg_eliminating = BGEliminating(channels, prototype_channels)
+        self.temporal = AgentAttention(channels) if temporal else None
+        self.target_matching = TargetMatching(channels, classes, self_proto_pool, temporal)
         self.do_eliminating = DOEliminating(channels, do_pool)
         self.enrichment = ScaleEnrichment(channels, has_previous, classes)
 
-    def forward(self, query_bin, bg_prototype, support_prototype, prior_bin, bg_logits_bin, previous=None):
-        x_bg = self.bg_eliminating(query_bin, bg_prototype)
-        x_self, init_logits, second_logits = self.target_matching(x_bg, support_prototype, prior_bin, query_bin)
+    def forward(self, query_bin, bg_prototype, support_prototype, prior_bin, bg_logits_bin, previous=None,
+                frames: int | None = None):
+        x_bg = mix_frames(self.temporal, self.bg_eliminating(query_bin, bg_prototype), frames)
+        x_self, init_logits, second_logits = self.target_matching(x_bg, support_prototype, prior_bin, query_bin,
+                                                                  frames)
         x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits)
         x, aux_logits = self.enrichment(x_do, previous)
         return x, {"init": init_logits, "second": second_logits, "aux": aux_logits, "do_mask": do_mask}

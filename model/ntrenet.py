@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.classes import NUM_CLASSES
+from util.classes import NUM_CLASSES, VIDEO_DATASETS
 from util.errors import ConfigError
 
 from .backbone import build_backbone, load_backbone_weights
@@ -17,7 +17,8 @@ from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_
 from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
                       prior_mask)
-from .ops import memory_format_of, pool_to, resize
+from .ops import input_format, pool_to, pyramid_bins, resize
+from .video import build_video_model
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,10 @@ class NTRENetPP(nn.Module):
 
     def bin_sizes(self, feature_size: int) -> list[int]:
         """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
-        return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in self.ppm_scales]
+        return pyramid_bins(self.ppm_scales, feature_size)
 
     def _input_format(self):
-        return memory_format_of(next(m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d)))
+        return input_format(self.backbone)
 
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_img, support_imgs, support_masks):
@@ -240,7 +241,8 @@ class NTRENetPP(nn.Module):
 
 
 def build_model(cfg, warn_random_backbone: bool = True) -> NTRENetPP:
-    """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank.
+    """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank; for a
+    video dataset (``ytvis``, ``synthetic_video``) the video network (model/video.py).
 
     With ``pretrained ''`` the backbone stays randomly initialised, and a warning says so
     unless ``warn_random_backbone`` is False (a checkpoint's weights are about to replace it,
@@ -259,7 +261,10 @@ def build_model(cfg, warn_random_backbone: bool = True) -> NTRENetPP:
     settings = LossSettings(ignore_label=cfg.ignore_label, aux_weight=cfg.aux_weight, bg_weight=cfg.bg_weight,
                             aux1_weight=cfg.aux1_weight, aux2_weight=cfg.aux2_weight,
                             contrast_weight=cfg.contrast_weight, bg_alpha=cfg.bg_alpha,
-                            temperature=cfg.contrast_temperature, pixel_negative=cfg.pixel_negative)
+                            temperature=cfg.contrast_temperature, pixel_negative=cfg.pixel_negative,
+                            main_weight=cfg.main_weight, iou_weight=cfg.iou_weight)
+    if cfg.dataset in VIDEO_DATASETS:
+        return build_video_model(cfg, backbone, settings)
     return NTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales,
                      aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool,
                      self_proto_pool=cfg.self_proto_pool,

@@ -20,6 +20,17 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
+def pyramid_bins(scales, feature_size: int) -> list[int]:
+    """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet), larger
+    values absolute sizes."""
+    return [max(1, int(feature_size * s)) if s <= 1.0 else int(s) for s in scales]
+
+
+def input_format(backbone: nn.Module):
+    """The memory format of ``backbone``'s first convolution weight: how to lay out its input."""
+    return memory_format_of(next(m.weight for m in backbone.modules() if isinstance(m, nn.Conv2d)))
+
+
 def memory_format_of(x: torch.Tensor):
     """channels_last for a 4-d tensor laid out so (and not also plain contiguous), else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

@@ -24,7 +24,7 @@ def test_bf16_trains_validates_and_checkpoints(synth_root, tmp_path):
         assert len(history) == 2 and all(math.isfinite(v) for row in history for v in row.values())
         assert 0 <= metrics["miou"] <= 100 and metrics["episodes"] == 8
         assert (tmp_path / amp / "model" / "best.pth").is_file()
-        state = torch.load(tmp_path / amp / "model" / "last.pth", weights_only=False)
+        state = torch.load(tmp_path / amp / "model" / "last.pth", weights_only=True)
         assert state["config"]["amp"] == amp
         assert all(v.dtype != torch.bfloat16 for v in state["model"].values())   # weights stay fp32
         runs[amp] = history[0]

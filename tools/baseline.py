@@ -1,4 +1,5 @@
-"""Score simple few-shot baselines on exactly the episodes test.py scores.
+"""Score simple few-shot baselines on exactly the episodes test.py scores (image or video
+experiments alike: the config's dataset decides).
 
     python tools/baseline.py --config CFG [KEY VALUE ...] [--compare result/test_*.json]
                              [--weight CKPT] [--pretrained IMAGENET.pth]
@@ -15,7 +16,8 @@ Two baselines, each on the same episodes (seeds, count, shots) as a test.py resu
   checkpoint (``--weight``, default the one ``--compare`` scored) and, with
   ``--pretrained``, an ImageNet weight file (the frozen backbone of the PASCAL/COCO configs).
 
-With ``--compare`` it prints NTRENet++'s result beside the baselines, one row each.
+With ``--compare`` it prints NTRENet++'s result beside the baselines, one row each. Video
+experiments get the all-foreground row only (J, F, J&F, class IoU).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from model.backbone import build_backbone, load_backbone_weights  # noqa: E402
 from model.modules import masked_average_pooling  # noqa: E402
 from model.ops import memory_format_of, resize  # noqa: E402
 from util.amp import to_device  # noqa: E402
+from engine.video import is_video  # noqa: E402
 from util.cli import run  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
@@ -43,14 +46,16 @@ from util.logger import setup_logger  # noqa: E402
 
 
 class AllForeground(torch.nn.Module):
-    """Predicts the target everywhere (foreground logit above background)."""
+    """Predicts the target everywhere (foreground logit above background): B×2×H×W logits
+    for B×3×H×W queries, B×T×2×H×W for B×T×3×H×W query clips (on a video canvas the
+    letterbox padding is predicted too, as a model's would be)."""
 
     def forward(self, query_img, support_imgs, support_masks, return_extras=False, **_):
-        b, _, h, w = query_img.shape
-        logits = torch.stack([torch.zeros(b, h, w), torch.ones(b, h, w)], 1).to(query_img.device)
+        shape = query_img.shape[:-3] + query_img.shape[-2:]
+        zeros = torch.zeros(shape, device=query_img.device)
+        logits = torch.stack([zeros, zeros + 1], -3)
         if return_extras:
-            zeros = torch.zeros(b, h, w, dtype=torch.long, device=query_img.device)
-            return logits, {"bg_logits": torch.stack([logits[:, 1], logits[:, 0]], 1), "do_mask": zeros}
+            return logits, {"bg_logits": torch.stack([zeros + 1, zeros], -3), "do_mask": zeros.long()}
         return logits
 
 
@@ -99,6 +104,14 @@ def format_row(name: str, res: dict) -> str:
             f"{res['fbiou_mean']:11.2f} ± {res['fbiou_std']:4.2f}")
 
 
+def compare_video(res: dict, base: dict, path: str) -> None:
+    print(f"\n{'':24s}{'J':>16s}{'F':>16s}{'J&F':>16s}{'class IoU':>16s}")
+    for name, r in (("NTRENet++ (" + os.path.basename(res["weight"]) + ")", res), ("all-foreground", base)):
+        print(f"{name:24s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}" for k in ("J", "F", "JF", "class_iou")))
+    print(f"({len(res['runs'])} runs x {res['frames']} frames of {res['videos']} videos, {res['shot']}-shot, "
+          f"the same episodes for both; {path})")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -120,17 +133,27 @@ def main(argv=None) -> dict:
                 res = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"--compare {args.compare}: not a readable test.py result ({e})") from None
-        # score the very episodes the result scored: its seeds, count and shots
-        cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
-                   manual_seed=res.get("manual_seed", cfg.manual_seed))
         for key in ("dataset", "split", "val_list"):
             if key in res and res[key] != cfg[key]:
                 raise ConfigError(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
-                                 f"{cfg[key]!r}: pass the same config and overrides as that test run")
-    weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
+                                  f"{cfg[key]!r}: pass the same config and overrides as that test run")
+        if is_video(cfg):
+            # the very episodes the result scored: its runs, shots, clip length and support draws
+            cfg.update(test_seeds=len(res["runs"]), shot=res["shot"], clip_len=res["clip_len"],
+                       support_per=res["support_per"], manual_seed=res["manual_seed"])
+        else:
+            # score the very episodes the result scored: its seeds, count and shots
+            cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
+                       manual_seed=res.get("manual_seed", cfg.manual_seed))
     setup_logger("", 0)
-
     info = DistInfo()
+    if is_video(cfg):
+        # video: the all-foreground prediction only (the prototype matcher is an image baseline)
+        base = run_test(cfg, info, model=AllForeground(), write_json=False)
+        if res is not None:
+            compare_video(res, base, args.compare)
+        return base
+    weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
     rows = []
     if res is not None:
         rows.append((f"NTRENet++ ({os.path.basename(res['weight'])})", res))

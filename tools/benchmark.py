@@ -19,6 +19,11 @@ device synchronised before and after each repetition. Measured:
   losses, backward, SGD step (and the DO bank update);
 - ``eval_episode_ms`` (one episode per forward) and ``eval_batched_episode_ms`` (per episode,
   ``batch_size_val`` episodes per forward, at least 4) at ``val_size``;
+
+A video config (``dataset`` ytvis or synthetic_video, e.g. ``config/ytvis/ytvis_split0_resnet50.yaml``
+at 241×425, T = 5, K = 5) times the video network the same way: an "episode" is then one
+clip of ``clip_len`` frames with its K supports on the ``video_h × video_w`` canvas, the step
+is the SGD + Adam step, and the loader reads a synthetic video tree.
 - ``loader_episodes_per_s``: ``engine.trainer.train_loader`` alone, configured workers, after the
   first batch (worker start-up) — and ``loader_vs_step``, its rate over the step's;
 - ``step_gflop`` and ``backbone_gflop``: counted with ``torch.utils.flop_counter`` (2 per
@@ -62,15 +67,19 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from engine.trainer import Trainer, build_training, train_loader  # noqa: E402
 from tools.make_synthetic import main as make_synthetic  # noqa: E402
-from util.amp import (MODEL_INPUTS, TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,  # noqa: E402
+from tools.make_synthetic_video import main as make_synthetic_video  # noqa: E402
+from tools.prepare_ytvis import prepare_ytvis  # noqa: E402
+from engine.video import VIDEO_BATCH_KEYS, is_video  # noqa: E402
+from util.amp import (TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,  # noqa: E402
                       use_channels_last)
-from util.classes import NUM_CLASSES  # noqa: E402
+from util.classes import NUM_CLASSES, VIDEO_DATASETS  # noqa: E402
 from util.cli import run as run_cli  # noqa: E402
 from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
 from util.dataset import FewShotTrainDataset, load_split  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 from util.fileio import atomic_write_json  # noqa: E402
 from util.host_memory import tune_cpu_process  # noqa: E402
+from util.video_dataset import VideoTrainDataset  # noqa: E402
 
 FIELDS = ("backbone_ms", "train_step_ms", "eval_episode_ms", "eval_batched_episode_ms",
           "loader_episodes_per_s", "loader_vs_step", "step_gflop", "backbone_gflop", "peak_gflops",
@@ -98,10 +107,21 @@ def random_masks(n: int, size: tuple[int, int], generator: torch.Generator, band
 
 
 def make_batch(batch_size: int, shot: int, size: tuple[int, int], num_classes: int = 20, seed: int = 0,
-               pin: bool = False) -> dict:
-    """One collated episode batch as the training loader gives it (CPU tensors)."""
+               pin: bool = False, clip_len: int = 0) -> dict:
+    """One collated episode batch as the training loader gives it (CPU tensors); with
+    ``clip_len`` T a video batch (B×T query frames and labels, the video loader's keys)."""
     g = torch.Generator().manual_seed(seed)
     B, K = batch_size, shot
+    if clip_len:
+        T = clip_len
+        batch = {
+            "query_imgs": torch.randn(B, T, 3, *size, generator=g),
+            "query_masks": random_masks(B * T, size, g).long().view(B, T, *size),
+            "support_imgs": torch.randn(B, K, 3, *size, generator=g),
+            "support_masks": random_masks(B * K, size, g).long().view(B, K, *size),
+            "class_id": torch.randint(1, num_classes + 1, (B,), generator=g),
+        }
+        return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
     batch = {
         "query_img": torch.randn(B, 3, *size, generator=g),
         "query_mask": random_masks(B, size, g).long(),
@@ -215,6 +235,21 @@ def make_trainer(cfg, info: DistInfo) -> Trainer:
     return Trainer(cfg, info, model, optimizer, scaler, net=net)
 
 
+def train_inputs(cfg) -> tuple[str, ...]:
+    """The batch keys of a training step (the first three: what the network is called with)."""
+    return VIDEO_BATCH_KEYS if is_video(cfg) else TRAIN_INPUTS
+
+
+def step_size(cfg) -> tuple[int, int]:
+    """The training input size: ``train_h × train_w`` crops, or the video canvas."""
+    return (cfg.video_h, cfg.video_w) if is_video(cfg) else (cfg.train_h, cfg.train_w)
+
+
+def cfg_batch(cfg, batch_size: int, size, seed: int, pin: bool = False) -> dict:
+    return make_batch(batch_size, cfg.shot, size, NUM_CLASSES.get(cfg.dataset, 20), seed, pin,
+                      cfg.clip_len if is_video(cfg) else 0)
+
+
 def prepare(cfg, device: torch.device, tune_malloc: bool = True):
     """``(trainer, batch, tuned)`` for timing ``cfg``'s training step on ``device``: on the CPU
     first ``util.host_memory.tune_cpu_process`` as train.py and test.py do (denormals flushed;
@@ -223,8 +258,7 @@ def prepare(cfg, device: torch.device, tune_malloc: bool = True):
     tuned = tune_cpu_process(tune_malloc) if device.type == "cpu" else {}
     torch.manual_seed(cfg.manual_seed)
     trainer = make_trainer(cfg, DistInfo(device=device))
-    batch = make_batch(cfg.batch_size, cfg.shot, (cfg.train_h, cfg.train_w), NUM_CLASSES.get(cfg.dataset, 20),
-                       cfg.manual_seed, device.type == "cuda")
+    batch = cfg_batch(cfg, cfg.batch_size, step_size(cfg), cfg.manual_seed, device.type == "cuda")
     return trainer, batch, tuned
 
 
@@ -238,8 +272,12 @@ def step_fn(trainer, batch):
 
 
 def describe(cfg) -> str:
-    """'ResNet-50, 1-shot, batch 4, 473x473': the network and step size of ``cfg``."""
+    """'ResNet-50, 1-shot, batch 4, 473x473' (video: 'video ResNet-50, T=5 + 5-shot paired,
+    batch 4, 241x425'): the network and step size of ``cfg``."""
     net = "VGG-16-bn" if cfg["vgg"] else f"ResNet-{cfg['layers']}"
+    if cfg["dataset"] in VIDEO_DATASETS:
+        return (f"video {net}, T={cfg['clip_len']} + {cfg['shot']}-shot {cfg['support_mode']}, batch "
+                f"{cfg['batch_size']}, {cfg['video_h']}x{cfg['video_w']}")
     return f"{net}, {cfg['shot']}-shot, batch {cfg['batch_size']}, {cfg['train_h']}x{cfg['train_w']}"
 
 
@@ -252,7 +290,8 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     res: dict = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "config": {k: cfg[k] for k in ("dataset", "layers", "vgg", "shot", "batch_size", "train_h",
-                                                "train_w", "val_size", "batch_size_val", "reduce_dim",
+                                                "train_w", "val_size", "clip_len", "video_h", "video_w",
+                                                "support_mode", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
                  "channels_last_used": use_channels_last(cfg, device),
                  "reps": reps, "warmup": warmup}
@@ -270,7 +309,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
 
     # ---- backbone alone (everything the frozen part of the step runs)
     log("backbone ...")
-    q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
+    q, s, m = batch_to_device(batch, device, train_inputs(cfg)[:3]).values()
 
     def backbone():
         with torch.no_grad(), autocast(device, cfg.amp):
@@ -407,7 +446,7 @@ def amp_loss_check(model, batch, cfg, device) -> dict:
     """Every loss of one training forward in fp32 and under ``cfg.amp``, same weights, same DO
     bank, dropout off: {name: [fp32, amp, |difference|]}."""
     values = {}
-    inputs = list(batch_to_device(batch, device, TRAIN_INPUTS).values())
+    inputs = list(batch_to_device(batch, device, train_inputs(cfg)).values())
     for amp in ("none", cfg.amp):
         twin = copy.deepcopy(model).train()
         for m in twin.modules():
@@ -422,14 +461,15 @@ def amp_loss_check(model, batch, cfg, device) -> dict:
 
 
 def measure_eval(net, cfg, device, warmup, reps):
-    """(ms per episode one at a time, ms per episode batched, the batch) at ``val_size``."""
-    size = (cfg.val_size, cfg.val_size)
+    """(ms per episode one at a time, ms per episode batched, the batch) at ``val_size`` (video:
+    per clip of ``clip_len`` frames on the canvas)."""
+    size = step_size(cfg) if is_video(cfg) else (cfg.val_size, cfg.val_size)
     out = []
     batched = max(cfg.batch_size_val, 4)
     net.eval()
     for n in (1, batched):
-        batch = make_batch(n, cfg.shot, size, seed=1)
-        q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
+        batch = cfg_batch(cfg, n, size, seed=1)
+        q, s, m = batch_to_device(batch, device, train_inputs(cfg)[:3]).values()
 
         def episode():
             with torch.no_grad(), autocast(device, cfg.amp):
@@ -439,11 +479,35 @@ def measure_eval(net, cfg, device, warmup, reps):
     return out[0], out[1], batched
 
 
+def measure_video_loader(cfg, info: DistInfo, batches: int) -> float:
+    """:func:`measure_loader` for a video config: clips per second from a synthetic video tree
+    (tools/make_synthetic_video.py, prepared) with frames about the canvas height."""
+    B = cfg.batch_size
+    with tempfile.TemporaryDirectory(prefix="ntrenet_bench_video_") as root:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            make_synthetic_video(["--out", root, "--videos", str(20 * (cfg.shot + 2)), "--size", str(cfg.video_h),
+                                  "--workers", str(os.cpu_count() or 1)])
+            prepare_ytvis(root, root, workers=os.cpu_count() or 1)
+        lcfg = cfg.copy()
+        lcfg.update(dataset="synthetic_video", data_root=root, epoch_size=B * (batches + 1))
+        loader = train_loader(VideoTrainDataset(lcfg), lcfg, info)
+        loader.sampler.set_epoch(0)
+        it = iter(loader)
+        next(it)                                 # worker start-up
+        t0 = time.perf_counter()
+        n = sum(batch["query_imgs"].shape[0] for batch in it)
+        rate = n / (time.perf_counter() - t0)
+        del it, loader
+    return rate
+
+
 def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
     """Episodes per second of the configured training loader on a synthetic tree at the
     configured resolution (first batch, i.e. worker start-up, excluded)."""
     B = cfg.batch_size
     batches = batches or max(12, 2 * max(cfg.workers, 1))
+    if is_video(cfg):
+        return measure_video_loader(cfg, info, batches)
     images = max(40, 2 * B * (cfg.shot + 1))
     with tempfile.TemporaryDirectory(prefix="ntrenet_bench_") as root:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -505,7 +569,7 @@ ROWS = (("backbone_ms", "backbone forward (B·(K+1) images + masked layer4 + pri
 def format_table(res: dict) -> str:
     c = res["config"]
     head = (f"{res['machine']} | torch {res['torch']}, {res['threads']} threads | {res['date']}\n"
-            f"{describe(c)} (eval {c['val_size']}, batch "
+            f"{describe(c)} (eval {'canvas' if c['dataset'] in VIDEO_DATASETS else c['val_size']}, batch "
             f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}"
             + (f" (-> {res['channels_last_used']})" if c['channels_last'] == 'auto' else "") + ", "
             f"compile {c['compile']}, workers {c['workers']}"

@@ -79,7 +79,21 @@ SCHEMA: tuple[Key, ...] = (
     _k("self_proto_pool", "str", "gap",
        "query self-prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area", ("gap", "map")),
     _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches"),
+    # ---- VIDEO MODEL (dataset ytvis / synthetic_video; docs/video.md) -------------------
+    _k("support_mode", "str", "paired",
+       "video: 'paired' matches query frame t with support t (the reference; needs shot = clip_len), "
+       "'mean' gives every frame the K-shot average prototype and prior", ("paired", "mean")),
+    _k("video_attention", "bool", True,
+       "video: cross-frame agent attention in the BG branch, after BG elimination and after the "
+       "self-prototype merge (False: frames processed independently)"),
+    _k("video_aspp", "bool", False, "video: ASPP on the query features (the reference drops it)"),
+    _k("video_bg_dim", "int", 512, "video: channels of the learnable BG prototype (the reference's 512)"),
+    _k("attention_lr", "float", 1e-5,
+       "video: Adam learning rate of the attention blocks (the head uses SGD at base_lr)"),
+    _k("attention_weight_decay", "float", 5e-4, "video: Adam weight decay of the attention blocks"),
     # ---- TRAIN: losses ----------------------------------------------------------------
+    _k("main_weight", "float", 1.0, "weight of the final prediction's cross-entropy (video reference: 5)"),
+    _k("iou_weight", "float", 0.0, "video: weight of the soft-IoU term 1 - IoU(final fg probability, mask)"),
     _k("aux_weight", "float", 1.0, "weight of the bracketed auxiliary sum"),
     _k("bg_weight", "float", 1.0, "weight of the BG mining loss inside the bracket"),
     _k("aux1_weight", "float", 0.4, "weight of the per-scale auxiliary head loss"),

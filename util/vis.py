@@ -158,3 +158,57 @@ def save_panel(path: str, sample: dict, tile: int = TILE) -> np.ndarray:
     # full compression: a third of OpenCV's default size, for a few ms more
     atomic_write_image(path, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     return image
+
+
+def video_strip_image(sample: dict, tile: int = TILE) -> np.ndarray:
+    """Render one video chunk (what engine/video.py keeps per sample) as an RGB array.
+
+    Keys: ``query_imgs`` (T normalised 3×H×W canvases or H×W×3 uint8 RGB frames), ``pred``
+    (T×H×W 0/1), ``bg_map`` (T×H×W BG probability), ``do_mask`` (T×H×W 0/1),
+    ``support_imgs`` / ``support_masks`` (K of each, images as the frames); optional
+    ``query_masks`` (T×H×W ground truth, outlined), ``scored`` (T flags; unscored frames, the
+    padding of short videos or frames an earlier chunk scored, are marked), ``frame_names``,
+    ``class_name``, ``video``. Rows, one tile per frame: the supports (mask outlined); the
+    frames with the prediction tinted and the ground truth outlined; the mined BG as a heat
+    map; the mined DO.
+    """
+    frames = [to_rgb(img) for img in sample["query_imgs"]]
+    scored = _as_np(sample.get("scored", np.ones(len(frames), bool))).tolist()
+    truth = sample.get("query_masks")
+    truth = [None] * len(frames) if truth is None else [_as_np(y) for y in truth]
+    names = sample.get("frame_names") or [f"frame {t + 1}" for t in range(len(frames))]
+    supports = [_fit(outline(to_rgb(img), _as_np(m)), tile) for img, m in
+                zip(sample["support_imgs"], sample["support_masks"])]
+    rows = {
+        "support": [_label(t, f"support {k + 1}") for k, t in enumerate(supports)],
+        "prediction": [_label(_fit(tint(f, _as_np(p)) if y is None else outline(tint(f, _as_np(p)), y), tile),
+                              name + ("" if on else " (not scored)"))
+                       for f, p, y, on, name in zip(frames, sample["pred"], truth, scored, names)],
+        "mined BG": [_label(_fit((0.5 * f + 0.5 * heatmap(_as_np(b))).astype(np.uint8), tile), "mined BG")
+                     for f, b in zip(frames, sample["bg_map"])],
+        "mined DO": [_label(_fit(tint(f, _as_np(d), DO_COLOUR), tile), "mined DO")
+                     for f, d in zip(frames, sample["do_mask"])],
+    }
+    width = max(len(r) for r in rows.values()) * tile
+    blank = np.full((tile, tile, 3), 255, np.uint8)
+    body = [_trim_height(np.concatenate(r + [blank] * ((width // tile) - len(r)), axis=1)) for r in rows.values()]
+    title = np.full((TITLE_H, width, 3), 255, np.uint8)
+    key = "red: prediction" + (", green: ground truth" if truth[0] is not None else "")
+    text = f"{sample.get('class_name', '')}   {sample.get('video', '')}   ({key})"
+    cv2.putText(title, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([title] + body, axis=0)
+
+
+def _trim_height(row: np.ndarray) -> np.ndarray:
+    """A row of tiles without the white band below its content (wide frames fill a square
+    tile's top only)."""
+    used = np.flatnonzero((row != 255).any(axis=(1, 2)))
+    return row[:int(used[-1]) + 1 + TILE_GAP] if used.size else row
+
+
+def save_video_strip(path: str, sample: dict, tile: int = TILE) -> np.ndarray:
+    """Render and write a video strip PNG atomically; returns the RGB array."""
+    image = video_strip_image(sample, tile)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    atomic_write_image(path, bgr, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    return image
