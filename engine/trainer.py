@@ -23,7 +23,7 @@ from engine.experiment import ExperimentGuard
 from model import build_model
 from util.amp import TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize, to_device
 from util.config import dump_cfg
-from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split_rank0_first, worker_init
+from util.dataset import FewShotEvalDataset, FewShotTrainDataset, close_loader, load_split_rank0_first, worker_init
 from util.distributed import DistInfo
 from util.errors import CheckpointError, ConfigError, UserError
 from util.fileio import atomic_write_text
@@ -177,6 +177,7 @@ class Trainer:
             with stop_on_signals() as self.request:
                 return self.run_epochs()
         finally:
+            close_loader(self.loader)   # its workers ignore SIGTERM: left to the exit, they are waited for forever
             if self.writer is not None and self.tensorboard:
                 self.writer.close()
             if guard is not None:

@@ -325,3 +325,28 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(synth_ro
     assert r0.startswith("5 143 stopped by a signal to another process after iteration 5 of 8")
     assert r1.startswith("5 143 stopped by SIGTERM after iteration 5 of 8")
     assert read_checkpoint(str(save_path / "model" / "last.pth"))["iteration"] == 5     # rank 0 wrote it
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line_and_the_run_ends(synth_root, tmp_path):
+    """A DataError raised in a DataLoader worker: torch re-raises it in the main process with
+    the worker's traceback in its message, and the workers (which ignore SIGTERM) must be shut
+    down explicitly, else the interpreter's exit waits for them forever."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".jpg"):
+                open(os.path.join(dirpath, name), "wb").close()     # empty: unreadable
+    cfg = config_file(tmp_path, str(root), workers=2)
+    p = subprocess.Popen([sys.executable, "train.py", "--config", cfg, "save_path", str(tmp_path / "exp")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the run did not end after the worker's error")
+    assert p.returncode == 2
+    assert err.count("\n") == 1, err
+    assert re.fullmatch(r"train\.py: error: cannot read image '.*\.jpg' \(missing, empty or not an image\)\n", err)

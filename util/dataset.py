@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.class_index import ClassIndex, build_class_index, load_area_table
 from util.classes import NUM_CLASSES, fold_classes
@@ -113,6 +113,18 @@ def worker_init(_=None) -> None:
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def close_loader(loader) -> None:
+    """Shut down the worker processes of a DataLoader (its persistent iterator) or of a
+    DataLoader iterator now. Call it whenever a batch loop is left early (an error, a stop):
+    the workers ignore SIGTERM (:func:`worker_init`), so one left to the interpreter's exit
+    is waited for forever."""
+    iterator = loader._iterator if isinstance(loader, DataLoader) else loader
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if isinstance(loader, DataLoader):
+        loader._iterator = None
 
 
 def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
