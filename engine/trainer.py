@@ -188,11 +188,22 @@ class Trainer:
         ``val_freq`` epochs and after the last), keep ``best.pth``, write ``last.pth``;
         ``stop_iter`` ends the run after the next ``last.pth``; so does a signal (then
         TrainingInterrupted)."""
-        self.start()
-        metrics: dict = {}
+        metrics = self.start()
+        if self.run.pop("validation_pending", False):   # the run stopped before it validated
+            if self.validation_due():
+                log.info("the validation of epoch %d was left for the resume: running it now", self.state.epoch)
+                metrics = self.validate()
+                self.keep_if_best(metrics)
+            self.save("last", metrics)
         while self.state.epoch < self.cfg.epochs:
             if self.run_epoch(metrics):
                 self.state.epoch += 1
+                if self.stopping and self.validation_due():
+                    # a stop must be quick (a scheduler's grace is ~30 s): last.pth first, marked so
+                    # that the resume runs this epoch's validation before anything else
+                    self.run["validation_pending"] = True
+                    self.save("last", metrics)
+                    self.interrupted()
                 if self.validation_due():
                     metrics = self.validate()
                     self.keep_if_best(metrics)
@@ -207,16 +218,18 @@ class Trainer:
                  self.state.best_miou)
         return metrics
 
-    def start(self) -> None:
-        """The experiment folder and its config copy, a resume, the run's size in the log."""
+    def start(self) -> dict:
+        """The experiment folder and its config copy, a resume, the run's size in the log;
+        returns the metrics of the checkpoint resumed (empty when none)."""
         if self.info.is_main:
             atomic_write_text(os.path.join(self.cfg.save_path, "config.yaml"), dump_cfg(self.cfg))
-        self.maybe_resume()
+        metrics = self.maybe_resume()
         self.open_event_writer()
         log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
                  len(self.loader.sampler) * self.info.world_size, len(self.loader.dataset), self.iters_per_epoch,
                  self.max_iter, self.info.world_size)
         self._clock = (time.perf_counter(), self.state.iteration)
+        return metrics
 
     def run_epoch(self, metrics: dict) -> bool:
         """The current epoch's iterations (after a resume, the rest of them); False when
@@ -237,8 +250,8 @@ class Trainer:
             if self.state.iteration % cfg.print_freq == 0:
                 self.flush_losses()
             stop = self.stop_agreed()
-            # an epoch's last iteration is left to train(), which validates before it saves: a
-            # save here would let a resume skip that epoch's validation (a stop waits for it too)
+            # an epoch's last iteration is left to run_epochs(), which validates before it saves: a
+            # save here would let a resume skip that epoch's validation (a stop leaves it to the resume)
             if self.state.iteration % self.iters_per_epoch == 0:
                 self.stopping = stop
                 continue
@@ -277,8 +290,10 @@ class Trainer:
         into = self.state.iteration - self.state.epoch * self.iters_per_epoch
         where = (f"at the end of epoch {self.state.epoch}" if into == 0 else
                  f"in epoch {self.state.epoch + 1}, {into}/{self.iters_per_epoch} into it")
+        pending = (f" (epoch {self.state.epoch}'s validation runs first when it continues)"
+                   if self.run.get("validation_pending") else "")
         message = (f"stopped by {r.name or 'a signal to another process'} after iteration {self.state.iteration} "
-                   f"of {self.max_iter} ({where}); {self.checkpoint_path('last')} is saved. "
+                   f"of {self.max_iter} ({where}); {self.checkpoint_path('last')} is saved{pending}. "
                    f"Continue with: {self.continue_cmd}")
         log.info(message)
         raise TrainingInterrupted(message, r.exit_status if r.requested else 143)
@@ -319,15 +334,16 @@ class Trainer:
                 error = e
         self.stop.raise_if_any_failed(error)
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> dict:
+        """Load the checkpoint ``resume`` names; returns its metrics (empty when none)."""
         resume = self.cfg.resume
         if not resume:
-            return
+            return {}
         if resume == "auto":
             picked = pick_resume(self.checkpoint_path("last"))   # last.pth, or last.prev.pth if it is damaged
             if picked is None:
                 log.info("resume auto: no %s yet, starting from scratch", self.checkpoint_path("last"))
-                return
+                return {}
             path, state = picked
         else:
             path, state = resume, read_checkpoint(resume)
@@ -343,6 +359,7 @@ class Trainer:
         self.run = dict(state.get("run") or {})
         log.info("resumed from %s at iteration %d (epoch %d), best mIoU so far %.2f",
                  path, self.state.iteration, self.state.epoch, self.state.best_miou)
+        return {k: v for k, v in state.get("metrics", {}).items() if k != "iters_per_epoch"}
 
     # ---------------------------------------------------------------- logging
     def flush_losses(self) -> None:

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import train
 from engine.checkpoint import pick_resume, read_checkpoint, save_checkpoint
 from engine.trainer import Trainer
+from util.interrupt import TrainingInterrupted
 from tests.conftest import tiny_cfg
 from tests.test_trainer import LossRecorder, _free_port, _join_group, weights
 from util.cli import run
@@ -350,3 +351,34 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line_and_the_run_ends(syn
     assert p.returncode == 2
     assert err.count("\n") == 1, err
     assert re.fullmatch(r"train\.py: error: cannot read image '.*\.jpg' \(missing, empty or not an image\)\n", err)
+
+
+def test_a_stop_on_an_epochs_last_step_saves_first_and_the_resume_validates_that_epoch(synth_root, tmp_path):
+    """A scheduler's grace is ~30 s: the stop writes last.pth before validating; the resume
+    runs that validation first, and the run ends as the uninterrupted one does."""
+    ref = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "ref"), DistInfo())      # 2 iterations per epoch
+    ref.train()
+    exp = tmp_path / "exp"
+    t = Trainer.from_cfg(tiny_cfg(synth_root, exp), DistInfo())
+    step = t.step
+
+    def step_then_stop(batch, lr):
+        step(batch, lr)
+        if t.state.iteration + 1 == 2:              # the first epoch's last step
+            t.request.signum = signal.SIGTERM
+    t.step = step_then_stop
+    with pytest.raises(TrainingInterrupted, match=r"after iteration 2 of 4 \(at the end of epoch 1\); .*last\.pth "
+                                                  r"is saved \(epoch 1's validation runs first when it continues\)"):
+        t.train()
+    assert os.listdir(exp / "model") == ["last.pth"]                       # no validation ran, no best.pth
+    last = read_checkpoint(str(exp / "model" / "last.pth"))
+    assert last["iteration"] == 2 and last["run"]["validation_pending"] is True
+    resumed = Trainer.from_cfg(tiny_cfg(synth_root, exp, resume="auto"), DistInfo())
+    resumed.train()
+    for name in ("best", "last"):
+        a, b = (read_checkpoint(str(p / "model" / f"{name}.pth")) for p in (tmp_path / "ref", exp))
+        assert (a["epoch"], a["iteration"], a["best_miou"], a["metrics"]) == \
+            (b["epoch"], b["iteration"], b["best_miou"], b["metrics"])
+        assert "validation_pending" not in b["run"]
+    wr, wc = weights(ref.model), weights(resumed.model)
+    assert all(torch.equal(wr[k], wc[k]) for k in wr)
