@@ -347,6 +347,12 @@ class Trainer:
             path, state = picked
         else:
             path, state = resume, read_checkpoint(resume)
+        saved_shot = (state.get("config") or {}).get("shot", self.cfg.shot)
+        if saved_shot != self.cfg.shot:   # not an ARCH_KEY: test.py may evaluate a model at any K
+            raise CheckpointError(f"{path} was trained with shot {saved_shot}, this run has shot {self.cfg.shot}: "
+                                  f"resume with shot {saved_shot}, or train the {self.cfg.shot}-shot model into "
+                                  f"its own folder (sh train.sh <dataset> <exp_name> shot {self.cfg.shot} uses "
+                                  f"exp/<dataset>/<exp_name>_shot{self.cfg.shot})")
         load_checkpoint(path, self.model, self.cfg, self.optimizer, self.scaler, restore_rng=True, state=state)
         saved_ipe = state.get("metrics", {}).get("iters_per_epoch", self.iters_per_epoch)
         if saved_ipe != self.iters_per_epoch:
