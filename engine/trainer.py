@@ -401,8 +401,9 @@ class Trainer:
         per_it = (time.perf_counter() - t_start) / max(done, 1)
         mean = values.mean(0)
         parts = " ".join(f"{n} {mean[i]:.4f}" for i, n in enumerate(self.loss_names))
-        # the loss window is the iterations since the last line, the same with or without a
-        # resume (every save flushes first); the speed is over this process's own iterations
+        # the loss window is the iterations since the last line (every save flushes first, so a
+        # stop and its resume split a window: each line states its own); the speed is over this
+        # process's own iterations
         window = f"iter {first_it}-{self.state.iteration}" if values.shape[0] > 1 else f"iter {first_it}"
         log.info("epoch %d/%d iter %d/%d | mean of %s: %s | lr %.5f | %.3f s/it over %d iter | eta %s",
                  self.state.epoch + 1, self.cfg.epochs,
