@@ -78,12 +78,13 @@ def test_five_shot_training_runs_end_to_end(synth_root, tmp_path):
             with open(os.path.join(synth_root, name)) as part:
                 f.write(part.read())
     cfg = tiny_cfg(synth_root, tmp_path, shot=5, epochs=1, epoch_size=8, train_list=str(both))
-    t = Trainer(cfg, DistInfo(), keep_history=True)
+    recorder = LossRecorder()
+    t = Trainer.from_cfg(cfg, DistInfo(), recorder)
     t.train()
-    assert len(t.history) == 2
-    assert all(math.isfinite(v) for row in t.history for v in row.values())
-    assert t.train_set.shot == 5 and t.val_set.shot == 5
-    state = torch.load(tmp_path / "model" / "last.pth", weights_only=False)
+    assert sorted(recorder.history) == [1, 2]
+    assert all(math.isfinite(v) for row in recorder.losses() for v in row.values())
+    assert t.loader.dataset.shot == 5 and t.val_set.shot == 5
+    state = torch.load(tmp_path / "model" / "last.pth", weights_only=True)
     assert state["iteration"] == 2 and state["best_miou"] >= 0
     assert t.model.memory_bank.fill_count.sum().item() > 0      # DO prototypes of query and 5 supports
 
