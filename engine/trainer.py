@@ -243,7 +243,18 @@ class Trainer:
         if bar_stream is not None:
             batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False,
                            file=bar_stream)
-        for batch in batches:
+        batches = iter(batches)
+        while True:
+            error = None
+            try:
+                batch = next(batches)
+            except StopIteration:                # every rank has as many batches (the sampler pads)
+                break
+            except UserError as e:               # a bad file on this rank (in a loader worker or not)
+                error = e
+            # before the step's collectives: all ranks stop with a bad file's message, none is left
+            # waiting in DDP's all-reduce for the rank that failed (one CPU all-reduce, none alone)
+            self.stop.raise_if_any_failed(error)
             self.lr = poly_lr(cfg.base_lr, self.state.iteration + 1, self.max_iter, cfg.power, cfg.warmup_iters)
             self.step(batch, self.lr)
             self.state.iteration += 1

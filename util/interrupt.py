@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from util.errors import UserError
+from util.errors import UserError, user_message
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -136,8 +136,16 @@ class StopAgreement:
 
     def raise_if_any_failed(self, error: BaseException | None) -> None:
         """Every rank calls this at the same point with its own error (or None): all raise
-        if one failed — its own error, or PeerFailed — instead of the others waiting forever
-        in the next collective."""
-        if self.any_requested(error is not None):
-            raise error if error is not None else PeerFailed(
-                "stopped because another process of this job failed (its message is above)")
+        if one failed — its own error, or PeerFailed with the failed rank's message — instead
+        of the others waiting forever in the next collective."""
+        if not self.any_requested(error is not None):
+            return
+        if error is not None and not self.distributed:
+            raise error
+        messages: list = [None] * dist.get_world_size()   # only on failure: who failed, and why
+        mine = (user_message(error) if isinstance(error, UserError) else str(error)) if error is not None else None
+        dist.all_gather_object(messages, mine, group=self.group)
+        if error is not None:
+            raise error
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        raise PeerFailed(f"stopped because process {rank} of this job failed: {message}")
