@@ -155,8 +155,8 @@ def check_compatible(state: dict, cfg, path: str) -> None:
     diffs = [f"{k}: checkpoint {saved[k]!r}, config {cfg[k]!r}"
              for k in ARCH_KEYS if k in saved and saved[k] != cfg[k]]
     if diffs:
-        raise CheckpointError(f"checkpoint '{path}' was trained with a different network:\n  "
-                              + "\n  ".join(diffs) + "\nUse the config it was trained with, or override these keys.")
+        raise CheckpointError(f"checkpoint '{path}' was trained with a different network: " + "; ".join(diffs)
+                              + ". Use the config it was trained with, or override these keys.")
 
 
 def load_model_weights(model, state: dict, path: str) -> None:

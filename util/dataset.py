@@ -134,8 +134,10 @@ def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
         detail = ", ".join(f"class {c}: {n}" for c, n in short.items())
         raise DataError(
             f"{where}: {shot}-shot episodes need at least {shot + 1} images per class "
-            f"(a query and {shot} distinct supports), but {detail}. Use a fuller list, "
-            f"fewer shots or a lower min_class_pixels.")
+            f"(a query and {shot} distinct supports), but {detail}. An image serves a class only when "
+            f"the class covers min_class_pixels of it, and with exclude_novel_images True a training "
+            f"image showing any held-out class is left out: use a fuller list, fewer shots, a lower "
+            f"min_class_pixels or exclude_novel_images False.")
 
 
 class EpisodeSampler(Sampler):
