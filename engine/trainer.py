@@ -131,6 +131,7 @@ class Trainer:
         self.stop = StopAgreement(info.distributed)
         self.request = StopRequest()
         self.stopping = False                    # a stop agreed on at an epoch's last step
+        self.stop_status = 0                     # the exit status all ranks agreed on (0: no stop)
 
     @classmethod
     def from_cfg(cls, cfg, info: DistInfo, writer=None, tensorboard: bool = False,
@@ -293,7 +294,8 @@ class Trainer:
     def stop_agreed(self) -> bool:
         """Once per step on every rank: was any rank asked to stop (SIGINT/SIGTERM)? A CPU
         all-reduce under torchrun (util/interrupt.py), nothing with one process."""
-        return self.stop.any_requested(self.request.requested)
+        self.stop_status = self.stop.agreed_max(self.request.exit_status if self.request.requested else 0)
+        return self.stop_status > 0
 
     def interrupted(self) -> None:
         """After the stop's save: one line saying where it stopped and how to continue."""
@@ -307,7 +309,7 @@ class Trainer:
                    f"of {self.max_iter} ({where}); {self.checkpoint_path('last')} is saved{pending}. "
                    f"Continue with: {self.continue_cmd}")
         log.info(message)
-        raise TrainingInterrupted(message, r.exit_status if r.requested else 143)
+        raise TrainingInterrupted(message, self.stop_status or r.exit_status)
 
     def open_event_writer(self) -> None:
         """One TensorBoard folder per run, ``<save_path>/tb/<start time>``; a resume continues

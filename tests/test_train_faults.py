@@ -316,7 +316,7 @@ def test_one_failing_rank_stops_the_whole_job_within_seconds_with_its_message(sy
     assert time.time() < deadline
 
 
-def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
+def _signalled_rank_worker(rank, world, port, root, save_path, out_dir, signum=signal.SIGTERM):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     from util.interrupt import TrainingInterrupted
@@ -329,7 +329,7 @@ def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
             def step_then_signal(batch, lr):
                 step(batch, lr)
                 if t.state.iteration + 1 == 5:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signum)
             t.step = step_then_signal
         try:
             t.train()
@@ -342,13 +342,16 @@ def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
         cleanup()
 
 
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(synth_root, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(synth_root, tmp_path, signum, status):
+    """Every rank exits with the signalled rank's status (the largest, when ranks got different signals)."""
     save_path = tmp_path / "ddp"
-    mp.start_processes(_signalled_rank_worker, args=(2, _free_port(), synth_root, str(save_path), str(tmp_path)),
+    mp.start_processes(_signalled_rank_worker,
+                       args=(2, _free_port(), synth_root, str(save_path), str(tmp_path), signum),
                        nprocs=2, start_method="fork")
     r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
-    assert r0.startswith("5 143 stopped by a signal to another process after iteration 5 of 8")
-    assert r1.startswith("5 143 stopped by SIGTERM after iteration 5 of 8")
+    assert r0.startswith(f"5 {status} stopped by a signal to another process after iteration 5 of 8")
+    assert r1.startswith(f"5 {status} stopped by {signal.Signals(signum).name} after iteration 5 of 8")
     assert read_checkpoint(str(save_path / "model" / "last.pth"))["iteration"] == 5     # rank 0 wrote it
 
 

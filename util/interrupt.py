@@ -128,11 +128,16 @@ class StopAgreement:
         self.flag = torch.zeros(1, dtype=torch.int32)
 
     def any_requested(self, local: bool) -> bool:
+        return bool(self.agreed_max(int(local)))
+
+    def agreed_max(self, local: int) -> int:
+        """The largest of the ranks' ``local`` values (a rank's stop status: 0, 130, 143), so
+        that every rank stops with the same exit status whichever rank was signalled."""
         if not self.distributed:
             return local
-        self.flag.fill_(int(local))
+        self.flag.fill_(local)
         dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(self.flag.item())   # a CPU tensor: no device synchronisation
+        return int(self.flag.item())    # a CPU tensor: no device synchronisation
 
     def raise_if_any_failed(self, error: BaseException | None) -> None:
         """Every rank calls this at the same point with its own error (or None): all raise
