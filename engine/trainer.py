@@ -130,6 +130,7 @@ class Trainer:
         self.run: dict = {}                      # facts kept in checkpoints: the TensorBoard folder
         self.stop = StopAgreement(info.distributed)
         self.request = StopRequest()
+        self.lock = None                         # the folder's lock when the caller holds it (train.py)
         self.stopping = False                    # a stop agreed on at an epoch's last step
         self.stop_status = 0                     # the exit status all ranks agreed on (0: no stop)
 
@@ -170,7 +171,7 @@ class Trainer:
         error, guard = None, None
         if self.info.is_main:
             try:
-                guard = ExperimentGuard(self.cfg, self.model_dir).__enter__()
+                guard = ExperimentGuard(self.cfg, self.model_dir, self.lock).__enter__()
             except UserError as e:
                 error = e
         self.stop.raise_if_any_failed(error)

@@ -230,9 +230,11 @@ def test_rerun_into_a_folder_with_checkpoints_or_a_live_lock_is_refused(synth_ro
         f"(deletes them)\n")
     assert os.listdir(exp / "tb") == [first_tb]                       # the refused run left no event file
     with RunLock(str(exp)):                                           # a live run holds the folder
+        log_before = (exp / "train.log").read_text()
         with pytest.raises(SystemExit) as e:
             run(train.main, ["--config", cfg_path, "save_path", str(exp), "resume", "auto"])
         assert e.value.code == 2 and f"{exp} is in use by another training run (process {os.getpid()}" in capsys.readouterr().err
+        assert (exp / "train.log").read_text() == log_before           # nothing written into the live run's log
     time.sleep(1.1)                                                   # another start time, another folder
     train.main(["--config", cfg_path, "save_path", str(exp), "overwrite", "True", "stop_iter", "1"])
     assert read_checkpoint(str(exp / "model" / "last.pth"))["iteration"] == 1
