@@ -357,18 +357,36 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(synth_ro
     assert read_checkpoint(str(save_path / "model" / "last.pth"))["iteration"] == 5     # rank 0 wrote it
 
 
-def test_an_unreadable_image_in_a_loader_worker_is_one_line_and_the_run_ends(synth_root, tmp_path):
-    """A DataError raised in a DataLoader worker: torch re-raises it in the main process with
-    the worker's traceback in its message, and the workers (which ignore SIGTERM) must be shut
-    down explicitly, else the interpreter's exit waits for them forever."""
+def _emptied_copy(synth_root, tmp_path):
+    """The synthetic dataset with every JPEG emptied (unreadable)."""
     import shutil
     root = tmp_path / "data"
     shutil.copytree(synth_root, root)
     for dirpath, _, files in os.walk(root):
         for name in files:
             if name.endswith(".jpg"):
-                open(os.path.join(dirpath, name), "wb").close()     # empty: unreadable
-    cfg = config_file(tmp_path, str(root), workers=2)
+                open(os.path.join(dirpath, name), "wb").close()
+    return root
+
+
+def test_evaluation_shuts_its_loader_workers_down_when_a_worker_fails(synth_root, tmp_path):
+    from engine.evaluate import evaluate
+    from model import build_model
+    from util.dataset import FewShotEvalDataset
+    from util.errors import DataError
+    cfg = tiny_cfg(str(_emptied_copy(synth_root, tmp_path)), tmp_path / "exp", workers=2)
+    dataset = FewShotEvalDataset(cfg, seed=0, num_episodes=4)
+    with pytest.raises(DataError, match="cannot read image") as e:
+        evaluate(build_model(cfg, warn_random_backbone=False), dataset, cfg, torch.device("cpu"))
+    assert e.value.__traceback__ is not None          # the frames holding the loader are still alive ...
+    assert mp.active_children() == []                  # ... and its workers are gone all the same
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line_and_the_run_ends(synth_root, tmp_path):
+    """A DataError raised in a DataLoader worker: torch re-raises it in the main process with
+    the worker's traceback in its message, and the workers (which ignore SIGTERM) must be shut
+    down explicitly, else the interpreter's exit waits for them forever."""
+    cfg = config_file(tmp_path, str(_emptied_copy(synth_root, tmp_path)), workers=2)
     p = subprocess.Popen([sys.executable, "train.py", "--config", cfg, "save_path", str(tmp_path / "exp")],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
