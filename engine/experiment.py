@@ -21,6 +21,7 @@ import torch
 
 from engine.checkpoint import PREVIOUS_SUFFIX
 from util.errors import UserError
+from util.interrupt import StopAgreement
 from util.runlock import RunLock
 
 log = logging.getLogger("ntrenetpp")
@@ -72,7 +73,6 @@ def take_lock(cfg, info) -> RunLock | None:
     """Rank 0 takes ``<save_path>/train.lock`` (None elsewhere); every rank raises if it was
     refused. train.py calls it before anything is logged or loaded, so a run refused by a
     live one writes nothing into that run's ``train.log``."""
-    from util.interrupt import StopAgreement
     error, lock = None, None
     if info.is_main:
         try:
