@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
-import re
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,7 @@ from model import build_model
 from util.digest import content_digest
 from util.errors import CheckpointError
 from util.fileio import atomic_torch_save
+from util.torchload import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +111,13 @@ def read_checkpoint(path: str) -> dict:
                 "train first (sh train.sh ...)")
         raise CheckpointError(f"checkpoint '{path}' does not exist; {hint}. best.pth is written only when "
                               f"validation runs (evaluate True); choose with 'weight best|last|PATH'")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"(unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+|GLOBAL \S+ was not an allowed global)",
-                            str(e), re.IGNORECASE)
-        if refused is None:   # not a refused object: a damaged pickle stream
-            raise CheckpointError(f"checkpoint '{path}' is unreadable or corrupt, truncated perhaps "
-                                  f"(UnpicklingError); re-download or re-train it") from None
-        detail = refused.group(1)
-        if "numpy" in detail:
-            detail += "; checkpoints of this project before format v2 stored numpy RNG states and are not read"
-        raise CheckpointError(
-            f"checkpoint '{path}' is refused: it holds objects other than tensors and plain values "
-            f"({detail}). A crafted file could run code when loaded, so nothing beyond tensors is read; "
-            f"this project's checkpoints (format v2) never hold more. Use a checkpoint you trust, "
-            f"written by this version") from None
-    except Exception as e:  # truncated zip, garbage, ...
-        raise CheckpointError(f"checkpoint '{path}' is unreadable or corrupt, truncated perhaps "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              f"re-download or re-train it") from None
+    state = load_tensors(
+        path, CheckpointError, "checkpoint",
+        fix_refused="this project's checkpoints (format v2) never hold more. Use a checkpoint you trust, "
+                    "written by this version",
+        fix_corrupt="re-download or re-train it",
+        note=lambda detail: ("; checkpoints of this project before format v2 stored numpy RNG states and are "
+                             "not read") if "numpy" in detail else "")
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (no 'model' entry)")
     saved = state.pop("checksum", None)
@@ -169,8 +155,8 @@ def check_compatible(state: dict, cfg, path: str) -> None:
     diffs = [f"{k}: checkpoint {saved[k]!r}, config {cfg[k]!r}"
              for k in ARCH_KEYS if k in saved and saved[k] != cfg[k]]
     if diffs:
-        raise CheckpointError(f"checkpoint '{path}' was trained with a different network:\n  "
-                              + "\n  ".join(diffs) + "\nUse the config it was trained with, or override these keys.")
+        raise CheckpointError(f"checkpoint '{path}' was trained with a different network: " + "; ".join(diffs)
+                              + ". Use the config it was trained with, or override these keys.")
 
 
 def load_model_weights(model, state: dict, path: str) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from util.amp import MODEL_INPUTS, autocast, batch_to_device, synchronize
 from util.classes import class_name
-from util.dataset import FewShotEvalDataset, eval_collate, worker_init
+from util.dataset import FewShotEvalDataset, close_loader, eval_collate, worker_init
 from util.fileio import atomic_write_image, atomic_write_json
 from util.metrics import IoUAccumulator, IoUResult, score_episodes
 
@@ -51,41 +51,44 @@ def evaluate(model, dataset: FewShotEvalDataset, cfg, device: torch.device, pred
     names = {c: class_name(cfg.dataset, c) for c in dataset.split.classes}
     model_s, records, samples = 0.0, [], []
     t_start = time.perf_counter()
-    loader = eval_loader(dataset, cfg)
-    for batch in (progress(loader) if progress else loader):
-        q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
-        synchronize(device)
-        t0 = time.perf_counter()
-        with autocast(device, cfg.amp):
-            if len(samples) < keep_samples:
-                logits, extras = model(q, s, m, return_extras=True)
-            else:
-                logits, extras = model(q, s, m), None
-        synchronize(device)
-        model_s += time.perf_counter() - t0
-        class_ids = batch["class_id"].to(device)
-        inter, union, preds = score_episodes(logits, batch, cfg)
-        acc.update(class_ids, inter, union)
-        if pred_dir:
-            for i, pred in enumerate(preds):
-                ep = int(batch["episode_id"][i])
-                name = f"ep{ep:06d}.png"
-                atomic_write_image(os.path.join(pred_dir, name), pred.to(torch.uint8).cpu().numpy())
-                records.append({"episode": ep, "class": int(batch["class_id"][i]),
-                                "class_name": names[int(batch["class_id"][i])],
-                                "query_label": os.path.relpath(batch["query_label_path"][i], cfg.data_root),
-                                "prediction": name})
-        if extras is not None:
-            for i in range(min(len(preds), keep_samples - len(samples))):
-                samples.append({
-                    "query_img": batch["query_img"][i], "query_mask": batch["query_mask"][i],
-                    "support_imgs": batch["support_imgs"][i], "support_masks": batch["support_masks"][i],
-                    "class_id": int(batch["class_id"][i]), "class_name": names[int(batch["class_id"][i])],
-                    "pred": logits[i].argmax(0).cpu(),
-                    "bg_map": extras["bg_logits"][i].float().softmax(0)[1].cpu(),
-                    "do_mask": extras["do_mask"][i].cpu(),
-                    "iou": float(inter[i, 1] / (union[i, 1] + 1e-10)) * 100,
-                })
+    batches = iter(eval_loader(dataset, cfg))
+    try:
+        for batch in (progress(batches) if progress else batches):
+            q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
+            synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, cfg.amp):
+                if len(samples) < keep_samples:
+                    logits, extras = model(q, s, m, return_extras=True)
+                else:
+                    logits, extras = model(q, s, m), None
+            synchronize(device)
+            model_s += time.perf_counter() - t0
+            class_ids = batch["class_id"].to(device)
+            inter, union, preds = score_episodes(logits, batch, cfg)
+            acc.update(class_ids, inter, union)
+            if pred_dir:
+                for i, pred in enumerate(preds):
+                    ep = int(batch["episode_id"][i])
+                    name = f"ep{ep:06d}.png"
+                    atomic_write_image(os.path.join(pred_dir, name), pred.to(torch.uint8).cpu().numpy())
+                    records.append({"episode": ep, "class": int(batch["class_id"][i]),
+                                    "class_name": names[int(batch["class_id"][i])],
+                                    "query_label": os.path.relpath(batch["query_label_path"][i], cfg.data_root),
+                                    "prediction": name})
+            if extras is not None:
+                for i in range(min(len(preds), keep_samples - len(samples))):
+                    samples.append({
+                        "query_img": batch["query_img"][i], "query_mask": batch["query_mask"][i],
+                        "support_imgs": batch["support_imgs"][i], "support_masks": batch["support_masks"][i],
+                        "class_id": int(batch["class_id"][i]), "class_name": names[int(batch["class_id"][i])],
+                        "pred": logits[i].argmax(0).cpu(),
+                        "bg_map": extras["bg_logits"][i].float().softmax(0)[1].cpu(),
+                        "do_mask": extras["do_mask"][i].cpu(),
+                        "iou": float(inter[i, 1] / (union[i, 1] + 1e-10)) * 100,
+                    })
+    finally:
+        close_loader(batches)   # its workers ignore SIGTERM: left to the exit, they are waited for forever
     acc.all_reduce()
     result = acc.result(names)
     if pred_dir:

@@ -1,7 +1,8 @@
 """The experiment folder of a training run: one run at a time, never silently replaced.
 
 :class:`ExperimentGuard` is entered by rank 0 at the start of ``Trainer.train`` (all ranks
-agree on the outcome, so a refusal stops every process at once):
+agree on the outcome, so a refusal stops every process at once); train.py takes the lock
+earlier, before anything is logged or loaded (:func:`take_lock`), and hands it to the guard:
 
 - ``train.lock`` (util/runlock.py): a second process training into the same folder is refused;
   the lock of a crashed run is taken over.
@@ -20,6 +21,7 @@ import torch
 
 from engine.checkpoint import PREVIOUS_SUFFIX
 from util.errors import UserError
+from util.interrupt import StopAgreement
 from util.runlock import RunLock
 
 log = logging.getLogger("ntrenetpp")
@@ -67,15 +69,33 @@ def remove_temporaries(model_dir: str) -> None:
         log.info("removed %s, left by a save that was cut off", tmp)
 
 
+def take_lock(cfg, info) -> RunLock | None:
+    """Rank 0 takes ``<save_path>/train.lock`` (None elsewhere); every rank raises if it was
+    refused. train.py calls it before anything is logged or loaded, so a run refused by a
+    live one writes nothing into that run's ``train.log``."""
+    error, lock = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(cfg.save_path)
+            lock.acquire()
+        except UserError as e:
+            error, lock = e, None
+    StopAgreement(info.distributed).raise_if_any_failed(error)
+    return lock
+
+
 class ExperimentGuard:
     """``with ExperimentGuard(cfg, model_dir):`` on rank 0 for the length of a run."""
 
-    def __init__(self, cfg, model_dir: str):
+    def __init__(self, cfg, model_dir: str, lock: RunLock | None = None):
+        """``lock``: the folder's lock, already held (:func:`take_lock`); its holder releases it."""
         self.cfg, self.model_dir = cfg, model_dir
-        self.lock = RunLock(cfg.save_path)
+        self.own_lock = lock is None
+        self.lock = RunLock(cfg.save_path) if lock is None else lock
 
     def __enter__(self) -> "ExperimentGuard":
-        self.lock.acquire()
+        if self.own_lock:
+            self.lock.acquire()
         try:
             try:
                 os.makedirs(self.model_dir, exist_ok=True)
@@ -85,9 +105,11 @@ class ExperimentGuard:
             check_folder(self.cfg, self.model_dir)
             remove_temporaries(self.model_dir)
         except BaseException:
-            self.lock.release()
+            if self.own_lock:
+                self.lock.release()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.lock.release()
+        if self.own_lock:
+            self.lock.release()

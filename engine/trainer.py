@@ -24,7 +24,7 @@ from engine.video import VIDEO_BATCH_KEYS, is_video, validate_video, video_datas
 from model import build_model
 from util.amp import TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize, to_device
 from util.config import dump_cfg
-from util.dataset import FewShotEvalDataset, FewShotTrainDataset, load_split_rank0_first, worker_init
+from util.dataset import FewShotEvalDataset, FewShotTrainDataset, close_loader, load_split_rank0_first, worker_init
 from util.distributed import DistInfo
 from util.errors import CheckpointError, ConfigError, UserError
 from util.fileio import atomic_write_text
@@ -137,7 +137,9 @@ class Trainer:
         self.run: dict = {}                      # facts kept in checkpoints: the TensorBoard folder
         self.stop = StopAgreement(info.distributed)
         self.request = StopRequest()
+        self.lock = None                         # the folder's lock when the caller holds it (train.py)
         self.stopping = False                    # a stop agreed on at an epoch's last step
+        self.stop_status = 0                     # the exit status all ranks agreed on (0: no stop)
 
     @classmethod
     def from_cfg(cls, cfg, info: DistInfo, writer=None, tensorboard: bool = False,
@@ -181,7 +183,7 @@ class Trainer:
         error, guard = None, None
         if self.info.is_main:
             try:
-                guard = ExperimentGuard(self.cfg, self.model_dir).__enter__()
+                guard = ExperimentGuard(self.cfg, self.model_dir, self.lock).__enter__()
             except UserError as e:
                 error = e
         self.stop.raise_if_any_failed(error)
@@ -189,6 +191,7 @@ class Trainer:
             with stop_on_signals() as self.request:
                 return self.run_epochs()
         finally:
+            close_loader(self.loader)   # its workers ignore SIGTERM: left to the exit, they are waited for forever
             if self.writer is not None and self.tensorboard:
                 self.writer.close()
             if guard is not None:
@@ -199,11 +202,22 @@ class Trainer:
         ``val_freq`` epochs and after the last), keep ``best.pth``, write ``last.pth``;
         ``stop_iter`` ends the run after the next ``last.pth``; so does a signal (then
         TrainingInterrupted)."""
-        self.start()
-        metrics: dict = {}
+        metrics = self.start()
+        if self.run.pop("validation_pending", False):   # the run stopped before it validated
+            if self.validation_due():
+                log.info("the validation of epoch %d was left for the resume: running it now", self.state.epoch)
+                metrics = self.validate()
+                self.keep_if_best(metrics)
+            self.save("last", metrics)
         while self.state.epoch < self.cfg.epochs:
             if self.run_epoch(metrics):
                 self.state.epoch += 1
+                if self.stopping and self.validation_due():
+                    # a stop must be quick (a scheduler's grace is ~30 s): last.pth first, marked so
+                    # that the resume runs this epoch's validation before anything else
+                    self.run["validation_pending"] = True
+                    self.save("last", metrics)
+                    self.interrupted()
                 if self.validation_due():
                     metrics = self.validate()
                     self.keep_if_best(metrics)
@@ -218,16 +232,18 @@ class Trainer:
                  self.state.best_miou)
         return metrics
 
-    def start(self) -> None:
-        """The experiment folder and its config copy, a resume, the run's size in the log."""
+    def start(self) -> dict:
+        """The experiment folder and its config copy, a resume, the run's size in the log;
+        returns the metrics of the checkpoint resumed (empty when none)."""
         if self.info.is_main:
             atomic_write_text(os.path.join(self.cfg.save_path, "config.yaml"), dump_cfg(self.cfg))
-        self.maybe_resume()
+        metrics = self.maybe_resume()
         self.open_event_writer()
         log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
                  len(self.loader.sampler) * self.info.world_size, len(self.loader.dataset), self.iters_per_epoch,
                  self.max_iter, self.info.world_size)
         self._clock = (time.perf_counter(), self.state.iteration)
+        return metrics
 
     def run_epoch(self, metrics: dict) -> bool:
         """The current epoch's iterations (after a resume, the rest of them); False when
@@ -241,15 +257,26 @@ class Trainer:
         if bar_stream is not None:
             batches = tqdm(batches, total=self.iters_per_epoch - skip, desc=f"epoch {epoch + 1}", leave=False,
                            file=bar_stream)
-        for batch in batches:
+        batches = iter(batches)
+        while True:
+            error = None
+            try:
+                batch = next(batches)
+            except StopIteration:                # every rank has as many batches (the sampler pads)
+                break
+            except UserError as e:               # a bad file on this rank (in a loader worker or not)
+                error = e
+            # before the step's collectives: all ranks stop with a bad file's message, none is left
+            # waiting in DDP's all-reduce for the rank that failed (one CPU all-reduce, none alone)
+            self.stop.raise_if_any_failed(error)
             self.lr = poly_lr(cfg.base_lr, self.state.iteration + 1, self.max_iter, cfg.power, cfg.warmup_iters)
             self.step(batch, self.lr)
             self.state.iteration += 1
             if self.state.iteration % cfg.print_freq == 0:
                 self.flush_losses()
             stop = self.stop_agreed()
-            # an epoch's last iteration is left to train(), which validates before it saves: a
-            # save here would let a resume skip that epoch's validation (a stop waits for it too)
+            # an epoch's last iteration is left to run_epochs(), which validates before it saves: a
+            # save here would let a resume skip that epoch's validation (a stop leaves it to the resume)
             if self.state.iteration % self.iters_per_epoch == 0:
                 self.stopping = stop
                 continue
@@ -280,7 +307,8 @@ class Trainer:
     def stop_agreed(self) -> bool:
         """Once per step on every rank: was any rank asked to stop (SIGINT/SIGTERM)? A CPU
         all-reduce under torchrun (util/interrupt.py), nothing with one process."""
-        return self.stop.any_requested(self.request.requested)
+        self.stop_status = self.stop.agreed_max(self.request.exit_status if self.request.requested else 0)
+        return self.stop_status > 0
 
     def interrupted(self) -> None:
         """After the stop's save: one line saying where it stopped and how to continue."""
@@ -288,11 +316,13 @@ class Trainer:
         into = self.state.iteration - self.state.epoch * self.iters_per_epoch
         where = (f"at the end of epoch {self.state.epoch}" if into == 0 else
                  f"in epoch {self.state.epoch + 1}, {into}/{self.iters_per_epoch} into it")
+        pending = (f" (epoch {self.state.epoch}'s validation runs first when it continues)"
+                   if self.run.get("validation_pending") else "")
         message = (f"stopped by {r.name or 'a signal to another process'} after iteration {self.state.iteration} "
-                   f"of {self.max_iter} ({where}); {self.checkpoint_path('last')} is saved. "
+                   f"of {self.max_iter} ({where}); {self.checkpoint_path('last')} is saved{pending}. "
                    f"Continue with: {self.continue_cmd}")
         log.info(message)
-        raise TrainingInterrupted(message, r.exit_status if r.requested else 143)
+        raise TrainingInterrupted(message, self.stop_status or r.exit_status)
 
     def open_event_writer(self) -> None:
         """One TensorBoard folder per run, ``<save_path>/tb/<start time>``; a resume continues
@@ -330,18 +360,25 @@ class Trainer:
                 error = e
         self.stop.raise_if_any_failed(error)
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> dict:
+        """Load the checkpoint ``resume`` names; returns its metrics (empty when none)."""
         resume = self.cfg.resume
         if not resume:
-            return
+            return {}
         if resume == "auto":
             picked = pick_resume(self.checkpoint_path("last"))   # last.pth, or last.prev.pth if it is damaged
             if picked is None:
                 log.info("resume auto: no %s yet, starting from scratch", self.checkpoint_path("last"))
-                return
+                return {}
             path, state = picked
         else:
             path, state = resume, read_checkpoint(resume)
+        saved_shot = (state.get("config") or {}).get("shot", self.cfg.shot)
+        if saved_shot != self.cfg.shot:   # not an ARCH_KEY: test.py may evaluate a model at any K
+            raise CheckpointError(f"{path} was trained with shot {saved_shot}, this run has shot {self.cfg.shot}: "
+                                  f"resume with shot {saved_shot}, or train the {self.cfg.shot}-shot model into "
+                                  f"its own folder (sh train.sh <dataset> <exp_name> shot {self.cfg.shot} uses "
+                                  f"exp/<dataset>/<exp_name>_shot{self.cfg.shot})")
         load_checkpoint(path, self.model, self.cfg, self.optimizer, self.scaler, restore_rng=True, state=state)
         saved_ipe = state.get("metrics", {}).get("iters_per_epoch", self.iters_per_epoch)
         if saved_ipe != self.iters_per_epoch:
@@ -354,6 +391,7 @@ class Trainer:
         self.run = dict(state.get("run") or {})
         log.info("resumed from %s at iteration %d (epoch %d), best mIoU so far %.2f",
                  path, self.state.iteration, self.state.epoch, self.state.best_miou)
+        return {k: v for k, v in state.get("metrics", {}).items() if k != "iters_per_epoch"}
 
     # ---------------------------------------------------------------- logging
     def flush_losses(self) -> None:
@@ -389,8 +427,9 @@ class Trainer:
         per_it = (time.perf_counter() - t_start) / max(done, 1)
         mean = values.mean(0)
         parts = " ".join(f"{n} {mean[i]:.4f}" for i, n in enumerate(self.loss_names))
-        # the loss window is the iterations since the last line, the same with or without a
-        # resume (every save flushes first); the speed is over this process's own iterations
+        # the loss window is the iterations since the last line (every save flushes first, so a
+        # stop and its resume split a window: each line states its own); the speed is over this
+        # process's own iterations
         window = f"iter {first_it}-{self.state.iteration}" if values.shape[0] > 1 else f"iter {first_it}"
         log.info("epoch %d/%d iter %d/%d | mean of %s: %s | lr %.5f | %.3f s/it over %d iter | eta %s",
                  self.state.epoch + 1, self.cfg.epochs,

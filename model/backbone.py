@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from util.errors import BackboneWeightsError
+from util.torchload import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +302,8 @@ def read_state_dict(path: str) -> dict:
         raise BackboneWeightsError(
             f"backbone weight file '{path}' (config key 'pretrained') does not exist; {README_HINT}, "
             f"or set \"pretrained ''\" for random initialisation")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same explanation
-        raise BackboneWeightsError(f"backbone weight file '{path}' could not be read as a tensor "
-                                   f"state dict ({type(e).__name__}: {e}); {README_HINT}") from None
+    state = load_tensors(path, BackboneWeightsError, "backbone weight file", fix_refused=README_HINT,
+                         fix_corrupt=README_HINT)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -21,14 +21,25 @@ if [ ! -f "$config" ]; then
     ls "config/$dataset" | sed "s/^${dataset}_/  /; s/\.yaml$//" >&2
     exit 2
 fi
+# a K-shot model (shot K, K != 1) is its own experiment: exp/<dataset>/<exp_name>_shotK, for
+# training and testing alike (never the 1-shot folder, whose checkpoints a resume would continue)
+key=; folder=$exp_name
 for arg in "$@"; do
-    if [ "$arg" = "save_path" ]; then
-        echo "$mode.sh keeps each experiment in exp/$dataset/$exp_name; to use another folder run" \
-             "python $mode.py --config $config save_path DIR ... directly" >&2
-        exit 2
+    if [ -z "$key" ]; then
+        key=$arg
+        if [ "$arg" = "save_path" ]; then
+            echo "$mode.sh keeps each experiment in exp/$dataset/$exp_name; to use another folder run" \
+                 "python $mode.py --config $config save_path DIR ... directly" >&2
+            exit 2
+        fi
+    else
+        if [ "$key" = "shot" ] && [ "$arg" != "1" ]; then
+            folder=${exp_name}_shot$arg
+        fi
+        key=
     fi
 done
-exp_dir=exp/$dataset/$exp_name
+exp_dir=exp/$dataset/$folder
 mkdir -p "$exp_dir/model" "$exp_dir/result"
 cp "$config" "$exp_dir/"
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -40,6 +51,7 @@ if [ "$NGPUS" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
 else
     set -- -u "$mode.py" --config "$config" save_path "$exp_dir" "$@"
 fi
+[ "$folder" = "$exp_name" ] || echo "shot given: this experiment's folder is $exp_dir" >&2
 log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S).log
 # Python's output goes through a FIFO to tee, which ignores INT and TERM: a Ctrl-C (which the
 # terminal sends to every process of the job) or a scheduler's SIGTERM must not kill tee while

@@ -1,4 +1,5 @@
 """Backbones: feature sizes and channels, dilation, and weight loading in both key layouts."""
+import os
 import logging
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbone import (BackboneWeightsError, ResNet, VGG16BN, build_backbone, load_backbone_weights)
+from model.backbone import (README_HINT, BackboneWeightsError, ResNet, VGG16BN, build_backbone, load_backbone_weights,
+                            read_state_dict)
 from util.config import defaults
 
 
@@ -232,3 +234,22 @@ def test_model_summary_tool(capsys):
     assert "ResNet-18 (deep stem)" in out
     assert "backbone                  0   11,324,992" in out      # frozen by default
     assert "(21, 4, 16)" in out                                    # the bank: 20 PASCAL classes + sink
+
+
+@pytest.mark.parametrize("content, detail", [
+    (b"", "is unreadable or corrupt, truncated perhaps (EOFError)"),
+    (b"not a zip file at all" * 10, "is unreadable or corrupt, truncated perhaps (UnpicklingError)"),
+    ("pickle", "is refused: it holds objects other than tensors and plain values (unsupported GLOBAL posix.getcwd). A crafted"),
+])
+def test_an_unreadable_backbone_file_is_one_line_naming_it(tmp_path, content, detail):
+    """torch's multi-line error (with its advice to load with weights_only=False) is not passed on."""
+    path = tmp_path / "resnet.pth"
+    if content == "pickle":
+        torch.save({"conv1.weight": torch.zeros(1), "extra": os.getcwd}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BackboneWeightsError) as e:
+        read_state_dict(str(path))
+    message = str(e.value)
+    assert message.startswith(f"backbone weight file '{path}' {detail}") and "\n" not in message
+    assert "weights_only" not in message and message.endswith(README_HINT)

@@ -23,7 +23,7 @@ def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_pa
     good = tmp_path / "r18.pth"
     save_checkpoint(str(good), build_model(cfg), cfg)
     other = tiny_cfg(synth_root, tmp_path, layers=34)
-    with pytest.raises(CheckpointError, match=r"different network:\n  layers: checkpoint 18, config 34"):
+    with pytest.raises(CheckpointError, match=r"different network: layers: checkpoint 18, config 34\. Use the config it was trained with, or override these keys\.$"):
         load_checkpoint(str(good), build_model(other), other)
     state = torch.load(good, weights_only=True)
     state["model"].pop(next(iter(state["model"])))

@@ -12,8 +12,12 @@ from util.fileio import read_list
 def test_list_with_missing_files_is_an_error_naming_count_first_files_and_list(tmp_path):
     lst = tmp_path / "l.txt"
     lst.write_text("JPEGImages/a.jpg SegmentationClassAug/a.png\nJPEGImages/b.jpg SegmentationClassAug/b.png\n")
-    with pytest.raises(FileNotFoundError, match=r"(?s)l.txt: 4 listed file\(s\) do not exist.*JPEGImages/a.jpg"):
+    with pytest.raises(FileNotFoundError) as e:
         read_list(str(lst), str(tmp_path))
+    assert str(e.value) == (f"{lst}: 4 listed file(s) do not exist (data_root='{tmp_path}'); first ones: "
+                            f"{tmp_path}/JPEGImages/a.jpg, {tmp_path}/SegmentationClassAug/a.png, "
+                            f"{tmp_path}/JPEGImages/b.jpg, {tmp_path}/SegmentationClassAug/b.png. "
+                            f"Check data_root in the config or rebuild the list.")           # one line
     lst.write_text("only_one_column\n")
     with pytest.raises(ValueError, match=r"l.txt:1: expected 'image_path label_path'"):
         read_list(str(lst), str(tmp_path))
@@ -72,7 +76,9 @@ def test_eval_items_identical_whatever_the_number_of_workers(tiny_pascal):
 def test_class_with_too_few_images_is_a_clear_error(tiny_pascal):
     cfg, _ = tiny_pascal
     cfg.shot = 3   # classes 2..5 have exactly 3 images, so no query + 3 distinct supports
-    with pytest.raises(ValueError, match=r"3-shot episodes need at least 4 images per class.*class 2: 3"):
+    with pytest.raises(ValueError, match=r"3-shot episodes need at least 4 images per class.*class 2: 3.*covers "
+                                         r"min_class_pixels of it, and with exclude_novel_images True a training image "
+                                         r"showing any held-out class is left out"):
         FewShotEvalDataset(cfg, seed=0, num_episodes=5)
 
 

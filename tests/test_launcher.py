@@ -116,3 +116,23 @@ def test_exit_status_passes_through(tree):
     r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18"], cwd=tree, env=env_with(tree / "fake_python"),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 3 and "boom" in r.stdout and read_log(tree) == "boom\n"
+
+
+def test_a_k_shot_run_gets_its_own_experiment_folder(tree):
+    """``shot 5`` must not train into (or resume) the 1-shot model's folder; ``shot 1`` is that folder."""
+    (tree / "fake_python").write_text(f"#!{sys.executable}\nimport sys\nprint(' '.join(sys.argv[1:]))\n")
+    env = env_with(tree / "fake_python")
+    config = "config/synthetic/synthetic_split0_resnet18.yaml"
+    for mode in ("train", "test"):
+        if mode == "test":
+            shutil.copy(os.path.join(ROOT, "test.sh"), tree / "test.sh")
+        r = subprocess.run(["sh", f"{mode}.sh", "synthetic", "split0_resnet18", "epochs", "5", "shot", "5"], cwd=tree,
+                           env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0] == (f"-u {mode}.py --config {config} save_path exp/synthetic/split0_resnet18_shot5 "
+                                            f"epochs 5 shot 5")
+        assert "this experiment's folder is exp/synthetic/split0_resnet18_shot5" in r.stderr
+    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "shot", "1"], cwd=tree, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.splitlines()[0].endswith("save_path exp/synthetic/split0_resnet18 shot 1")
+    assert sorted(os.listdir(tree / "exp" / "synthetic")) == ["split0_resnet18", "split0_resnet18_shot5"]

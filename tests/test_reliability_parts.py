@@ -70,6 +70,26 @@ def test_stale_locks_of_dead_processes_and_silent_hosts_are_taken_over(tmp_path,
         pass
 
 
+def test_a_lock_with_our_own_pid_or_unrenewed_on_this_host_is_stale(tmp_path, caplog):
+    """After a container restart the dead run's pid may be ours, or another live process's."""
+    lock = tmp_path / LOCK_NAME
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"host": host, "pid": os.getpid(), "started": 0}))
+    with RunLock(str(tmp_path)):
+        assert json.loads(lock.read_text())["started"] > 0                  # ours now
+    assert f"its process id {os.getpid()} is this process's own" in caplog.text
+    live = os.getppid()                                                      # alive, not us
+    lock.write_text(json.dumps({"host": host, "pid": live, "started": 0}))
+    with pytest.raises(LockedError, match=rf"in use by another training run \(process {live} on"):
+        RunLock(str(tmp_path), stale_s=60).acquire()                        # renewed recently: held
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    with RunLock(str(tmp_path), stale_s=60):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "last renewed 120 s ago (more than 60 s)" in caplog.text
+    assert not lock.exists()
+
+
 def test_the_owner_renews_its_lock(tmp_path):
     with RunLock(str(tmp_path), heartbeat_s=0.05):
         old = time.time() - 1000

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import train
 from engine.checkpoint import pick_resume, read_checkpoint, save_checkpoint
 from engine.trainer import Trainer
+from util.interrupt import TrainingInterrupted
 from tests.conftest import tiny_cfg
 from tests.test_trainer import LossRecorder, _free_port, _join_group, weights
 from util.cli import run
@@ -229,9 +230,11 @@ def test_rerun_into_a_folder_with_checkpoints_or_a_live_lock_is_refused(synth_ro
         f"(deletes them)\n")
     assert os.listdir(exp / "tb") == [first_tb]                       # the refused run left no event file
     with RunLock(str(exp)):                                           # a live run holds the folder
+        log_before = (exp / "train.log").read_text()
         with pytest.raises(SystemExit) as e:
             run(train.main, ["--config", cfg_path, "save_path", str(exp), "resume", "auto"])
         assert e.value.code == 2 and f"{exp} is in use by another training run (process {os.getpid()}" in capsys.readouterr().err
+        assert (exp / "train.log").read_text() == log_before           # nothing written into the live run's log
     time.sleep(1.1)                                                   # another start time, another folder
     train.main(["--config", cfg_path, "save_path", str(exp), "overwrite", "True", "stop_iter", "1"])
     assert read_checkpoint(str(exp / "model" / "last.pth"))["iteration"] == 1
@@ -263,35 +266,59 @@ def test_a_checkpoint_carrying_a_payload_is_refused_and_nothing_runs(synth_root,
     assert not marker.exists()
 
 
-def _failing_rank_worker(rank, world, port, root, save_path):
+def _failing_rank_worker(rank, world, port, root, save_path, out_dir):
+    """Writes how this rank ended into ``out_dir/rank<N>.txt``."""
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     from util.errors import DataError
     info = init_distributed("cpu")
+    outcome = "finished"
     try:
-        t = Trainer.from_cfg(tiny_cfg(root, save_path, **SMALL), info)
-        if rank == 1:
-            step = t.step
+        if rank == 1:                    # this process only (forked): its third batch holds a bad file
+            from util.dataset import FewShotTrainDataset
+            read, calls = FewShotTrainDataset.__getitem__, []
 
-            def bad_file_on_rank_1(batch, lr):
-                if t.state.iteration == 2:
+            def bad_file_on_rank_1(self, item):
+                calls.append(item)
+                if len(calls) == 5:      # 2 episodes per batch and rank
                     raise DataError("cannot read label 'data/broken.png' (only rank 1 reads it)")
-                step(batch, lr)
-            t.step = bad_file_on_rank_1
+                return read(self, item)
+            FewShotTrainDataset.__getitem__ = bad_file_on_rank_1
+        t = Trainer.from_cfg(tiny_cfg(root, save_path, **SMALL), info)
         t.train()
+    except Exception as e:  # noqa: BLE001 - the test reads how each rank ended
+        outcome = f"{type(e).__name__}: {e}"
     finally:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
         cleanup()
 
 
 def test_one_failing_rank_stops_the_whole_job_within_seconds_with_its_message(synth_root, tmp_path):
-    start = time.time()
-    with pytest.raises(mp.ProcessRaisedException, match=r"cannot read label 'data/broken.png' \(only rank 1"):
-        mp.start_processes(_failing_rank_worker, args=(2, _free_port(), synth_root, str(tmp_path / "ddp")),
-                           nprocs=2, start_method="fork")
-    assert time.time() - start < 60
+    """Plain processes, no launcher that kills the survivor: rank 0 must end by itself."""
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_failing_rank_worker, args=(r, 2, port, synth_root, str(tmp_path / "ddp"), str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 60
+    for p in procs:
+        p.join(timeout=max(deadline - time.time(), 0))
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not alive, f"rank(s) {alive} still running 60 s after rank 1 failed"
+    r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert r1 == "DataError: cannot read label 'data/broken.png' (only rank 1 reads it)"
+    assert r0 == ("PeerFailed: stopped because process 1 of this job failed: cannot read label 'data/broken.png' "
+                  "(only rank 1 reads it)")
+    assert time.time() < deadline
 
 
-def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
+def _signalled_rank_worker(rank, world, port, root, save_path, out_dir, signum=signal.SIGTERM):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed
     from util.interrupt import TrainingInterrupted
@@ -304,7 +331,7 @@ def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
             def step_then_signal(batch, lr):
                 step(batch, lr)
                 if t.state.iteration + 1 == 5:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signum)
             t.step = step_then_signal
         try:
             t.train()
@@ -317,11 +344,88 @@ def _signalled_rank_worker(rank, world, port, root, save_path, out_dir):
         cleanup()
 
 
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(synth_root, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(synth_root, tmp_path, signum, status):
+    """Every rank exits with the signalled rank's status (the largest, when ranks got different signals)."""
     save_path = tmp_path / "ddp"
-    mp.start_processes(_signalled_rank_worker, args=(2, _free_port(), synth_root, str(save_path), str(tmp_path)),
+    mp.start_processes(_signalled_rank_worker,
+                       args=(2, _free_port(), synth_root, str(save_path), str(tmp_path), signum),
                        nprocs=2, start_method="fork")
     r0, r1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
-    assert r0.startswith("5 143 stopped by a signal to another process after iteration 5 of 8")
-    assert r1.startswith("5 143 stopped by SIGTERM after iteration 5 of 8")
+    assert r0.startswith(f"5 {status} stopped by a signal to another process after iteration 5 of 8")
+    assert r1.startswith(f"5 {status} stopped by {signal.Signals(signum).name} after iteration 5 of 8")
     assert read_checkpoint(str(save_path / "model" / "last.pth"))["iteration"] == 5     # rank 0 wrote it
+
+
+def _emptied_copy(synth_root, tmp_path):
+    """The synthetic dataset with every JPEG emptied (unreadable)."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".jpg"):
+                open(os.path.join(dirpath, name), "wb").close()
+    return root
+
+
+def test_evaluation_shuts_its_loader_workers_down_when_a_worker_fails(synth_root, tmp_path):
+    from engine.evaluate import evaluate
+    from model import build_model
+    from util.dataset import FewShotEvalDataset
+    from util.errors import DataError
+    cfg = tiny_cfg(str(_emptied_copy(synth_root, tmp_path)), tmp_path / "exp", workers=2)
+    dataset = FewShotEvalDataset(cfg, seed=0, num_episodes=4)
+    with pytest.raises(DataError, match="cannot read image") as e:
+        evaluate(build_model(cfg, warn_random_backbone=False), dataset, cfg, torch.device("cpu"))
+    assert e.value.__traceback__ is not None          # the frames holding the loader are still alive ...
+    assert mp.active_children() == []                  # ... and its workers are gone all the same
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line_and_the_run_ends(synth_root, tmp_path):
+    """A DataError raised in a DataLoader worker: torch re-raises it in the main process with
+    the worker's traceback in its message, and the workers (which ignore SIGTERM) must be shut
+    down explicitly, else the interpreter's exit waits for them forever."""
+    cfg = config_file(tmp_path, str(_emptied_copy(synth_root, tmp_path)), workers=2)
+    p = subprocess.Popen([sys.executable, "train.py", "--config", cfg, "save_path", str(tmp_path / "exp")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the run did not end after the worker's error")
+    assert p.returncode == 2
+    assert err.count("\n") == 1, err
+    assert re.fullmatch(r"train\.py: error: cannot read image '.*\.jpg' \(missing, empty or not an image\)\n", err)
+
+
+def test_a_stop_on_an_epochs_last_step_saves_first_and_the_resume_validates_that_epoch(synth_root, tmp_path):
+    """A scheduler's grace is ~30 s: the stop writes last.pth before validating; the resume
+    runs that validation first, and the run ends as the uninterrupted one does."""
+    ref = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "ref"), DistInfo())      # 2 iterations per epoch
+    ref.train()
+    exp = tmp_path / "exp"
+    t = Trainer.from_cfg(tiny_cfg(synth_root, exp), DistInfo())
+    step = t.step
+
+    def step_then_stop(batch, lr):
+        step(batch, lr)
+        if t.state.iteration + 1 == 2:              # the first epoch's last step
+            t.request.signum = signal.SIGTERM
+    t.step = step_then_stop
+    with pytest.raises(TrainingInterrupted, match=r"after iteration 2 of 4 \(at the end of epoch 1\); .*last\.pth "
+                                                  r"is saved \(epoch 1's validation runs first when it continues\)"):
+        t.train()
+    assert os.listdir(exp / "model") == ["last.pth"]                       # no validation ran, no best.pth
+    last = read_checkpoint(str(exp / "model" / "last.pth"))
+    assert last["iteration"] == 2 and last["run"]["validation_pending"] is True
+    resumed = Trainer.from_cfg(tiny_cfg(synth_root, exp, resume="auto"), DistInfo())
+    resumed.train()
+    for name in ("best", "last"):
+        a, b = (read_checkpoint(str(p / "model" / f"{name}.pth")) for p in (tmp_path / "ref", exp))
+        assert (a["epoch"], a["iteration"], a["best_miou"], a["metrics"]) == \
+            (b["epoch"], b["iteration"], b["best_miou"], b["metrics"])
+        assert "validation_pending" not in b["run"]
+    wr, wc = weights(ref.model), weights(resumed.model)
+    assert all(torch.equal(wr[k], wc[k]) for k in wr)

@@ -268,3 +268,8 @@ def test_stop_on_an_epoch_boundary_still_validates_that_epoch(synth_root, tmp_pa
     resumed = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, resume="auto", batch_size=2), DistInfo())
     with pytest.raises(CheckpointError, match="trained with 2 iterations per epoch, this run has 4"):
         resumed.train()
+    resumed = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, resume="auto", shot=2), DistInfo())
+    with pytest.raises(CheckpointError, match=r"last\.pth was trained with shot 1, this run has shot 2: resume with "
+                                              r"shot 1, or train the 2-shot model into its own folder \(sh train\.sh "
+                                              r"<dataset> <exp_name> shot 2 uses exp/<dataset>/<exp_name>_shot2\)$"):
+        resumed.train()

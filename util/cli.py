@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from util.errors import UserError
+from util.errors import UserError, user_message
 from util.interrupt import restore_sigint
 
 
@@ -18,7 +18,7 @@ def run(main, argv=None, prog: str | None = None):
     try:
         return main(argv)
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C); checkpoints are written whole or not at all, so the last one "

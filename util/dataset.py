@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.class_index import ClassIndex, build_class_index, load_area_table
 from util.classes import NUM_CLASSES, fold_classes
@@ -115,6 +115,18 @@ def worker_init(_=None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def close_loader(loader) -> None:
+    """Shut down the worker processes of a DataLoader (its persistent iterator) or of a
+    DataLoader iterator now. Call it whenever a batch loop is left early (an error, a stop):
+    the workers ignore SIGTERM (:func:`worker_init`), so one left to the interpreter's exit
+    is waited for forever."""
+    iterator = loader._iterator if isinstance(loader, DataLoader) else loader
+    if hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if isinstance(loader, DataLoader):
+        loader._iterator = None
+
+
 def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
     short = {c: len(split.index.images_of[c]) for c in split.classes
              if len(split.index.images_of[c]) < shot + 1}
@@ -122,8 +134,10 @@ def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
         detail = ", ".join(f"class {c}: {n}" for c, n in short.items())
         raise DataError(
             f"{where}: {shot}-shot episodes need at least {shot + 1} images per class "
-            f"(a query and {shot} distinct supports), but {detail}. Use a fuller list, "
-            f"fewer shots or a lower min_class_pixels.")
+            f"(a query and {shot} distinct supports), but {detail}. An image serves a class only when "
+            f"the class covers min_class_pixels of it, and with exclude_novel_images True a training "
+            f"image showing any held-out class is left out: use a fuller list, fewer shots, a lower "
+            f"min_class_pixels or exclude_novel_images False.")
 
 
 class EpisodeSampler(Sampler):

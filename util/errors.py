@@ -41,3 +41,19 @@ class DeviceError(UserError, ValueError):
 
 class PredictInputError(UserError, ValueError):
     """An image or mask given to the predictor cannot be used."""
+
+
+def user_message(error: UserError) -> str:
+    """The message of ``error``; for one a DataLoader worker raised, the worker's own message.
+    torch re-raises it in the main process as the same type whose message is "Caught <type> in
+    DataLoader worker process N." plus the worker's whole traceback, ending with the line
+    "<module>.<type>: <message>"."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    kind = type(error)
+    for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        at = text.rfind("\n" + name)
+        if at >= 0:
+            return text[at + 1 + len(name):].strip()
+    return text.splitlines()[-1].strip()

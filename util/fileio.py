@@ -147,8 +147,8 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
     if check_files:
         missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
         if missing:
-            shown = "\n  ".join(missing[:5])
+            shown = ", ".join(missing[:5])
             raise DataFileMissing(
                 f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{data_root}'); "
-                f"first ones:\n  {shown}\nCheck data_root in the config or rebuild the list.")
+                f"first ones: {shown}. Check data_root in the config or rebuild the list.")
     return pairs

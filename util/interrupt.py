@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from util.errors import UserError
+from util.errors import UserError, user_message
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -128,16 +128,29 @@ class StopAgreement:
         self.flag = torch.zeros(1, dtype=torch.int32)
 
     def any_requested(self, local: bool) -> bool:
+        return bool(self.agreed_max(int(local)))
+
+    def agreed_max(self, local: int) -> int:
+        """The largest of the ranks' ``local`` values (a rank's stop status: 0, 130, 143), so
+        that every rank stops with the same exit status whichever rank was signalled."""
         if not self.distributed:
             return local
-        self.flag.fill_(int(local))
+        self.flag.fill_(local)
         dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(self.flag.item())   # a CPU tensor: no device synchronisation
+        return int(self.flag.item())    # a CPU tensor: no device synchronisation
 
     def raise_if_any_failed(self, error: BaseException | None) -> None:
         """Every rank calls this at the same point with its own error (or None): all raise
-        if one failed — its own error, or PeerFailed — instead of the others waiting forever
-        in the next collective."""
-        if self.any_requested(error is not None):
-            raise error if error is not None else PeerFailed(
-                "stopped because another process of this job failed (its message is above)")
+        if one failed — its own error, or PeerFailed with the failed rank's message — instead
+        of the others waiting forever in the next collective."""
+        if not self.any_requested(error is not None):
+            return
+        if error is not None and not self.distributed:
+            raise error
+        messages: list = [None] * dist.get_world_size()   # only on failure: who failed, and why
+        mine = (user_message(error) if isinstance(error, UserError) else str(error)) if error is not None else None
+        dist.all_gather_object(messages, mine, group=self.group)
+        if error is not None:
+            raise error
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        raise PeerFailed(f"stopped because process {rank} of this job failed: {message}")

@@ -3,8 +3,10 @@
 The lock file holds the owner's host, process id and start time; a thread of the owner
 touches it every ``HEARTBEAT_S`` seconds. A second run into the same folder is refused
 while the owner lives. A lock left by a crashed run (kill -9, power loss) is taken over
-with a warning: on the same host when its process is gone, from another host (a shared
-file system) when it has not been touched for ``STALE_S`` seconds.
+with a warning: when it has not been touched for ``STALE_S`` seconds (any host: after a
+container restart its process id may belong to another live process), and on the same host
+at once when its process is gone or its process id is our own (a restarted container gave
+us the id of the run that left it; a lock this process holds itself is still in use).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
+
+
+_HELD: set[str] = set()   # the locks this process holds (their real paths)
 
 
 class LockedError(UserError, RuntimeError):
@@ -57,13 +62,14 @@ class RunLock:
     # ------------------------------------------------------------------ owner checks
     def stale_reason(self, owner: dict, age_s: float) -> str | None:
         """Why the lock of ``owner`` (last touched ``age_s`` ago) no longer holds, or None."""
+        if age_s > self.stale_s:
+            return f"it was last renewed {age_s:.0f} s ago (more than {self.stale_s:.0f} s)"
         if owner.get("host") == self.me["host"]:
             pid = owner.get("pid")
             if not isinstance(pid, int) or not pid_alive(pid):
                 return f"its process {pid} is gone"
-            return None
-        if age_s > self.stale_s:
-            return f"it was last renewed {age_s:.0f} s ago (more than {self.stale_s:.0f} s)"
+            if pid == self.me["pid"] and os.path.realpath(self.path) not in _HELD:
+                return f"its process id {pid} is this process's own (left before a restart)"
         return None
 
     def _create(self) -> bool:
@@ -108,6 +114,7 @@ class RunLock:
                 pass
         else:
             raise LockedError(f"could not take the lock {self.path}: another process keeps creating it")
+        _HELD.add(os.path.realpath(self.path))
         self._thread = threading.Thread(target=self._beat, name="train.lock heartbeat", daemon=True)
         self._thread.start()
 
@@ -124,6 +131,7 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            _HELD.discard(os.path.realpath(self.path))
             try:
                 with open(self.path) as f:
                     mine = json.load(f) == self.me
