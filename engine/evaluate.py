@@ -6,6 +6,7 @@ synchronisation. Results equal a single-process evaluation of the whole list.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from util.classes import class_name
 from util.dataset import FewShotEvalDataset, close_loader, eval_collate, worker_init
 from util.fileio import atomic_write_image, atomic_write_json
 from util.metrics import IoUAccumulator, IoUResult, score_episodes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,3 +106,13 @@ def evaluate(model, dataset: FewShotEvalDataset, cfg, device: torch.device, pred
     model.train(was_training)
     n_local = max(len(dataset), 1)
     return EvalOutput(result, 1000 * model_s / n_local, time.perf_counter() - t_start, records, samples)
+
+
+def write_test_result(summary: dict, result_dir: str) -> str:
+    """Write a test result as ``<result_dir>/test_<time>.json`` (atomically), record its path in
+    ``summary['json_path']`` and log it; image and video results alike."""
+    path = os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    atomic_write_json(path, summary)
+    summary["json_path"] = path
+    log.info("wrote %s", path)
+    return path

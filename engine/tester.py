@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import time
 
 from engine.checkpoint import build_model_from_checkpoint, resolve_weight
-from engine.evaluate import evaluate
+from engine.evaluate import evaluate, write_test_result
 from engine.video import is_video, run_video_test
 from util.amp import to_device
 from util.dataset import FewShotEvalDataset, load_split_rank0_first
 from util.distributed import DistInfo
-from util.fileio import atomic_write_json
 from util.vis import save_panel
 
 log = logging.getLogger("ntrenetpp")
@@ -82,8 +80,5 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
              cfg.shot, len(per_seed), cfg.test_num, weight_path, summary["miou_mean"], summary["miou_std"],
              summary["fbiou_mean"], summary["fbiou_std"])
     if info.is_main and write_json:
-        path = os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}.json")
-        atomic_write_json(path, summary)
-        summary["json_path"] = path
-        log.info("wrote %s", path)
+        write_test_result(summary, result_dir)
     return summary

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from engine.checkpoint import build_model_from_checkpoint, resolve_weight
+from engine.evaluate import write_test_result
 from model.modules import AgentAttention
 from util.amp import autocast, synchronize, to_device
 from util.classes import VIDEO_DATASETS, class_name
@@ -337,8 +338,5 @@ def run_video_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> 
              summary["JF_std"], summary["class_iou_mean"], summary["class_iou_std"], summary["frames"],
              summary["videos"])
     if info.is_main and write_json:
-        path = os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}.json")
-        atomic_write_json(path, summary)
-        summary["json_path"] = path
-        log.info("wrote %s", path)
+        write_test_result(summary, result_dir)
     return summary

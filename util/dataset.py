@@ -312,15 +312,21 @@ class FewShotEvalDataset(Dataset):
         }
 
 
-def eval_collate(items: list[dict]) -> dict:
-    """Stack the fixed-size tensors; keep original-size labels and paths as lists."""
+def collate_keeping_lists(items: list[dict], list_keys: tuple[str, ...]) -> dict:
+    """Stack tensors (B×...), turn ints into B tensors; the values of ``list_keys`` (sizes or
+    names that differ per item) stay Python lists."""
     out = {}
     for k in items[0]:
         vals = [it[k] for it in items]
-        if k in ("query_mask_ori", "query_label_path"):
+        if k in list_keys:
             out[k] = vals
         elif isinstance(vals[0], torch.Tensor):
             out[k] = torch.stack(vals)
         else:
             out[k] = torch.tensor(vals)
     return out
+
+
+def eval_collate(items: list[dict]) -> dict:
+    """Stack the fixed-size tensors; keep original-size labels and paths as lists."""
+    return collate_keeping_lists(items, ("query_mask_ori", "query_label_path"))

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.classes import class_name, fold_classes
-from util.dataset import EpisodeSampler, shard
+from util.dataset import EpisodeSampler, collate_keeping_lists, shard
 from util.errors import DataError
 from util.video_index import VideoIndex, load_video_index
 from util.video_transform import ClipAugment, frames_to_tensors, letterbox, letterbox_geometry
@@ -266,13 +266,4 @@ class VideoEvalDataset(Dataset):
 
 def video_eval_collate(items: list[dict]) -> dict:
     """Stack tensors (B×...), ints to B tensors; keep names as lists."""
-    out = {}
-    for k in items[0]:
-        vals = [it[k] for it in items]
-        if k in ("video", "frame_names"):
-            out[k] = vals
-        elif isinstance(vals[0], torch.Tensor):
-            out[k] = torch.stack(vals)
-        else:
-            out[k] = torch.tensor(vals)
-    return out
+    return collate_keeping_lists(items, ("video", "frame_names"))
