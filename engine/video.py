@@ -23,6 +23,7 @@ from util.amp import autocast, synchronize, to_device
 from util.classes import VIDEO_DATASETS, class_name
 from util.dataset import EpisodeSampler, shard, worker_init
 from util.distributed import DistInfo
+from util.errors import CheckpointError
 from util.fileio import atomic_write_image, atomic_write_json
 from util.video_dataset import VideoEvalDataset, VideoTrainDataset, video_eval_collate
 from util.video_metrics import VideoResult, VideoScoreAccumulator, score_frames
@@ -87,7 +88,8 @@ class HeadAndAttentionOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"sgd", "adam"}:
-            raise ValueError("the checkpoint's optimiser is not the video recipe's SGD + Adam pair")
+            raise CheckpointError("the checkpoint's optimiser is not the video recipe's SGD + Adam pair: "
+                                  "resume it with the config it was trained with")
         self.sgd.load_state_dict(state["sgd"])
         self.adam.load_state_dict(state["adam"])
 

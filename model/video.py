@@ -40,9 +40,9 @@ class VideoNTRENetPP(nn.Module):
                  fix_bn: bool = True, temporal_attention: bool = True, losses: LossSettings = LossSettings()):
         super().__init__()
         if support_mode not in SUPPORT_MODES:
-            raise ValueError(f"config key 'support_mode' is {support_mode!r}; expected 'paired' or 'mean'")
+            raise ConfigError(f"config key 'support_mode' is {support_mode!r}; expected 'paired' or 'mean'")
         if not ppm_scales:
-            raise ValueError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8]")
+            raise ConfigError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8]")
         self.backbone = backbone
         self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
         self.ppm_scales = tuple(ppm_scales)
@@ -132,8 +132,8 @@ class VideoNTRENetPP(nn.Module):
         B, T = query_imgs.shape[:2]
         K = support_imgs.shape[1]
         if self.support_mode == "paired" and K != T:
-            raise ValueError(f"support_mode 'paired' matches query frame t with support t, so it needs as many "
-                             f"supports as clip frames; got K={K}, T={T}: set 'support_mode mean' or make them equal")
+            raise ConfigError(f"support_mode 'paired' matches query frame t with support t, so it needs as many "
+                              f"supports as clip frames; got K={K}, T={T}: set 'support_mode mean' or make them equal")
         if self.training and query_mask is None:
             raise ValueError("training needs query_mask (B×T×H×W clip labels) for the losses")
         if self.training and return_extras:
