@@ -454,7 +454,9 @@ class Trainer:
 
     def validate(self) -> dict:
         if self.video:
-            return validate_video(self.model, self.val_set, self.cfg, self.info.device, self.state.epoch, self.writer)
+            # at the global iteration, like the image curves (and purged with them on a resume)
+            return validate_video(self.model, self.val_set, self.cfg, self.info.device, self.state.epoch, self.writer,
+                                  step=self.state.iteration)
         out = evaluate(self.model, self.val_set, self.cfg, self.info.device, keep_samples=self.cfg.tb_images)
         r = out.result
         log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",

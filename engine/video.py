@@ -282,7 +282,8 @@ def format_video_result(title: str, r: VideoResult, ms: float, unit: str = "vide
     return "\n".join(lines)
 
 
-def validate_video(model, val_set: ValidationClips, cfg, device: torch.device, epoch: int, writer=None) -> dict:
+def validate_video(model, val_set: ValidationClips, cfg, device: torch.device, epoch: int, writer=None, *,
+                   step: int) -> dict:
     """Validation during training; the model is selected on the class IoU (the reference's).
     TensorBoard gets the figures and ``tb_images`` strips (frames, prediction, mined BG and DO)."""
     out = evaluate_video(model, val_set, cfg, device, keep_samples=cfg.tb_images if writer is not None else 0)
@@ -290,9 +291,9 @@ def validate_video(model, val_set: ValidationClips, cfg, device: torch.device, e
     log.info(format_video_result(f"validation after epoch {epoch}", r, out.ms_per_frame, unit="clips"))
     if writer is not None:
         for key, value in (("class_iou", r.class_iou), ("J", r.mean_j), ("F", r.mean_f), ("JF", r.jf)):
-            writer.add_scalar(f"val/{key}", value, epoch)
+            writer.add_scalar(f"val/{key}", value, step)
         for i, sample in enumerate(out.samples):
-            writer.add_image(f"val/clip_{i}", video_strip_image(sample), epoch, dataformats="HWC")
+            writer.add_image(f"val/clip_{i}", video_strip_image(sample), step, dataformats="HWC")
     return {"miou": r.class_iou, "J": r.mean_j, "F": r.mean_f, "JF": r.jf,
             "class_iou": {k: v["IoU"] for k, v in r.per_class.items()}, "frames": r.frames}
 

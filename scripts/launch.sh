@@ -21,8 +21,10 @@ if [ ! -f "$config" ]; then
     ls "config/$dataset" | sed "s/^${dataset}_/  /; s/\.yaml$//" >&2
     exit 2
 fi
-# a K-shot model (shot K, K != 1) is its own experiment: exp/<dataset>/<exp_name>_shotK, for
-# training and testing alike (never the 1-shot folder, whose checkpoints a resume would continue)
+# a model at another shot than its config's (shot K on the command line, K != the YAML's shot,
+# 1 when the YAML names none) is its own experiment: exp/<dataset>/<exp_name>_shotK, for training
+# and testing alike (never the config's folder, whose checkpoints a resume would continue)
+config_shot=$(sed -n 's/^[[:space:]]*shot:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$config" | head -n 1)
 key=; folder=$exp_name
 for arg in "$@"; do
     if [ -z "$key" ]; then
@@ -33,7 +35,7 @@ for arg in "$@"; do
             exit 2
         fi
     else
-        if [ "$key" = "shot" ] && [ "$arg" != "1" ]; then
+        if [ "$key" = "shot" ] && [ "$arg" != "${config_shot:-1}" ]; then
             folder=${exp_name}_shot$arg
         fi
         key=

@@ -37,6 +37,8 @@ def test_wrong_type_names_key_value_and_expected_type(tmp_path):
         load_cfg_from_yaml(write(tmp_path, "TRAIN:\n  amp: fp8\n"))
     with pytest.raises(ConfigError, match=r"key 'split' is 7"):
         load_cfg(write(tmp_path, "DATA:\n  split: 7\n"))
+    with pytest.raises(ConfigError, match=r"key 'base_lr' is 0.0; it must be positive"):
+        load_cfg(write(tmp_path, "TRAIN:\n  base_lr: 0\n"))   # the video recipe divides by it
 
 
 def test_command_line_overrides_are_python_literals(tmp_path):

@@ -136,3 +136,18 @@ def test_a_k_shot_run_gets_its_own_experiment_folder(tree):
                        capture_output=True, text=True, timeout=30)
     assert r.stdout.splitlines()[0].endswith("save_path exp/synthetic/split0_resnet18 shot 1")
     assert sorted(os.listdir(tree / "exp" / "synthetic")) == ["split0_resnet18", "split0_resnet18_shot5"]
+
+
+def test_the_configs_own_shot_keeps_the_configs_folder(tree):
+    """A config that trains at K shots (the video configs: shot 5) keeps its folder for ``shot K``;
+    only another K gets ``_shotK``."""
+    (tree / "fake_python").write_text(f"#!{sys.executable}\nimport sys\nprint(' '.join(sys.argv[1:]))\n")
+    env = env_with(tree / "fake_python")
+    source = (tree / "config/synthetic/synthetic_split0_resnet18.yaml").read_text()
+    assert "  shot: 1" in source
+    (tree / "config/synthetic/synthetic_split0_k3.yaml").write_text(source.replace("  shot: 1", "  shot: 3", 1))
+    for shot, folder in (("3", "split0_k3"), ("1", "split0_k3_shot1"), ("5", "split0_k3_shot5")):
+        r = subprocess.run(["sh", "train.sh", "synthetic", "split0_k3", "shot", shot], cwd=tree, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0].endswith(f"save_path exp/synthetic/{folder} shot {shot}")

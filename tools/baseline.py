@@ -141,6 +141,8 @@ def main(argv=None) -> dict:
             # the very episodes the result scored: its runs, shots, clip length and support draws
             cfg.update(test_seeds=len(res["runs"]), shot=res["shot"], clip_len=res["clip_len"],
                        support_per=res["support_per"], manual_seed=res["manual_seed"])
+            if "canvas" in res:                      # J, F and class IoU are scored on this canvas
+                cfg.update(video_h=res["canvas"][0], video_w=res["canvas"][1])
         else:
             # score the very episodes the result scored: its seeds, count and shots
             cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],

@@ -1,7 +1,7 @@
 """Time the class-index build for a list: first (scan) and cached.
 
-    python tools/make_synthetic.py --out /tmp/synth10k --train 10000 --val 0
-    python tools/bench_class_index.py --data-root /tmp/synth10k --list /tmp/synth10k/train.txt
+    python tools/make_synthetic.py --out data/synth10k --train 10000 --val 0
+    python tools/bench_class_index.py --data-root data/synth10k --list data/synth10k/train.txt
 
 Removes the list's cache first, then loads the index twice, as training start-up would.
 """

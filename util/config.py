@@ -296,6 +296,8 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"key 'split' is {cfg.split}; folds are 0, 1, 2 or 3")
     if cfg.shot < 1:
         raise ConfigError(f"key 'shot' is {cfg.shot}; it must be at least 1")
+    if cfg.base_lr <= 0:
+        raise ConfigError(f"key 'base_lr' is {cfg.base_lr}; it must be positive (the configs use 0.025)")
     if cfg.scale_min > cfg.scale_max:
         raise ConfigError(f"scale_min ({cfg.scale_min}) is larger than scale_max ({cfg.scale_max})")
     if cfg.rotate_min > cfg.rotate_max:
