@@ -12,12 +12,13 @@ from util.classes import NUM_CLASSES, VIDEO_DATASETS
 from util.errors import ConfigError
 
 from .backbone import build_backbone, load_backbone_weights
+from .base import BackboneNetwork
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
                      prototype_infonce, segmentation_losses, total_loss)
 from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
                       prior_mask)
-from .ops import input_format, pool_to, pyramid_bins, resize
+from .ops import pool_to, resize
 from .video import build_video_model
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 MIN_DO_AREA = 1.0   # feature pixels; emptier DO masks give no prototype for the bank
 
 
-class NTRENetPP(nn.Module):
+class NTRENetPP(BackboneNetwork):
     """Few-shot segmentation that removes the background (BGMM) and distracting objects (DO).
 
     ``forward(query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
@@ -45,12 +46,7 @@ class NTRENetPP(nn.Module):
                  fix_bn: bool = True,
                  losses: LossSettings = LossSettings(), bank_classes: int = 20, memory_size: int = 2000,
                  num_negatives: int = 1000, seed: int = 0):
-        super().__init__()
-        if not ppm_scales:
-            raise ConfigError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
-        self.backbone = backbone
-        self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
-        self.ppm_scales = tuple(ppm_scales)
+        super().__init__(backbone, ppm_scales, freeze_backbone, fix_bn)
         self.loss_settings = losses
         mid_channels = backbone.layer2_channels + backbone.layer3_channels
         C = reduce_dim
@@ -63,22 +59,6 @@ class NTRENetPP(nn.Module):
             for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
         self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.fix_bn:
-            self.backbone.eval()   # BN statistics stay fixed (the authors' code lets them drift)
-        return self
-
-    def bin_sizes(self, feature_size: int) -> list[int]:
-        """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
-        return pyramid_bins(self.ppm_scales, feature_size)
-
-    def _input_format(self):
-        return input_format(self.backbone)
 
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_img, support_imgs, support_masks):

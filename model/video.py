@@ -9,15 +9,16 @@ import torch.nn as nn
 
 from util.errors import ConfigError
 
+from .base import BackboneNetwork
 from .losses import LossSettings, bg_mining_loss, segmentation_losses, soft_iou_loss, total_loss
 from .modules import (ASPP, AgentAttention, BGMiningModule, Merge, Reduce, ScalePath, masked_average_pooling,
                       prior_mask)
-from .ops import input_format, pool_to, pyramid_bins, resize
+from .ops import pool_to, resize
 
 SUPPORT_MODES = ("paired", "mean")
 
 
-class VideoNTRENetPP(nn.Module):
+class VideoNTRENetPP(BackboneNetwork):
     """Few-shot video segmentation: ``forward(query_imgs, support_imgs, support_masks,
     query_mask=None, class_ids=None, return_extras=False)`` with ``B×T×3×H×W`` query clips,
     ``B×K×3×H×W`` support frames, ``B×K×H×W`` support masks (0/1/255), ``B×T×H×W`` query
@@ -38,14 +39,9 @@ class VideoNTRENetPP(nn.Module):
                  support_mode: str = "paired", do_pool: str = "gap", self_proto_pool: str = "gap",
                  freeze_backbone: bool = True,
                  fix_bn: bool = True, temporal_attention: bool = True, losses: LossSettings = LossSettings()):
-        super().__init__()
         if support_mode not in SUPPORT_MODES:
             raise ConfigError(f"config key 'support_mode' is {support_mode!r}; expected 'paired' or 'mean'")
-        if not ppm_scales:
-            raise ConfigError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8]")
-        self.backbone = backbone
-        self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
-        self.ppm_scales = tuple(ppm_scales)
+        super().__init__(backbone, ppm_scales, freeze_backbone, fix_bn)
         self.support_mode = support_mode
         self.loss_settings = losses
         C = reduce_dim
@@ -59,26 +55,10 @@ class VideoNTRENetPP(nn.Module):
                                               prototype_channels=bg_dim, temporal=temporal_attention)
                                     for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.fix_bn:
-            self.backbone.eval()
-        return self
-
-    def bin_sizes(self, feature_size: int) -> list[int]:
-        """As the image model: values <= 1.0 are fractions of the feature height."""
-        return pyramid_bins(self.ppm_scales, feature_size)
 
     def attention_parameters(self) -> list[nn.Parameter]:
         """The cross-frame attention blocks' parameters (the reference trains them with Adam)."""
         return [p for m in self.modules() if isinstance(m, AgentAttention) for p in m.parameters()]
-
-    def _input_format(self):
-        return input_format(self.backbone)
 
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_imgs, support_imgs, support_masks):

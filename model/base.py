@@ -1,0 +1,41 @@
+"""What the image and the video network share around their blocks: a (frozen) backbone whose
+BatchNorm may stay fixed, and the pyramid bins."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn as nn
+
+from util.errors import ConfigError
+
+from .ops import input_format, pyramid_bins
+
+
+class BackboneNetwork(nn.Module):
+    """Holds ``backbone``, ``ppm_scales``, ``freeze_backbone`` (no gradients into it) and
+    ``fix_bn`` (its BatchNorm layers stay in eval mode whatever the network's mode: the authors'
+    code lets their statistics drift)."""
+
+    def __init__(self, backbone: nn.Module, ppm_scales: Sequence[float], freeze_backbone: bool, fix_bn: bool):
+        super().__init__()
+        if not ppm_scales:
+            raise ConfigError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
+        self.backbone = backbone
+        self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
+        self.ppm_scales = tuple(ppm_scales)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.train()   # modules added later start in training mode too; the backbone's BN per fix_bn
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.fix_bn:
+            self.backbone.eval()
+        return self
+
+    def bin_sizes(self, feature_size: int) -> list[int]:
+        """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
+        return pyramid_bins(self.ppm_scales, feature_size)
+
+    def _input_format(self):
+        return input_format(self.backbone)
