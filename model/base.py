@@ -8,7 +8,9 @@ import torch.nn as nn
 
 from util.errors import ConfigError
 
-from .ops import input_format, pyramid_bins
+import torch
+
+from .ops import input_format, pool_to, pyramid_bins, resize
 
 
 class BackboneNetwork(nn.Module):
@@ -39,3 +41,21 @@ class BackboneNetwork(nn.Module):
 
     def _input_format(self):
         return input_format(self.backbone)
+
+    def pyramid(self, x_query: torch.Tensor, support_prototype: torch.Tensor, prior: torch.Tensor,
+                bg_logits: torch.Tensor, image_size, frames: int | None = None):
+        """The per-scale paths (``self.scales``: BG elimination, target matching, DO elimination,
+        enrichment) over the pyramid bins, then the merge (``self.merge``) upsampled to
+        ``image_size``: ``(logits, per-scale outputs)``. ``frames``: the clip length of the video
+        network (its paths' cross-frame attention), None for images."""
+        feature_size = x_query.shape[-2:]
+        prior = prior.to(x_query.dtype)
+        bg_prototype = self.bgmm.bg_prototype
+        scale_features, scale_outputs = [], []
+        for path, size in zip(self.scales, self.bin_sizes(feature_size[0])):
+            x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
+                              resize(prior, size), resize(bg_logits, size),
+                              scale_features[-1] if scale_features else None, frames=frames)
+            scale_features.append(resize(x, feature_size))   # every level at h×w (PFENet, the authors)
+            scale_outputs.append(outputs)
+        return resize(self.merge(scale_features), image_size), scale_outputs

@@ -18,7 +18,7 @@ from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_
 from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
                       prior_mask)
-from .ops import pool_to, resize
+from .ops import resize
 from .video import build_video_model
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,6 @@ class NTRENetPP(BackboneNetwork):
         B, K = support_imgs.shape[:2]
         image_size = query_img.shape[-2:]
         mid, prior, support_mask = self.backbone_features(query_img, support_imgs, support_masks)
-        feature_size = mid[0].shape[-2:]
 
         x_query = self.aspp(self.down_query([f[:B] for f in mid]))
         x_support = self.down_supp([f[B:] for f in mid])
@@ -126,17 +125,8 @@ class NTRENetPP(BackboneNetwork):
         bg_logits_all = self.bgmm(torch.cat([x_query, x_support]) if self.training else x_query)
         bg_logits = bg_logits_all[:B]
 
-        bins = self.bin_sizes(feature_size[0])
         prior = prior.to(x_query.dtype)
-        bg_prototype = self.bgmm.bg_prototype
-        scale_features, scale_outputs = [], []
-        for path, size in zip(self.scales, bins):
-            x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
-                              resize(prior, size), resize(bg_logits, size),
-                              scale_features[-1] if scale_features else None)
-            scale_features.append(resize(x, feature_size))   # every level at h×w (PFENet, the authors)
-            scale_outputs.append(outputs)
-        logits = resize(self.merge(scale_features), image_size)
+        logits, scale_outputs = self.pyramid(x_query, support_prototype, prior, bg_logits, image_size)
 
         if not self.training:
             if not return_extras:

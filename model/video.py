@@ -13,7 +13,7 @@ from .base import BackboneNetwork
 from .losses import LossSettings, bg_mining_loss, segmentation_losses, soft_iou_loss, total_loss
 from .modules import (ASPP, AgentAttention, BGMiningModule, Merge, Reduce, ScalePath, masked_average_pooling,
                       prior_mask)
-from .ops import pool_to, resize
+from .ops import resize
 
 SUPPORT_MODES = ("paired", "mean")
 
@@ -121,7 +121,6 @@ class VideoNTRENetPP(BackboneNetwork):
         image_size = query_imgs.shape[-2:]
         n = B * T
         mid, prior, support_mask = self.backbone_features(query_imgs, support_imgs, support_masks)
-        feature_size = mid[0].shape[-2:]
 
         x_query = self.down_query([f[:n] for f in mid])
         if self.aspp is not None:
@@ -137,17 +136,9 @@ class VideoNTRENetPP(BackboneNetwork):
         # in training the BG branch also sees the supports, a clip of K frames (the reference)
         support_bg_logits = self.bgmm(x_support, frames=K) if self.training else None
 
-        bins = self.bin_sizes(feature_size[0])
         prior = prior.to(x_query.dtype)
-        bg_prototype = self.bgmm.bg_prototype
-        scale_features, scale_outputs = [], []
-        for path, size in zip(self.scales, bins):
-            x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
-                              resize(prior, size), resize(bg_logits, size),
-                              scale_features[-1] if scale_features else None, frames=T)
-            scale_features.append(resize(x, feature_size))   # every level at h×w, as the image network
-            scale_outputs.append(outputs)
-        logits = resize(self.merge(scale_features), image_size)                       # (B·T)×2×H×W
+        logits, scale_outputs = self.pyramid(x_query, support_prototype, prior, bg_logits, image_size,
+                                             frames=T)                                 # (B·T)×2×H×W
 
         if not self.training:
             clip = logits.unflatten(0, (B, T))
