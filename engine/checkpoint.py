@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT = "ntrenetpp-checkpoint-v2"    # v2: RNG states as tensors (weights_only), a checksum
 PREVIOUS_SUFFIX = ".prev.pth"           # last.pth -> last.prev.pth
 # config keys that change the shape of the network: a checkpoint must agree on them
-ARCH_KEYS = ("layers", "vgg", "deep_stem", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
+ARCH_KEYS = ("layers", "vgg", "deep_stem", "backbone_width", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
              "dataset", "memory_size", "video_attention", "video_aspp", "video_bg_dim")
 
 

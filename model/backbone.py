@@ -126,37 +126,46 @@ class ResNet(nn.Module):
     """Dilated ResNet: layer3 dilation 2, layer4 dilation 4, both stride 1 (output stride 8).
 
     ``deep_stem``: PSPNet's three 3×3 convs (3→64→64→128); otherwise the 7×7 stem.
+    ``width``: multiplies every channel count (1.0: the standard network, the only one ImageNet
+    weight files fit; 0.5 halves the channels, a quarter of the convolution work, for training
+    from scratch as the synthetic demos do).
     Attribute names equal the weight files' key names, so no key renaming is needed.
     """
 
-    def __init__(self, depth: int = 50, deep_stem: bool = True):
+    def __init__(self, depth: int = 50, deep_stem: bool = True, width: float = 1.0):
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ValueError(f"ResNet depth {depth} is not available; config key 'layers' takes "
                              f"{sorted(RESNET_SPECS)}")
+        if width <= 0:
+            raise ValueError(f"ResNet width {width} must be positive (config key 'backbone_width')")
         block, counts = RESNET_SPECS[depth]
-        self.depth, self.deep_stem = depth, deep_stem
+        self.depth, self.deep_stem, self.width = depth, deep_stem, width
+
+        def ch(n: int) -> int:
+            return max(1, round(n * width))
+
         if deep_stem:
-            self.conv1 = _conv3x3(3, 64, stride=2)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.conv2 = _conv3x3(64, 64)
-            self.bn2 = nn.BatchNorm2d(64)
-            self.conv3 = _conv3x3(64, 128)
-            self.bn3 = nn.BatchNorm2d(128)
-            self.inplanes = 128
+            self.conv1 = _conv3x3(3, ch(64), stride=2)
+            self.bn1 = nn.BatchNorm2d(ch(64))
+            self.conv2 = _conv3x3(ch(64), ch(64))
+            self.bn2 = nn.BatchNorm2d(ch(64))
+            self.conv3 = _conv3x3(ch(64), ch(128))
+            self.bn3 = nn.BatchNorm2d(ch(128))
+            self.inplanes = ch(128)
         else:
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.inplanes = 64
+            self.conv1 = nn.Conv2d(3, ch(64), 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(ch(64))
+            self.inplanes = ch(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, counts[0])
-        self.layer2 = self._make_layer(block, 128, counts[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, counts[2], dilation=2)
-        self.layer4 = self._make_layer(block, 512, counts[3], dilation=4)
-        self.layer2_channels = 128 * block.expansion
-        self.layer3_channels = 256 * block.expansion
-        self.layer4_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, ch(64), counts[0])
+        self.layer2 = self._make_layer(block, ch(128), counts[1], stride=2)
+        self.layer3 = self._make_layer(block, ch(256), counts[2], dilation=2)
+        self.layer4 = self._make_layer(block, ch(512), counts[3], dilation=4)
+        self.layer2_channels = ch(128) * block.expansion
+        self.layer3_channels = ch(256) * block.expansion
+        self.layer4_channels = ch(512) * block.expansion
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -292,8 +301,11 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def build_backbone(layers: int = 50, vgg: bool = False, deep_stem: bool = True) -> nn.Module:
-    return VGG16BN() if vgg else ResNet(layers, deep_stem)
+def build_backbone(layers: int = 50, vgg: bool = False, deep_stem: bool = True, width: float = 1.0) -> nn.Module:
+    """VGG-16-bn, or the dilated ResNet of ``layers`` with ``width`` times its channels."""
+    if vgg and width != 1.0:
+        raise ValueError(f"backbone_width {width} applies to ResNets only; VGG-16-bn keeps its channels")
+    return VGG16BN() if vgg else ResNet(layers, deep_stem, width)
 
 
 def read_state_dict(path: str) -> dict:
@@ -333,7 +345,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | dict, allow_missing
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         raise BackboneWeightsError(f"backbone weight file '{name}' does not fit the configured backbone "
-                                   f"(check 'layers', 'vgg', 'deep_stem'): " + "; ".join(mismatched[:5]))
+                                   f"(check 'layers', 'vgg', 'deep_stem', 'backbone_width'): " + "; ".join(mismatched[:5]))
     if report.unexpected:
         raise BackboneWeightsError(
             f"backbone weight file '{name}' has keys the configured backbone lacks: "

@@ -222,7 +222,7 @@ def build_model(cfg, warn_random_backbone: bool = True) -> NTRENetPP:
                          "(not target / target): set 'classes 2'")
     if cfg.dataset not in NUM_CLASSES:
         raise ConfigError(f"config key 'dataset' is {cfg.dataset!r}; expected one of {sorted(NUM_CLASSES)}")
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem)
+    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
     if cfg.pretrained:
         load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
     elif warn_random_backbone:

@@ -32,6 +32,39 @@ def test_feature_sizes_and_channels(layers, vgg, channels):
     assert (net.layer2_channels, net.layer3_channels, net.layer4_channels) == channels
 
 
+@pytest.mark.parametrize("layers, width, channels, params", [
+    (18, 0.5, (64, 128, 256), 2_834_208), (50, 0.25, (128, 256, 512), 1_487_344),
+])
+def test_backbone_width_scales_every_channel(layers, width, channels, params):
+    """``backbone_width`` multiplies every channel count (the stem's too): a narrower network of
+    the same depth, stride and dilation for training from scratch. ResNet-18 at 0.5, by hand:
+    stem 28,768 + layer1 48,448 + layer2 131,712 + layer3 525,568 + layer4 2,099,712."""
+    from model import build_model
+
+    net = build_backbone(layers, False, True, width).eval()
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        layer2, layer3 = net.mid_level(x)
+        layer4 = net.high_level(layer3)
+    assert [t.shape[1:] for t in (layer2, layer3, layer4)] == [(c, 9, 9) for c in channels]
+    assert (net.layer2_channels, net.layer3_channels, net.layer4_channels) == channels
+    assert net.conv1.out_channels == round(64 * width) and net.bn3.num_features == round(128 * width)
+    assert sum(p.numel() for p in net.parameters()) == params
+    cfg = defaults()
+    cfg.update(pretrained="", layers=layers, backbone_width=width, reduce_dim=8, ppm_scales=[1.0, 0.5])
+    model = build_model(cfg).eval()
+    assert model.down_query[0].in_channels == channels[0] + channels[1]    # the head reads the widths
+    with pytest.raises(ValueError, match="backbone_width"):
+        build_backbone(0, True, True, 0.5)
+
+
+def test_a_standard_weight_file_does_not_fit_a_narrow_backbone(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(build_backbone(18).state_dict(), path)
+    with pytest.raises(BackboneWeightsError, match="backbone_width"):
+        load_backbone_weights(build_backbone(18, False, True, 0.5), str(path))
+
+
 def test_vgg_geometry_is_pfenets_30x30_at_473():
     """PFENet's VGG-16-bn: the 4th max-pool kept (ceil mode), layer3/layer4 at stride 16 — 30×30 at
     473 — and layer2 (60×60, stride 8) resized to layer3's size. Shapes on the meta device: no arithmetic."""

@@ -94,7 +94,7 @@ def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher:
 
 def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
     """The prototype matcher on an ImageNet backbone weight file (as ``pretrained`` loads it)."""
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem)
+    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
     load_backbone_weights(backbone, path, cfg.allow_missing_backbone_keys)
     return PrototypeMatcher(backbone)
 

@@ -24,7 +24,8 @@ from util.config import defaults, load_cfg, merge_cfg_from_list, validate  # noq
 def backbone_name(cfg) -> str:
     if cfg.vgg:
         return "VGG-16-bn"
-    return f"ResNet-{cfg.layers}" + (" (deep stem)" if cfg.deep_stem else " (7x7 stem)")
+    width = "" if cfg.backbone_width == 1.0 else f", width x{cfg.backbone_width:g}"
+    return f"ResNet-{cfg.layers}" + (" (deep stem" if cfg.deep_stem else " (7x7 stem") + width + ")"
 
 
 def summary(cfg) -> str:

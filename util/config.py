@@ -65,6 +65,9 @@ SCHEMA: tuple[Key, ...] = (
     _k("layers", "int", 50, "ResNet depth: 18, 34, 50 or 101 (ignored when vgg is True)", (18, 34, 50, 101)),
     _k("vgg", "bool", False, "use VGG-16-bn instead of ResNet"),
     _k("deep_stem", "bool", True, "ResNet stem: three 3x3 convs (semseg 'v2' weights) or one 7x7 (torchvision)"),
+    _k("backbone_width", "float", 1.0,
+       "ResNet channel multiplier: 1.0 is the standard network (ImageNet weight files need it); "
+       "0.5 halves every channel count for from-scratch training (the synthetic demos)"),
     _k("pretrained", "str", "initmodel/resnet50_v2.pth",
        "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)"),
     _k("allow_missing_backbone_keys", "bool", False, "accept a weight file that lacks backbone keys"),
@@ -298,6 +301,9 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"key 'shot' is {cfg.shot}; it must be at least 1")
     if cfg.base_lr <= 0:
         raise ConfigError(f"key 'base_lr' is {cfg.base_lr}; it must be positive (the configs use 0.025)")
+    if cfg.backbone_width <= 0 or (cfg.vgg and cfg.backbone_width != 1.0):
+        raise ConfigError(f"key 'backbone_width' is {cfg.backbone_width}; it must be positive, and 1.0 "
+                          "with 'vgg True' (VGG-16-bn keeps its channels)")
     if cfg.scale_min > cfg.scale_max:
         raise ConfigError(f"scale_min ({cfg.scale_min}) is larger than scale_max ({cfg.scale_max})")
     if cfg.rotate_min > cfg.rotate_max:
