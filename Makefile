@@ -23,7 +23,7 @@ DEMO_EXP := exp/synthetic/split0_resnet18
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py --out data/synthetic --train 4000
 	PYTHON=$(PY) sh train.sh synthetic split0_resnet18 resume '' overwrite True $(DEMO_ARGS)
-	PYTHON=$(PY) sh test.sh synthetic split0_resnet18 weight last $(DEMO_ARGS)
+	PYTHON=$(PY) sh test.sh synthetic split0_resnet18 weight best $(DEMO_ARGS)
 	$(PY) tools/baseline.py --config config/synthetic/synthetic_split0_resnet18.yaml $(DEMO_ARGS) \
 		--compare "$$(ls -t $(DEMO_EXP)/result/test_*.json | head -n 1)"
 
