@@ -121,3 +121,37 @@ def test_hue_jitter_turns_query_and_supports_by_one_angle(tiny_pascal):
         rgb = a * std + mean
         expected = (torch.einsum("ij,jhw->ihw", matrix, rgb).clamp(0, 255) - mean) / std
         assert torch.allclose(expected, b, atol=1e-3)
+
+
+def test_tint_jitter_scales_each_channel_of_the_whole_episode_alike(tiny_pascal):
+    """One gain per RGB channel for the query and every support, drawn right after the hue turn;
+    labels and the episode are untouched, and white becomes a colour (a hue turn leaves it white)."""
+    from util.config import validate
+    from util.dataset import FewShotTrainDataset
+    from util.errors import ConfigError
+    from util.transform import hue_rotate
+    cfg, _ = tiny_pascal
+    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64,
+               hue_jitter=90.0)
+    plain = FewShotTrainDataset(cfg, shot=2)[(5, 31)]
+    cfg.update(tint_jitter=0.6)
+    ds = FewShotTrainDataset(cfg, shot=2)
+    tinted = ds[(5, 31)]
+    assert torch.equal(plain["query_mask"], tinted["query_mask"]) and plain["class_id"] == tinted["class_id"]
+    assert torch.equal(plain["support_masks"], tinted["support_masks"])
+    rng = np.random.default_rng(31)
+    ds.draw(5, rng)
+    rng.uniform(-90.0, 90.0)                                             # the hue angle
+    gains = rng.uniform(0.4, 1.0, 3).astype(np.float32)
+    assert gains.min() >= 0.4 and not np.allclose(gains, gains[0])
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    gain = torch.from_numpy(gains).view(3, 1, 1)
+    for a, b in [(plain["query_img"], tinted["query_img"])] + list(zip(plain["support_imgs"], tinted["support_imgs"])):
+        expected = ((a * std + mean) * gain - mean) / std                # the hue-turned image, tinted
+        assert torch.allclose(expected, b, atol=1e-3)
+    white = np.full((1, 1, 3), 255.0, np.float32)
+    assert np.allclose(hue_rotate(white, 77), 255.0, atol=1e-2)           # no hue turn colours white
+    with pytest.raises(ConfigError, match="tint_jitter"):
+        cfg.update(tint_jitter=1.0)
+        validate(cfg)

@@ -121,6 +121,9 @@ SCHEMA: tuple[Key, ...] = (
     _k("hue_jitter", "float", 0.0,
        "episode-level hue rotation: query and supports of a training episode turned by one angle drawn "
        "in [-hue_jitter, hue_jitter] degrees (0: off; 180: any hue)"),
+    _k("tint_jitter", "float", 0.0,
+       "episode-level tint: every RGB channel of a training episode's images multiplied by one gain drawn "
+       "in [1 - tint_jitter, 1] (0: off); unlike a hue turn it also colours white, grey and black"),
     _k("ignore_label", "int", 255, "label value ignored by losses and metrics"),
     _k("padding_label", "int", 255, "label value used to pad crops and rotations"),
     _k("shot", "int", 1, "K: support images per episode"),
@@ -301,6 +304,8 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"key 'shot' is {cfg.shot}; it must be at least 1")
     if cfg.base_lr <= 0:
         raise ConfigError(f"key 'base_lr' is {cfg.base_lr}; it must be positive (the configs use 0.025)")
+    if not 0.0 <= cfg.tint_jitter < 1.0:
+        raise ConfigError(f"key 'tint_jitter' is {cfg.tint_jitter}; it must be in [0, 1) (0: off)")
     if cfg.backbone_width <= 0 or (cfg.vgg and cfg.backbone_width != 1.0):
         raise ConfigError(f"key 'backbone_width' is {cfg.backbone_width}; it must be positive, and 1.0 "
                           "with 'vgg True' (VGG-16-bn keeps its channels)")

@@ -190,6 +190,7 @@ class FewShotTrainDataset(Dataset):
         self.shot = shot or cfg.shot
         self.ignore_label = cfg.ignore_label
         self.hue_jitter = cfg.hue_jitter
+        self.tint_jitter = cfg.tint_jitter
         self.transform = transform or train_transform(cfg)
         _check_enough_images(self.split, self.shot, cfg.train_list)
 
@@ -205,9 +206,13 @@ class FewShotTrainDataset(Dataset):
         class_id, supports = draw_class_and_supports(self.split.index, query, self.shot, rng)
         return query, class_id, supports
 
-    def load(self, list_pos: int, class_id: int, rng, hue: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, list_pos: int, class_id: int, rng, hue: float = 0.0,
+             tint: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = read_pair(*self.split.pairs[list_pos])
-        return self.transform(hue_rotate(image, hue), binarize(label, class_id, self.ignore_label), rng)
+        image = hue_rotate(image, hue)
+        if tint is not None:
+            image = image * tint
+        return self.transform(image, binarize(label, class_id, self.ignore_label), rng)
 
     def __getitem__(self, key):
         position, seed = key if isinstance(key, tuple) else (key, key)
@@ -216,8 +221,10 @@ class FewShotTrainDataset(Dataset):
         # one hue turn for the whole episode: the target keeps the support's colour, but which
         # colour that is varies, so matching the support pays and memorising classes does not
         hue = rng.uniform(-self.hue_jitter, self.hue_jitter) if self.hue_jitter else 0.0
-        q_img, q_lab = self.load(query, class_id, rng, hue)
-        s = [self.load(i, class_id, rng, hue) for i in supports]
+        # and one tint (a gain per RGB channel), which a hue turn cannot give white, grey or black
+        tint = rng.uniform(1.0 - self.tint_jitter, 1.0, 3).astype(np.float32) if self.tint_jitter else None
+        q_img, q_lab = self.load(query, class_id, rng, hue, tint)
+        s = [self.load(i, class_id, rng, hue, tint) for i in supports]
         return {
             "query_img": q_img, "query_mask": q_lab,
             "support_imgs": torch.stack([im for im, _ in s]),
