@@ -41,7 +41,7 @@ demo-video: $(STAMP)
 	$(PY) tools/make_synthetic_video.py --out data/synthetic_video
 	$(PY) tools/prepare_ytvis.py --ytvis data/synthetic_video --out data/synthetic_video
 	PYTHON=$(PY) sh train.sh synthetic_video split0_resnet18 resume '' overwrite True $(DEMO_ARGS)
-	PYTHON=$(PY) sh test.sh synthetic_video split0_resnet18 weight last $(DEMO_ARGS)
+	PYTHON=$(PY) sh test.sh synthetic_video split0_resnet18 weight best $(DEMO_ARGS)
 	$(PY) tools/baseline.py --config $(DEMO_VIDEO_CFG) $(DEMO_ARGS) \
 		--compare "$$(ls -t $(DEMO_VIDEO_EXP)/result/test_*.json | head -n 1)"
 
