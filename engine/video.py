@@ -308,8 +308,9 @@ def run_video_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> 
         model = to_device(model, cfg, info.device)
         epoch = state.get("epoch")
     result_dir = os.path.join(cfg.save_path or ".", "result")
-    log.info("checkpoint: %s (epoch %s); %d-shot, clips of %d frames, supports per %s, %d run(s)",
-             weight_path, epoch, cfg.shot, cfg.clip_len, cfg.support_per, cfg.test_seeds)
+    log.info("checkpoint: %s%s; %d-shot, clips of %d frames, supports per %s, %d run(s)",
+             weight_path, "" if epoch is None else f" (epoch {epoch})", cfg.shot, cfg.clip_len,
+             cfg.support_per, cfg.test_seeds)
     runs = []
     for i in range(cfg.test_seeds):
         seed = cfg.manual_seed + i
