@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from model import build_model
+from util.config import defaults
 from util.digest import content_digest
 from util.errors import CheckpointError
 from util.fileio import atomic_torch_save
@@ -152,6 +153,9 @@ def pick_resume(path: str) -> tuple[str, dict] | None:
 def check_compatible(state: dict, cfg, path: str) -> None:
     """Refuse a checkpoint trained with another architecture, naming the keys that differ."""
     saved = state.get("config") or {}
+    if saved:   # a key the checkpoint's config predates had its default value then
+        declared = defaults()
+        saved = {**{k: declared[k] for k in ARCH_KEYS if k in declared}, **saved}
     diffs = [f"{k}: checkpoint {saved[k]!r}, config {cfg[k]!r}"
              for k in ARCH_KEYS if k in saved and saved[k] != cfg[k]]
     if diffs:

@@ -36,6 +36,21 @@ def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_pa
         load_checkpoint(str(good), build_model(cfg), cfg)
 
 
+def test_a_checkpoint_older_than_an_architecture_key_is_compared_at_its_default(synth_root, tmp_path):
+    """A checkpoint written before ``backbone_width`` existed has a standard-width backbone: loading
+    it into a narrower one names the key, not a raw size mismatch."""
+    cfg = tiny_cfg(synth_root, tmp_path)
+    old = tmp_path / "old.pth"
+    save_checkpoint(str(old), build_model(cfg), cfg)
+    state = torch.load(old, weights_only=True)
+    del state["config"]["backbone_width"], state["checksum"]     # as written before the key existed
+    torch.save(state, old)
+    narrow = tiny_cfg(synth_root, tmp_path, backbone_width=0.5)
+    with pytest.raises(CheckpointError, match=r"different network: backbone_width: checkpoint 1\.0, config 0\.5\."):
+        load_checkpoint(str(old), build_model(narrow), narrow)
+    load_checkpoint(str(old), build_model(cfg), cfg)              # the standard width still loads
+
+
 @pytest.mark.parametrize("saved_layout,resumed_layout", [(torch.contiguous_format, torch.channels_last),
                                                          (torch.channels_last, torch.contiguous_format)])
 def test_optimizer_state_follows_the_parameter_layout_on_resume(saved_layout, resumed_layout):

@@ -125,7 +125,8 @@ def test_hue_jitter_turns_query_and_supports_by_one_angle(tiny_pascal):
 
 def test_tint_jitter_scales_each_channel_of_the_whole_episode_alike(tiny_pascal):
     """One gain per RGB channel for the query and every support, drawn right after the hue turn;
-    labels and the episode are untouched, and white becomes a colour (a hue turn leaves it white)."""
+    labels and the episode are untouched, and white becomes a colour (a hue turn leaves it white;
+    black, a product with zero, stays black)."""
     from util.config import validate
     from util.dataset import FewShotTrainDataset
     from util.errors import ConfigError

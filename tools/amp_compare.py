@@ -122,7 +122,7 @@ def compare(cfg, device: torch.device, episodes: int, amps=("none", "bf16"), wei
     split = load_split(cfg, train=False)
     out = {"device": str(device), "episodes": episodes, "shot": cfg.shot, "val_size": cfg.val_size,
            "model": "checkpoint " + weight if weight else "random init (seed %d)" % cfg.manual_seed,
-           "layers": cfg.layers, "vgg": cfg.vgg, "batch_size_val": cfg.batch_size_val, "runs": {}}
+           "layers": cfg.layers, "backbone_width": cfg.backbone_width, "vgg": cfg.vgg, "batch_size_val": cfg.batch_size_val, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="amp_compare_") as tmp:
         predictions, margins = {}, {}
         for amp in amps:

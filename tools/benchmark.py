@@ -275,6 +275,8 @@ def describe(cfg) -> str:
     """'ResNet-50, 1-shot, batch 4, 473x473' (video: 'video ResNet-50, T=5 + 5-shot paired,
     batch 4, 241x425'): the network and step size of ``cfg``."""
     net = "VGG-16-bn" if cfg["vgg"] else f"ResNet-{cfg['layers']}"
+    if cfg["backbone_width"] != 1.0:
+        net += f" x{cfg['backbone_width']:g}"
     if cfg["dataset"] in VIDEO_DATASETS:
         return (f"video {net}, T={cfg['clip_len']} + {cfg['shot']}-shot {cfg['support_mode']}, batch "
                 f"{cfg['batch_size']}, {cfg['video_h']}x{cfg['video_w']}")
@@ -289,7 +291,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     """
     res: dict = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "config": {k: cfg[k] for k in ("dataset", "layers", "vgg", "shot", "batch_size", "train_h",
+                 "config": {k: cfg[k] for k in ("dataset", "layers", "backbone_width", "vgg", "shot", "batch_size", "train_h",
                                                 "train_w", "val_size", "clip_len", "video_h", "video_w",
                                                 "support_mode", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},

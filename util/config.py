@@ -120,10 +120,11 @@ SCHEMA: tuple[Key, ...] = (
     _k("flip_p", "float", 0.5, "probability of a horizontal flip"),
     _k("hue_jitter", "float", 0.0,
        "episode-level hue rotation: query and supports of a training episode turned by one angle drawn "
-       "in [-hue_jitter, hue_jitter] degrees (0: off; 180: any hue)"),
+       "in [-hue_jitter, hue_jitter] degrees (0: off; 180: any hue). Image training only"),
     _k("tint_jitter", "float", 0.0,
        "episode-level tint: every RGB channel of a training episode's images multiplied by one gain drawn "
-       "in [1 - tint_jitter, 1] (0: off); unlike a hue turn it also colours white, grey and black"),
+       "in [1 - tint_jitter, 1] (0: off); unlike a hue turn it also colours white and grey (black stays "
+       "black). Image training only"),
     _k("ignore_label", "int", 255, "label value ignored by losses and metrics"),
     _k("padding_label", "int", 255, "label value used to pad crops and rotations"),
     _k("shot", "int", 1, "K: support images per episode"),
