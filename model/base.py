@@ -39,6 +39,14 @@ class BackboneNetwork(nn.Module):
         """Pyramid bins at this feature size: values <= 1.0 are fractions of it (PFENet)."""
         return pyramid_bins(self.ppm_scales, feature_size)
 
+    def _check_mode(self, query_mask, return_extras: bool, label_shape: str) -> None:
+        """Training needs the query labels (``label_shape``) for the losses; ``return_extras`` is
+        an evaluation output."""
+        if self.training and query_mask is None:
+            raise ValueError(f"training needs query_mask ({label_shape}) for the losses")
+        if self.training and return_extras:
+            raise ValueError("return_extras is for evaluation; call model.eval() first")
+
     def _input_format(self):
         return input_format(self.backbone)
 

@@ -109,10 +109,7 @@ class NTRENetPP(BackboneNetwork):
         if support_imgs.dim() != 5 or support_masks.dim() != 4:
             raise ValueError(f"support_imgs must be B×K×3×H×W and support_masks B×K×H×W; got "
                              f"{tuple(support_imgs.shape)} and {tuple(support_masks.shape)}")
-        if self.training and query_mask is None:
-            raise ValueError("training needs query_mask (B×H×W) for the losses")
-        if self.training and return_extras:
-            raise ValueError("return_extras is for evaluation; call model.eval() first")
+        self._check_mode(query_mask, return_extras, "B×H×W")
         B, K = support_imgs.shape[:2]
         image_size = query_img.shape[-2:]
         mid, prior, support_mask = self.backbone_features(query_img, support_imgs, support_masks)

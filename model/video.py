@@ -114,10 +114,7 @@ class VideoNTRENetPP(BackboneNetwork):
         if self.support_mode == "paired" and K != T:
             raise ConfigError(f"support_mode 'paired' matches query frame t with support t, so it needs as many "
                               f"supports as clip frames; got K={K}, T={T}: set 'support_mode mean' or make them equal")
-        if self.training and query_mask is None:
-            raise ValueError("training needs query_mask (B×T×H×W clip labels) for the losses")
-        if self.training and return_extras:
-            raise ValueError("return_extras is for evaluation; call model.eval() first")
+        self._check_mode(query_mask, return_extras, "B×T×H×W clip labels")
         image_size = query_imgs.shape[-2:]
         n = B * T
         mid, prior, support_mask = self.backbone_features(query_imgs, support_imgs, support_masks)

@@ -97,18 +97,26 @@ def test_hue_rotation_turns_primaries_and_keeps_greys():
     assert hue_rotate(mixed, 33).min() >= 0 and hue_rotate(mixed, 33).max() <= 255
 
 
+def episode_before_and_after(cfg, key, **keys):
+    """Training episode ``key`` (position, seed) of a 2-shot set without geometric augmentation,
+    drawn before and after ``cfg.update(keys)``: ``(before, after, dataset after)``. A colour
+    augmentation must leave the episode drawn and its labels as they were."""
+    from util.dataset import FewShotTrainDataset
+    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64)
+    before = FewShotTrainDataset(cfg, shot=2)[key]
+    cfg.update(keys)
+    ds = FewShotTrainDataset(cfg, shot=2)
+    after = ds[key]
+    assert torch.equal(before["query_mask"], after["query_mask"]) and before["class_id"] == after["class_id"]
+    assert torch.equal(before["support_masks"], after["support_masks"])
+    return before, after, ds
+
+
 def test_hue_jitter_turns_query_and_supports_by_one_angle(tiny_pascal):
     """The episode's images are turned alike; labels and the episode drawn are untouched, and
     with hue_jitter 0 the episode is the one drawn before the key existed."""
-    from util.dataset import FewShotTrainDataset
     cfg, _ = tiny_pascal
-    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64)
-    plain = FewShotTrainDataset(cfg, shot=2)[(3, 77)]
-    cfg.update(hue_jitter=180.0)
-    ds = FewShotTrainDataset(cfg, shot=2)
-    turned = ds[(3, 77)]
-    assert torch.equal(plain["query_mask"], turned["query_mask"]) and plain["class_id"] == turned["class_id"]
-    assert torch.equal(plain["support_masks"], turned["support_masks"])
+    plain, turned, ds = episode_before_and_after(cfg, (3, 77), hue_jitter=180.0)
     assert not torch.allclose(plain["query_img"], turned["query_img"])
     rng = np.random.default_rng(77)
     ds.draw(3, rng)
@@ -128,18 +136,11 @@ def test_tint_jitter_scales_each_channel_of_the_whole_episode_alike(tiny_pascal)
     labels and the episode are untouched, and white becomes a colour (a hue turn leaves it white;
     black, a product with zero, stays black)."""
     from util.config import validate
-    from util.dataset import FewShotTrainDataset
     from util.errors import ConfigError
     from util.transform import hue_rotate
     cfg, _ = tiny_pascal
-    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64,
-               hue_jitter=90.0)
-    plain = FewShotTrainDataset(cfg, shot=2)[(5, 31)]
-    cfg.update(tint_jitter=0.6)
-    ds = FewShotTrainDataset(cfg, shot=2)
-    tinted = ds[(5, 31)]
-    assert torch.equal(plain["query_mask"], tinted["query_mask"]) and plain["class_id"] == tinted["class_id"]
-    assert torch.equal(plain["support_masks"], tinted["support_masks"])
+    cfg.update(hue_jitter=90.0)
+    plain, tinted, ds = episode_before_and_after(cfg, (5, 31), tint_jitter=0.6)
     rng = np.random.default_rng(31)
     ds.draw(5, rng)
     rng.uniform(-90.0, 90.0)                                             # the hue angle
