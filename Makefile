@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# the requirements, then this project itself (editable: imports resolve to this checkout)
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,7 +32,7 @@ demo: $(STAMP)
 # Everything the code does on a GPU, in one call (< 8 min): summary.md + summary.json in OUT.
 OUT ?= gpu-check
 gpu-check: $(STAMP)
-	PYTHON=$(PY) sh tools/gpu_check.sh $(OUT)
+	PYTHON=$(PY) sh tools/measure/gpu_check.sh $(OUT)
 
 # The no-download video demo: synthetic videos in the YouTube-VIS format, prepared like the real
 # data, train fold 0 (3 frames, 3 paired supports), evaluate every held-out video, compare with

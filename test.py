@@ -3,25 +3,8 @@
 weight best|last|PATH; shot 5 evaluates any model at 5 shots; save_pred True writes the
 predicted masks; vis N saves N panels per seed. torchrun shards the episodes.
 """
-from engine.tester import run_test
+from commands.test import main
 from util.cli import run
-from util.config import experiment_cfg
-from util.distributed import cleanup, init_distributed
-from util.host_memory import tune_cpu_process
-from util.logger import setup_logger
-
-
-def main(argv=None) -> dict:
-    cfg = experiment_cfg(__doc__, argv)
-    info = init_distributed(cfg.device)
-    if info.device.type == "cpu":
-        tune_cpu_process()      # keep freed memory, flush denormals (docs/benchmarks.md has what each bought)
-    setup_logger(cfg.save_path, info.rank, "test.log")
-    try:
-        return run_test(cfg, info)
-    finally:
-        cleanup()
-
 
 if __name__ == "__main__":
     run(main)

@@ -4,45 +4,8 @@ Single process by default; multi-GPU / multi-node through torchrun (NGPUS=4 sh t
 Ctrl-C or SIGTERM stops after the step in flight with last.pth saved (exit 130 / 143) and
 prints the command that continues the run.
 """
-import sys
-
-import torch.distributed
-
-from engine.experiment import take_lock
-from engine.trainer import NonFiniteLossError, Trainer
+from commands.train import main
 from util.cli import run
-from util.config import experiment_cfg
-from util.distributed import cleanup, init_distributed
-from util.host_memory import tune_cpu_process
-from util.interrupt import TrainingInterrupted, continue_command
-from util.logger import setup_logger
-
-
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = experiment_cfg(__doc__, argv)
-    info = init_distributed(cfg.device)
-    lock = None
-    try:
-        lock = take_lock(cfg, info)     # before anything is logged or loaded: a refused run writes nothing
-        if info.device.type == "cpu":
-            tune_cpu_process()      # keep freed memory, flush denormals (docs/benchmarks.md has what each bought)
-        log = setup_logger(cfg.save_path, info.rank, "train.log")
-        log.info("experiment folder %s, device %s, %d process(es)%s", cfg.save_path, info.device, info.world_size,
-                 f", process group {torch.distributed.get_backend()}" if info.distributed else "")
-        trainer = Trainer.from_cfg(cfg, info, tensorboard=True, continue_cmd=continue_command(argv))
-        trainer.lock = lock
-        return trainer.train()
-    except NonFiniteLossError as e:
-        log.error(str(e))
-        sys.exit(3)
-    except TrainingInterrupted as e:   # the line saying where it stopped and how to continue is logged
-        sys.exit(e.exit_status)
-    finally:
-        if lock is not None:
-            lock.release()
-        cleanup()
-
 
 if __name__ == "__main__":
     run(main)

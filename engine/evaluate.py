@@ -1,7 +1,7 @@
 """The one evaluation routine, used by train.py (validation) and test.py.
 
 It runs a (possibly sharded) fixed episode list through the model, scores each episode
-(util/metrics.py), reduces the sums across processes, and times the model with device
+(dataset/metrics.py), reduces the sums across processes, and times the model with device
 synchronisation. Results equal a single-process evaluation of the whole list.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from util.amp import MODEL_INPUTS, autocast, batch_to_device, synchronize
-from util.classes import class_name
-from util.dataset import FewShotEvalDataset, close_loader, eval_collate, worker_init
+from dataset.classes import class_name
+from dataset.image import FewShotEvalDataset, close_loader, eval_collate, worker_init
 from util.fileio import atomic_write_image, atomic_write_json
-from util.metrics import IoUAccumulator, IoUResult, score_episodes
+from dataset.metrics import IoUAccumulator, IoUResult, score_episodes
 
 log = logging.getLogger(__name__)
 

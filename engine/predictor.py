@@ -7,10 +7,10 @@
     pred.panel()       # supports, query, prediction, mined BG and DO as one RGB picture
 
 Images are paths or H×W×3 RGB uint8 arrays, of any size; masks are paths or H×W arrays.
-Each image goes through exactly the evaluation preprocessing (util.transform: longer side
+Each image goes through exactly the evaluation preprocessing (dataset.transform: longer side
 to ``val_size``, sides floored to multiples of 8, top-left on a ``val_size²`` canvas,
 ImageNet normalisation), and the outputs are mapped back to the query's original size as
-ori_resize scoring does (util.metrics.score_episodes): logits upsampled bilinearly
+ori_resize scoring does (dataset.metrics.score_episodes): logits upsampled bilinearly
 (align_corners=True) to the square of the longer side, then cropped.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ from PIL import Image
 
 from engine.checkpoint import build_model_from_checkpoint
 from util.amp import AMP_MODES, autocast, check_amp, to_device
-from util.dataset import binarize
+from dataset.image import binarize
 from util.distributed import pick_device
 from util.errors import PredictInputError
-from util.metrics import to_original_size
-from util.transform import eval_transform
+from dataset.metrics import to_original_size
+from dataset.transform import eval_transform
 from util.vis import panel_image
 
 

@@ -14,7 +14,7 @@ from engine.checkpoint import build_model_from_checkpoint, resolve_weight
 from engine.evaluate import evaluate, write_test_result
 from engine.video import is_video, run_video_test
 from util.amp import to_device
-from util.dataset import FewShotEvalDataset, load_split_rank0_first
+from dataset.image import FewShotEvalDataset, load_split_rank0_first
 from util.distributed import DistInfo
 from util.vis import save_panel
 

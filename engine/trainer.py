@@ -24,7 +24,7 @@ from engine.video import VIDEO_BATCH_KEYS, is_video, validate_video, video_datas
 from model import build_model
 from util.amp import TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize, to_device
 from util.config import dump_cfg
-from util.dataset import FewShotEvalDataset, FewShotTrainDataset, close_loader, load_split_rank0_first, worker_init
+from dataset.image import FewShotEvalDataset, FewShotTrainDataset, close_loader, load_split_rank0_first, worker_init
 from util.distributed import DistInfo
 from util.errors import CheckpointError, ConfigError, UserError
 from util.fileio import atomic_write_text

@@ -20,13 +20,13 @@ from engine.checkpoint import build_model_from_checkpoint, resolve_weight
 from engine.evaluate import write_test_result
 from model.modules import AgentAttention
 from util.amp import autocast, synchronize, to_device
-from util.classes import VIDEO_DATASETS, class_name
-from util.dataset import EpisodeSampler, shard, worker_init
+from dataset.classes import VIDEO_DATASETS, class_name
+from dataset.image import EpisodeSampler, shard, worker_init
 from util.distributed import DistInfo
 from util.errors import CheckpointError
 from util.fileio import atomic_write_image, atomic_write_json
-from util.video_dataset import VideoEvalDataset, VideoTrainDataset, video_eval_collate
-from util.video_metrics import VideoResult, VideoScoreAccumulator, score_frames
+from dataset.video import VideoEvalDataset, VideoTrainDataset, video_eval_collate
+from dataset.video_metrics import VideoResult, VideoScoreAccumulator, score_frames
 from util.vis import save_video_strip, video_strip_image
 
 log = logging.getLogger("ntrenetpp")
@@ -249,7 +249,7 @@ def _write_prediction_index(pred_dir: str, records: list[dict], cfg) -> None:
         "data_root": cfg.data_root, "canvas": [cfg.video_h, cfg.video_w],
         "letterbox_fields": ["top", "left", "new_h", "new_w", "height", "width"],
         "masks": "<video>/<class id>/<frame>.png, 0/1 on the canvas; targets: the prepared Masks/ "
-                 "letterboxed to the canvas (util/video_transform.py)",
+                 "letterboxed to the canvas (dataset/video_transform.py)",
         "episodes": list(by_episode.values())})
 
 

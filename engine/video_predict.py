@@ -8,7 +8,7 @@ video checkpoint (a config with ``dataset: ytvis`` or ``synthetic_video``).
 
 Frames and supports go through the evaluation preprocessing (letterbox onto the
 ``video_h × video_w`` canvas, ImageNet normalisation); the query passes in chunks of
-``clip_len`` frames exactly as evaluation does (util.video_dataset.chunk_spans: every frame
+``clip_len`` frames exactly as evaluation does (dataset.video.chunk_spans: every frame
 predicted once, the last chunk the video's last T frames, short videos padded); each
 prediction is cropped to the letterboxed frame and resized back to the frame's size.
 """
@@ -27,8 +27,8 @@ from engine.checkpoint import build_model_from_checkpoint
 from engine.predictor import read_supports, resolve_device
 from util.amp import autocast, to_device
 from util.errors import PredictInputError
-from util.video_dataset import chunk_spans
-from util.video_transform import frames_to_tensors, letterbox, letterbox_geometry
+from dataset.video import chunk_spans
+from dataset.video_transform import frames_to_tensors, letterbox, letterbox_geometry
 from util.vis import overlay, video_strip_image
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

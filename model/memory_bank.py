@@ -33,7 +33,7 @@ def _gather_episodes(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's episodes (dim 0), in global batch order; identity outside DDP.
 
     Training samplers shard a global batch by interleaving (rank r takes episodes r, r+W, ...;
-    torch's DistributedSampler and util.dataset's EpisodeSampler), so episode i of rank r is
+    torch's DistributedSampler and dataset.image's EpisodeSampler), so episode i of rank r is
     global episode i·W + r.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

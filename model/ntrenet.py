@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.classes import NUM_CLASSES, VIDEO_DATASETS
+from dataset.classes import NUM_CLASSES, VIDEO_DATASETS
 from util.errors import ConfigError
 
 from .backbone import build_backbone, load_backbone_weights

@@ -1,5 +1,5 @@
 """bf16 end to end on the CPU: training, validation, checkpoints and evaluation, and the tool
-that compares an evaluation in fp32 and in low precision (tools/amp_compare.py)."""
+that compares an evaluation in fp32 and in low precision (tools/measure/amp_compare.py)."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from engine.trainer import Trainer
 from tests.conftest import tiny_cfg
 from tests.test_trainer import LossRecorder
-from tools import amp_compare
+from tools.measure import amp_compare
 from util.distributed import DistInfo
 
 

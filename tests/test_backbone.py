@@ -260,7 +260,7 @@ def test_parameter_counts_match_the_published_architectures():
 
 
 def test_model_summary_tool(capsys):
-    from tools.model_summary import main
+    from tools.measure.model_summary import main
 
     main(["layers", "18", "reduce_dim", "16", "pretrained", "", "memory_size", "4"])
     out = capsys.readouterr().out

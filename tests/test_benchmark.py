@@ -1,10 +1,10 @@
-"""tools/benchmark.py at a tiny size: every field is there and sane (speed is never asserted)."""
+"""tools/measure/benchmark.py at a tiny size: every field is there and sane (speed is never asserted)."""
 import json
 
 import pytest
 import torch
 
-from tools import benchmark
+from tools.measure import benchmark
 from util.config import defaults
 from util.distributed import DistInfo
 
@@ -137,7 +137,7 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
     for extra, expected in ((["channels_last", "yes"], "expected True, False or 'auto'"),
                             (["--reps", "0"], "--reps must be at least 1"),
                             (["amp", "fp16"], "amp fp16 needs a CUDA device")):
-        done = subprocess.run([sys.executable, "tools/benchmark.py", "--config", config, "--device", "cpu", *extra],
+        done = subprocess.run([sys.executable, "tools/measure/benchmark.py", "--config", config, "--device", "cpu", *extra],
                               capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert expected in done.stderr and "Traceback" not in done.stderr

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from tests.conftest import label_with, write_tree
-from util.class_index import build_class_index, cache_path_for, load_area_table, scan_areas
+from dataset.class_index import build_class_index, cache_path_for, load_area_table, scan_areas
 from util.fileio import read_list
 
 

@@ -1,4 +1,4 @@
-"""CUDA-only paths (skipped without a GPU; tools/gpu_check.sh runs them with ``-m cuda``):
+"""CUDA-only paths (skipped without a GPU; tools/measure/gpu_check.sh runs them with ``-m cuda``):
 training through the real trainer in each precision and memory format, a GPU checkpoint
 resumed on the CPU, and evaluation on the GPU against the CPU on the same episodes."""
 import math
@@ -10,7 +10,7 @@ from engine.evaluate import evaluate
 from engine.trainer import Trainer
 from tests.conftest import tiny_cfg
 from tests.test_trainer import LossRecorder
-from util.dataset import FewShotEvalDataset, load_split
+from dataset.image import FewShotEvalDataset, load_split
 from util.distributed import DistInfo
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.conftest import label_with, write_tree
-from util.dataset import (EpisodeSampler, FewShotEvalDataset, FewShotTrainDataset, draw_episodes,
+from dataset.image import (EpisodeSampler, FewShotEvalDataset, FewShotTrainDataset, draw_episodes,
                           eval_collate, load_split, shard)
 from util.fileio import read_list
 

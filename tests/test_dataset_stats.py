@@ -4,9 +4,9 @@ import pytest
 
 from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
 from tools.dataset_stats import main
-from util.dataset import draw_episodes, load_split
-from util.video_dataset import build_chunks, draw_video_episodes
-from util.video_index import load_video_index
+from dataset.image import draw_episodes, load_split
+from dataset.video import build_chunks, draw_video_episodes
+from dataset.video_index import load_video_index
 
 
 def test_stats_json_counts_and_episodes_as_evaluation_draws_them(tiny_pascal, tmp_path):

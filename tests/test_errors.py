@@ -13,7 +13,7 @@ from PIL import Image
 from tests.conftest import label_with
 from tools import dataset_stats
 from util.cli import run
-from util.dataset import load_split
+from dataset.image import load_split
 from util.errors import (BackboneWeightsError, CheckpointError, ConfigError, DataError, DeviceError,
                          PredictInputError, UserError)
 

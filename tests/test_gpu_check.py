@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from tools import benchmark, gpu_check
+from tools.measure import benchmark, gpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_without_cuda_one_line_and_exit_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA device" in err
     assert not os.path.exists(tmp_path / "a" / "summary.json")
-    proc = subprocess.run(["sh", "tools/gpu_check.sh", str(tmp_path / "b")], cwd=ROOT, capture_output=True,
+    proc = subprocess.run(["sh", "tools/measure/gpu_check.sh", str(tmp_path / "b")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "no CUDA device" in proc.stderr

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from util.config import defaults
-from util.metrics import IoUAccumulator, intersection_union, score_episodes, to_original_size
+from dataset.metrics import IoUAccumulator, intersection_union, score_episodes, to_original_size
 
 
 def test_intersection_union_ignores_255():

@@ -407,7 +407,7 @@ def test_fix_bn_false_trains_with_the_authors_separate_backbone_passes():
     (50, False, 23_631_808, 30_681_628), (0, True, 14_723_136, 30_288_412),
 ])
 def test_parameter_counts_of_the_published_configurations(layers, vgg, frozen, trainable):
-    """README's table (tools/model_summary.py): reduce_dim 256, 4 levels, frozen backbone. The head
+    """README's table (tools/measure/model_summary.py): reduce_dim 256, 4 levels, frozen backbone. The head
     is the authors' less their unused parameters (docs/method.md §9) and plus a 2-logit final conv."""
     from model import parameter_counts
 

@@ -7,16 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
+from commands import predict
 from engine.checkpoint import save_checkpoint
 from engine.predictor import Prediction, Predictor, binary_mask, read_mask_values
 from model import build_model
 from util.cli import run
 from util.config import defaults
-from util.dataset import read_image
+from dataset.image import read_image
 from util.errors import CheckpointError, PredictInputError
-from util.metrics import score_episodes, to_original_size
-from util.transform import eval_transform
+from dataset.metrics import score_episodes, to_original_size
+from dataset.transform import eval_transform
 from util.vis import TILE, TITLE_H
 
 TINY = dict(layers=18, pretrained="", reduce_dim=8, ppm_scales=[1.0, 0.5], val_size=41, dataset="synthetic",

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from tests.video_fixtures import box, synthetic_video_tree, write_ytvis  # noqa: F401 (fixture)
 from tools.prepare_ytvis import main, prepare_ytvis
 from util.cli import run
-from util.video_index import load_video_index
+from dataset.video_index import load_video_index
 
 # pycocotools' decode trips numpy 2's __array__ copy deprecation; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

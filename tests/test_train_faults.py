@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train
+from commands import train
 from engine.checkpoint import pick_resume, read_checkpoint, save_checkpoint
 from engine.trainer import Trainer
 from util.interrupt import TrainingInterrupted
@@ -59,10 +59,9 @@ def child(tmp_path, script, *args, timeout=120):
     """Run ``script`` (Python, with train.main available) in a fresh process; return it."""
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        sys.path.insert(0, {ROOT!r})
         import torch
         torch.set_num_threads(1)
-        import train
+        from commands import train
         from engine.trainer import Trainer
         from util.cli import run
     """) + textwrap.dedent(script)
@@ -242,7 +241,7 @@ def test_rerun_into_a_folder_with_checkpoints_or_a_live_lock_is_refused(synth_ro
 
 
 def test_a_checkpoint_carrying_a_payload_is_refused_and_nothing_runs(synth_root, tmp_path, capsys):
-    import test as test_entry
+    from commands import test as test_entry
     marker = tmp_path / "payload_ran"
 
     class Payload:
@@ -275,7 +274,7 @@ def _failing_rank_worker(rank, world, port, root, save_path, out_dir):
     outcome = "finished"
     try:
         if rank == 1:                    # this process only (forked): its third batch holds a bad file
-            from util.dataset import FewShotTrainDataset
+            from dataset.image import FewShotTrainDataset
             read, calls = FewShotTrainDataset.__getitem__, []
 
             def bad_file_on_rank_1(self, item):
@@ -372,7 +371,7 @@ def _emptied_copy(synth_root, tmp_path):
 def test_evaluation_shuts_its_loader_workers_down_when_a_worker_fails(synth_root, tmp_path):
     from engine.evaluate import evaluate
     from model import build_model
-    from util.dataset import FewShotEvalDataset
+    from dataset.image import FewShotEvalDataset
     from util.errors import DataError
     cfg = tiny_cfg(str(_emptied_copy(synth_root, tmp_path)), tmp_path / "exp", workers=2)
     dataset = FewShotEvalDataset(cfg, seed=0, num_episodes=4)

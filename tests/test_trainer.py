@@ -210,8 +210,8 @@ def test_sharded_evaluation_equals_single_process(synth_root, tmp_path):
 
 def test_end_to_end_through_the_entry_points(synth_root, tmp_path):
     """train.py then test.py as a user runs them (config file + KEY VALUE overrides)."""
-    import train
-    import test as test_entry
+    from commands import train
+    from commands import test as test_entry
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(
         "DATA:\n  dataset: synthetic\n"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from util.config import defaults
-from util.transform import (IMAGENET_MEAN, IMAGENET_STD, EvalResize, RandomCrop, RandomHorizontalFlip,
+from dataset.transform import (IMAGENET_MEAN, IMAGENET_STD, EvalResize, RandomCrop, RandomHorizontalFlip,
                             RandRotate, ToTensorNormalize, eval_resized_hw, train_transform)
 
 
@@ -85,7 +85,7 @@ def test_normalisation_uses_imagenet_statistics():
 
 
 def test_hue_rotation_turns_primaries_and_keeps_greys():
-    from util.transform import hue_rotate
+    from dataset.transform import hue_rotate
     image = np.array([[[255, 0, 0], [0, 255, 0], [90, 90, 90]]], np.float32)
     turned = hue_rotate(image, 120)
     assert np.allclose(turned, [[[0, 255, 0], [0, 0, 255], [90, 90, 90]]], atol=1e-3)
@@ -101,7 +101,7 @@ def episode_before_and_after(cfg, key, **keys):
     """Training episode ``key`` (position, seed) of a 2-shot set without geometric augmentation,
     drawn before and after ``cfg.update(keys)``: ``(before, after, dataset after)``. A colour
     augmentation must leave the episode drawn and its labels as they were."""
-    from util.dataset import FewShotTrainDataset
+    from dataset.image import FewShotTrainDataset
     cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64)
     before = FewShotTrainDataset(cfg, shot=2)[key]
     cfg.update(keys)
@@ -121,7 +121,7 @@ def test_hue_jitter_turns_query_and_supports_by_one_angle(tiny_pascal):
     rng = np.random.default_rng(77)
     ds.draw(3, rng)
     angle = rng.uniform(-180.0, 180.0)                                   # drawn right after the episode
-    from util.transform import hue_rotation_matrix
+    from dataset.transform import hue_rotation_matrix
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     matrix = torch.from_numpy(hue_rotation_matrix(angle))
@@ -137,7 +137,7 @@ def test_tint_jitter_scales_each_channel_of_the_whole_episode_alike(tiny_pascal)
     black, a product with zero, stays black)."""
     from util.config import validate
     from util.errors import ConfigError
-    from util.transform import hue_rotate
+    from dataset.transform import hue_rotate
     cfg, _ = tiny_pascal
     cfg.update(hue_jitter=90.0)
     plain, tinted, ds = episode_before_and_after(cfg, (5, 31), tint_jitter=0.6)

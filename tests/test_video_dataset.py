@@ -1,4 +1,4 @@
-"""Video episodes (util/video_dataset.py): clips, class balance, the exactly-once evaluation
+"""Video episodes (dataset/video.py): clips, class balance, the exactly-once evaluation
 list, shards, worker independence, errors."""
 import collections
 
@@ -9,13 +9,13 @@ from torch.utils.data import DataLoader
 
 from tests.video_fixtures import box, synthetic_video_tree, video_cfg, write_ytvis  # noqa: F401 (fixture)
 from tools.prepare_ytvis import prepare_ytvis
-from util.classes import fold_classes
-from util.dataset import worker_init
+from dataset.classes import fold_classes
+from dataset.image import worker_init
 from util.errors import DataError
-from util.video_dataset import (VideoEvalDataset, VideoTrainDataset, build_chunks, chunk_spans, draw_video_episodes,
+from dataset.video import (VideoEvalDataset, VideoTrainDataset, build_chunks, chunk_spans, draw_video_episodes,
                                 query_clip, video_eval_collate)
-from util.video_index import load_video_index
-from util.video_transform import letterbox
+from dataset.video_index import load_video_index
+from dataset.video_transform import letterbox
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

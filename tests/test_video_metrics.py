@@ -1,10 +1,10 @@
-"""J, F and their pooling (util/video_metrics.py) on hand-made masks with values worked out by hand."""
+"""J, F and their pooling (dataset/video_metrics.py) on hand-made masks with values worked out by hand."""
 import math
 
 import pytest
 import torch
 
-from util.video_metrics import (FrameScores, VideoScoreAccumulator, boundary_f, boundary_radius, disk,
+from dataset.video_metrics import (FrameScores, VideoScoreAccumulator, boundary_f, boundary_radius, disk,
                                 region_similarity, score_frames, seg2bmap)
 
 

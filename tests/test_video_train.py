@@ -9,9 +9,9 @@ import cv2
 import pytest
 import torch
 
-from util.classes import class_name, fold_classes
+from dataset.classes import class_name, fold_classes
 from util.errors import PredictInputError
-from util.video_index import load_video_index
+from dataset.video_index import load_video_index
 
 from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
 
@@ -117,7 +117,7 @@ def test_train_and_test_through_the_launchers(tiny_repo):
 
 
 def test_resumed_video_run_equals_the_uninterrupted_one(tiny_repo, tmp_path):
-    import train
+    from commands import train
     repo, _ = tiny_repo
     config = str(repo / "config" / "synthetic_video" / "synthetic_video_tiny.yaml")
     common = ["--config", config, "evaluate", "False", "epochs", "2", "epoch_size", "2"]
@@ -135,7 +135,7 @@ def test_resumed_video_run_equals_the_uninterrupted_one(tiny_repo, tmp_path):
 
 
 def test_predict_on_a_folder_of_frames_and_a_video_file(tiny_repo, tmp_path):
-    import predict
+    from commands import predict
     from engine.checkpoint import save_checkpoint
     from model import build_model
     from util.config import load_cfg

@@ -1,8 +1,8 @@
-"""Letterbox and clip augmentation (util/video_transform.py)."""
+"""Letterbox and clip augmentation (dataset/video_transform.py)."""
 import numpy as np
 import pytest
 
-from util.video_transform import ClipAugment, ClipParams, letterbox, letterbox_geometry
+from dataset.video_transform import ClipAugment, ClipParams, letterbox, letterbox_geometry
 
 IDENTITY = ClipParams(flip=False, crop=(0.0, 0.0, 0.0, 0.0), scale=1.0, shear_deg=0.0, rotate_deg=0.0,
                       contrast=1.0, brightness=0.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.transform import ToTensorNormalize
+from dataset.transform import ToTensorNormalize
 from util.vis import (DO_COLOUR, FG_COLOUR, OUTLINE_COLOUR, TILE, TILE_GAP, TITLE_H, canvas_extent, denormalize,
                       heatmap, outline, overlay, panel_image, save_panel, tint, to_rgb)
 
@@ -74,9 +74,9 @@ def test_panel_of_original_size_arrays_of_different_sizes():
 
 
 def test_evaluation_canvas_is_cropped_to_the_image_on_it():
-    """A 70x50 image on a 41² canvas is 40x24 (util.transform.eval_resized_hw) with ignore
+    """A 70x50 image on a 41² canvas is 40x24 (dataset.transform.eval_resized_hw) with ignore
     below; the panel shows those 40x24 pixels, not the black padding."""
-    from util.transform import EvalResize, eval_resized_hw
+    from dataset.transform import EvalResize, eval_resized_hw
     rng = np.random.default_rng(3)
     image = rng.integers(30, 226, (50, 70, 3), dtype=np.uint8)
     label = np.zeros((50, 70), np.uint8)

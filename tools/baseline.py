@@ -24,25 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.checkpoint import build_model_from_checkpoint  # noqa: E402
-from engine.tester import run_test  # noqa: E402
-from model.backbone import build_backbone, load_backbone_weights  # noqa: E402
-from model.modules import masked_average_pooling  # noqa: E402
-from model.ops import memory_format_of, resize  # noqa: E402
-from util.amp import to_device  # noqa: E402
-from engine.video import is_video  # noqa: E402
-from util.cli import run  # noqa: E402
-from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
-from util.distributed import DistInfo  # noqa: E402
-from util.errors import ConfigError, DataFileMissing, UserError  # noqa: E402
-from util.logger import setup_logger  # noqa: E402
+from engine.checkpoint import build_model_from_checkpoint
+from engine.tester import run_test
+from model.backbone import build_backbone, load_backbone_weights
+from model.modules import masked_average_pooling
+from model.ops import memory_format_of, resize
+from util.amp import to_device
+from engine.video import is_video
+from util.cli import run
+from util.config import load_cfg, parse_args_with_overrides
+from util.distributed import DistInfo
+from util.errors import ConfigError, DataFileMissing, UserError
+from util.logger import setup_logger
 
 
 class AllForeground(torch.nn.Module):

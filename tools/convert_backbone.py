@@ -21,17 +21,14 @@ import json
 import os
 import re
 import struct
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from model.backbone import (RESNET_SPECS, Bottleneck, build_backbone, load_backbone_weights,  # noqa: E402
+from model.backbone import (RESNET_SPECS, Bottleneck, build_backbone, load_backbone_weights,
                             read_state_dict)
-from util.errors import BackboneWeightsError  # noqa: E402
-from util.fileio import atomic_torch_save  # noqa: E402
+from util.errors import BackboneWeightsError
+from util.fileio import atomic_torch_save
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "pre_logits.", "fc_norm.")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

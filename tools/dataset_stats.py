@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.classes import VIDEO_DATASETS, class_names, fold_classes  # noqa: E402
-from util.cli import run  # noqa: E402
-from util.config import defaults, load_cfg, merge_cfg_from_list, parse_args_with_overrides, validate  # noqa: E402
-from util.dataset import _check_enough_images, draw_episodes, load_split  # noqa: E402
-from util.fileio import atomic_write_json  # noqa: E402
-from util.video_dataset import build_chunks, draw_video_episodes  # noqa: E402
-from util.video_index import load_video_index  # noqa: E402
+from dataset.classes import VIDEO_DATASETS, class_names, fold_classes
+from util.cli import run
+from util.config import defaults, load_cfg, merge_cfg_from_list, parse_args_with_overrides, validate
+from dataset.image import _check_enough_images, draw_episodes, load_split
+from util.fileio import atomic_write_json
+from dataset.video import build_chunks, draw_video_episodes
+from dataset.video_index import load_video_index
 
 
 def relative(path: str, root: str) -> str:

@@ -2,7 +2,7 @@
 
     python tools/make_synthetic.py --out data/synthetic [--train 2000 --val 500 --size 80]
 
-20 classes (util.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with
+20 classes (dataset.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with
 a colour or texture, 2-4 objects of distinct classes per image on a textured background,
 and a 255 band around every outline as in VOC. Every image comes from its own generator
 seeded by (--seed, split, index), so the bytes do not depend on --workers.
@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.classes import SYNTHETIC_CLASSES  # noqa: E402
-from util.cli import run  # noqa: E402
-from util.fileio import atomic_write_image, atomic_write_text  # noqa: E402
+from dataset.classes import SYNTHETIC_CLASSES
+from util.cli import run
+from util.fileio import atomic_write_image, atomic_write_text
 
 SPLIT_IDS = {"train": 0, "val": 1}
 
@@ -60,7 +57,7 @@ CLASS_SPECS: tuple[ClassSpec, ...] = (
     ClassSpec("gold hexagon", "hexagon", "solid", (205, 165, 45)),
     ClassSpec("dotted square", "square", "dots", (25, 25, 30), (245, 245, 245)),
 )
-assert tuple(s.name for s in CLASS_SPECS) == tuple(SYNTHETIC_CLASSES), "class order must match util/classes.py"
+assert tuple(s.name for s in CLASS_SPECS) == tuple(SYNTHETIC_CLASSES), "class order must match dataset/classes.py"
 NUM_CLASSES = len(CLASS_SPECS)
 
 

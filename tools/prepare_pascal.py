@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import NamedTuple, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import scipy.io

@@ -5,7 +5,7 @@
 
 The annotation file is looked for as ``train/instances.json``, ``train.json`` or
 ``train/train.json`` under --ytvis (or given with --json). Writes under --out
-(util/video_index.py defines the layout, docs/video.md describes it):
+(dataset/video_index.py defines the layout, docs/video.md describes it):
 
 * ``JPEGImages/<video>/<frame>.jpg`` — every annotated frame (symlinks, or copies with --copy);
 * ``Masks/<video>/<class id>/<frame>.png`` — for each class of a video and each frame that
@@ -29,18 +29,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
 from tools._prep_common import (MAX_SHOWN, ItemResult, PrepError, image_hw, link_or_copy, require_dir,
                                 run_tasks, write_label)
 from tools.prepare_coco import instance_mask
-from util.classes import VIDEO_DATASETS, class_names
+from dataset.classes import VIDEO_DATASETS, class_names
 from util.fileio import atomic_write_json
 from util.cli import run
-from util.video_index import IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, image_relpath, index_document, mask_relpath
+from dataset.video_index import IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, image_relpath, index_document, mask_relpath
 
 JSON_CANDIDATES = ("train/instances.json", "train.json", "train/train.json")
 YTVIS_HINT = ("--ytvis must point at the extracted YouTube-VIS 2019 training data: the folder holding "

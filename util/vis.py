@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from util.fileio import atomic_write_image
-from util.transform import IMAGENET_MEAN, IMAGENET_STD
+from util.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = 160                    # side of one square tile, in pixels
 TITLE_H = 22                  # height of the title band above the tiles

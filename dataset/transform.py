@@ -12,8 +12,9 @@ import cv2
 import torch
 
 # ImageNet statistics on the 0–255 scale (RGB).
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from util.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD"]
 
 
 class Compose:

@@ -1,7 +1,7 @@
 """Print the trainable and frozen parameter counts of the network a config builds.
 
-    python tools/model_summary.py --config config/pascal/pascal_split0_resnet50.yaml pretrained ''
-    python tools/model_summary.py layers 101 pretrained ''        # no --config: the defaults
+    python tools/measure/model_summary.py --config config/pascal/pascal_split0_resnet50.yaml pretrained ''
+    python tools/measure/model_summary.py layers 101 pretrained ''        # no --config: the defaults
 
 Trailing ``KEY VALUE`` pairs override the config as in train.py. ``pretrained ''`` builds
 the backbone without a weight file (the counts do not depend on the weights).
@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import build_model, parameter_counts  # noqa: E402
-from util.cli import run  # noqa: E402
-from util.config import defaults, load_cfg, merge_cfg_from_list, validate  # noqa: E402
+from model import build_model, parameter_counts
+from util.cli import run
+from util.config import defaults, load_cfg, merge_cfg_from_list, validate
 
 
 def backbone_name(cfg) -> str:

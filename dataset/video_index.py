@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from util.classes import class_names
-from util.dataset import read_image, read_label
+from dataset.classes import class_names
+from dataset.image import read_image, read_label
 from util.errors import DataError
 
 INDEX_NAME = "index.json"

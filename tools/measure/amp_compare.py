@@ -1,6 +1,6 @@
 """Evaluate one model in fp32 and in low precision on the same episodes: time and agreement.
 
-    python tools/amp_compare.py --config CFG [--device cpu|cuda] [--weight CKPT | (random init)]
+    python tools/measure/amp_compare.py --config CFG [--device cpu|cuda] [--weight CKPT | (random init)]
         [--generate N] [--episodes 100] [--amps none,bf16] [--json OUT] [KEY VALUE ...]
 
 Runs the evaluation of test.py (``engine.evaluate``: same episodes, same scoring, predictions
@@ -24,25 +24,23 @@ import contextlib
 import io
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.checkpoint import build_model_from_checkpoint  # noqa: E402
-from engine.evaluate import evaluate  # noqa: E402
-from model import build_model  # noqa: E402
-from tools.make_synthetic import main as make_synthetic  # noqa: E402
-from util.amp import to_device  # noqa: E402
-from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
-from util.dataset import FewShotEvalDataset, load_split, read_label  # noqa: E402
-from util.distributed import pick_device  # noqa: E402
-from util.errors import ConfigError  # noqa: E402
-from util.fileio import atomic_write_json  # noqa: E402
-from util.host_memory import tune_cpu_process  # noqa: E402
+from engine.checkpoint import build_model_from_checkpoint
+from engine.evaluate import evaluate
+from model import build_model
+from tools.make_synthetic import main as make_synthetic
+from util.amp import to_device
+from util.config import load_cfg, parse_args_with_overrides
+from dataset.image import FewShotEvalDataset, load_split, read_label
+from util.distributed import pick_device
+from util.errors import ConfigError
+from util.fileio import atomic_write_json
+from util.host_memory import tune_cpu_process
 
 AMPS = ("none", "bf16", "fp16")
 
@@ -197,5 +195,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from util.cli import run  # noqa: E402
+    from util.cli import run
     run(main)

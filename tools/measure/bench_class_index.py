@@ -1,7 +1,7 @@
 """Time the class-index build for a list: first (scan) and cached.
 
     python tools/make_synthetic.py --out data/synth10k --train 10000 --val 0
-    python tools/bench_class_index.py --data-root data/synth10k --list data/synth10k/train.txt
+    python tools/measure/bench_class_index.py --data-root data/synth10k --list data/synth10k/train.txt
 
 Removes the list's cache first, then loads the index twice, as training start-up would.
 """
@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.class_index import build_class_index, cache_path_for, load_area_table  # noqa: E402
-from util.cli import run  # noqa: E402
-from util.classes import fold_classes  # noqa: E402
-from util.fileio import read_list  # noqa: E402
+from dataset.class_index import build_class_index, cache_path_for, load_area_table
+from util.cli import run
+from dataset.classes import fold_classes
+from util.fileio import read_list
 
 
 def time_index(list_path: str, data_root: str, workers: int, dataset: str = "synthetic") -> dict:

@@ -1,7 +1,7 @@
 """Few-shot video episodes (docs/video.md, "Episodes").
 
 * :class:`VideoTrainDataset` — class-balanced training clips. Items are addressed by
-  ``(position, episode_seed)`` pairs from util.dataset's :class:`EpisodeSampler` (the
+  ``(position, episode_seed)`` pairs from dataset.image's :class:`EpisodeSampler` (the
   image task's keying), so an episode depends only on (seed, epoch, position): not on
   the number of loader workers or processes. Position ``p`` serves class
   ``classes[p // samples_per_class]``. With ``train=False`` the same rule over the
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from util.classes import class_name, fold_classes
-from util.dataset import EpisodeSampler, collate_keeping_lists, shard
+from dataset.classes import class_name, fold_classes
+from dataset.image import EpisodeSampler, collate_keeping_lists, shard
 from util.errors import DataError
-from util.video_index import VideoIndex, load_video_index
-from util.video_transform import ClipAugment, frames_to_tensors, letterbox, letterbox_geometry
+from dataset.video_index import VideoIndex, load_video_index
+from dataset.video_transform import ClipAugment, frames_to_tensors, letterbox, letterbox_geometry
 
 SUPPORT_MODES = ("video", "class")
 

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from util.class_index import ClassIndex, build_class_index, load_area_table
-from util.classes import NUM_CLASSES, fold_classes
+from dataset.class_index import ClassIndex, build_class_index, load_area_table
+from dataset.classes import NUM_CLASSES, fold_classes
 from util.distributed import barrier, is_main_process
 from util.errors import DataError, DataFileMissing
 from util.fileio import read_list
-from util.transform import eval_transform, hue_rotate, train_transform
+from dataset.transform import eval_transform, hue_rotate, train_transform
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ an aspect-preserving resize by ``min(H/h, W/w)`` (sides truncated to integers), 
 the rest zero — black image (before normalisation), background mask. Training clips get
 one augmentation drawn per clip and applied identically to each of its frames
 (:class:`ClipAugment`); the geometric part and the letterbox are one affine map, so each
-frame is warped once. Evaluation frames are letterboxed only. Like util/transform.py,
+frame is warped once. Evaluation frames are letterboxed only. Like dataset/transform.py,
 randomness comes only from the generator passed in.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from util.transform import ToTensorNormalize
+from dataset.transform import ToTensorNormalize
 
 # The reference's clip augmentation (clip-NTRENet++ / DANet transform.py): imgaug Crop of
 # 0-10% per side (size kept), Affine scale 0.95-1.05, shear +-10 deg, rotate +-15 deg;

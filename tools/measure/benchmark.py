@@ -1,7 +1,7 @@
 """How fast does a training step, an evaluation episode and the data loader run, and how close
 is the step to what the device can do?
 
-    python tools/benchmark.py --config config/pascal/pascal_split0_resnet50.yaml --device cpu \
+    python tools/measure/benchmark.py --config config/pascal/pascal_split0_resnet50.yaml --device cpu \
         [--json OUT] [--reps 5] [--warmup 2] [--skip eval,loader] [KEY VALUE ...]
 
 ``KEY VALUE`` overrides any config key, e.g. ``amp bf16 channels_last True compile True shot 5
@@ -62,24 +62,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.trainer import Trainer, build_training, train_loader  # noqa: E402
-from tools.make_synthetic import main as make_synthetic  # noqa: E402
-from tools.make_synthetic_video import main as make_synthetic_video  # noqa: E402
-from tools.prepare_ytvis import prepare_ytvis  # noqa: E402
-from engine.video import VIDEO_BATCH_KEYS, is_video  # noqa: E402
-from util.amp import (TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,  # noqa: E402
+from engine.trainer import Trainer, build_training, train_loader
+from tools.make_synthetic import main as make_synthetic
+from tools.make_synthetic_video import main as make_synthetic_video
+from tools.prepare_ytvis import prepare_ytvis
+from engine.video import VIDEO_BATCH_KEYS, is_video
+from util.amp import (TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,
                       use_channels_last)
-from util.classes import NUM_CLASSES, VIDEO_DATASETS  # noqa: E402
-from util.cli import run as run_cli  # noqa: E402
-from util.config import load_cfg, parse_args_with_overrides  # noqa: E402
-from util.dataset import FewShotTrainDataset, load_split  # noqa: E402
-from util.distributed import DistInfo  # noqa: E402
-from util.fileio import atomic_write_json  # noqa: E402
-from util.host_memory import tune_cpu_process  # noqa: E402
-from util.video_dataset import VideoTrainDataset  # noqa: E402
+from dataset.classes import NUM_CLASSES, VIDEO_DATASETS
+from util.cli import run as run_cli
+from util.config import load_cfg, parse_args_with_overrides
+from dataset.image import FewShotTrainDataset, load_split
+from util.distributed import DistInfo
+from util.fileio import atomic_write_json
+from util.host_memory import tune_cpu_process
+from dataset.video import VideoTrainDataset
 
 FIELDS = ("backbone_ms", "train_step_ms", "eval_episode_ms", "eval_batched_episode_ms",
           "loader_episodes_per_s", "loader_vs_step", "step_gflop", "backbone_gflop", "peak_gflops",
@@ -595,7 +593,7 @@ def main(argv=None) -> dict:
         usage="%(prog)s --config CFG [--device cpu|cuda] [options] [KEY VALUE ...]",
         epilog="Trailing KEY VALUE pairs override any config key (no dashes), e.g.\n"
                "  amp bf16 channels_last True shot 5 batch_size 8 train_h 641 layers 101\n"
-               "The module docstring (tools/benchmark.py) says what each measurement is.")
+               "The module docstring (tools/measure/benchmark.py) says what each measurement is.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="", help="also write the results here")

@@ -1,7 +1,7 @@
 """Everything this code does on a GPU, checked in one call (about 5 minutes on one GPU).
 
-    sh tools/gpu_check.sh OUT_DIR            # or: make gpu-check OUT=OUT_DIR
-    python tools/gpu_check.py --out OUT_DIR [--device cuda|cpu] [--budget 420]
+    sh tools/measure/gpu_check.sh OUT_DIR            # or: make gpu-check OUT=OUT_DIR
+    python tools/measure/gpu_check.py --out OUT_DIR [--device cuda|cpu] [--budget 420]
 
 Sections, each timed and recorded whatever the others do:
 
@@ -9,11 +9,11 @@ Sections, each timed and recorded whatever the others do:
 2. ``train_steps`` — a few real training steps (PASCAL settings: ResNet-50, 1-shot, batch 4,
    473²) in fp32, bf16 and fp16 with its GradScaler, each with and without channels_last:
    finite losses, weights still finite, step time, the GradScaler's scale;
-3. ``benchmark`` — ``tools/benchmark.py`` rows: PASCAL R50 1-shot 473, 5-shot, COCO R50 641,
+3. ``benchmark`` — ``tools/measure/benchmark.py`` rows: PASCAL R50 1-shot 473, 5-shot, COCO R50 641,
    each fp32 and bf16 (the loader is measured on the first row only);
 4. ``eval_1000`` — a timed 1000-episode evaluation at PASCAL size (val_size 473, R50 random
    init) on generated images, fp32 then bf16 on the same episodes, with their agreement
-   (``tools/amp_compare.py``);
+   (``tools/measure/amp_compare.py``);
 5. ``torchrun_nccl`` — ``train.py`` under a one-process ``torchrun``: process group (NCCL on
    CUDA), DDP, a few iterations, a checkpoint.
 
@@ -40,17 +40,16 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools import benchmark  # noqa: E402
-from tools.amp_compare import compare, format_table, generate_eval_data  # noqa: E402
-from tools.benchmark import machine_name, make_batch, make_trainer  # noqa: E402
-from tools.make_synthetic import main as make_synthetic  # noqa: E402
-from util.config import load_cfg  # noqa: E402
-from util.distributed import DistInfo  # noqa: E402
-from util.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from util.host_memory import tune_cpu_process  # noqa: E402
+from tools.measure import benchmark
+from tools.measure.amp_compare import compare, format_table, generate_eval_data
+from tools.measure.benchmark import machine_name, make_batch, make_trainer
+from tools.make_synthetic import main as make_synthetic
+from util.config import load_cfg
+from util.distributed import DistInfo
+from util.fileio import atomic_write_json, atomic_write_text
+from util.host_memory import tune_cpu_process
 
 SECTIONS = ("cuda_tests", "train_steps", "benchmark", "eval_1000", "torchrun_nccl")
 PASCAL = "config/pascal/pascal_split0_resnet50.yaml"
@@ -258,7 +257,7 @@ def format_markdown(summary: dict) -> str:
                              f"| {', '.join(f'{v:.4f}' for v in r['total_loss'])} | "
                              f"{_fmt(r['losses_finite'] and r['weights_finite'])} | {_fmt(r['grad_scale'], '{:.0f}')} |")
     if sec["benchmark"].get("rows"):
-        lines += ["", "## Benchmark rows (`tools/benchmark.py`)", "",
+        lines += ["", "## Benchmark rows (`tools/measure/benchmark.py`)", "",
                   "| row | amp | step ms | backbone ms | eval episode ms (1 / batched) | efficiency | peak memory MiB "
                   "| no host sync | loader episodes/s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sec["benchmark"]["rows"]:
