@@ -62,6 +62,8 @@ SCHEMA: tuple[Key, ...] = (
     _k("video_augment", "bool", True,
        "training clip augmentation (flip, small affine, contrast, brightness; portrait frames transposed)"),
     # ---- TRAIN: model -----------------------------------------------------------------
+    _k("arch", "str", "ntrenetpp",
+       "network: a registered name ('ntrenetpp', 'pfenet') or 'package.module:callable' (docs/extending.md)"),
     _k("layers", "int", 50, "ResNet depth: 18, 34, 50 or 101 (ignored when vgg is True)", (18, 34, 50, 101)),
     _k("vgg", "bool", False, "use VGG-16-bn instead of ResNet"),
     _k("deep_stem", "bool", True, "ResNet stem: three 3x3 convs (semseg 'v2' weights) or one 7x7 (torchvision)"),
