@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset.class_index import ClassIndex, build_class_index, load_area_table
-from dataset.classes import NUM_CLASSES, fold_classes
+from util.classes import NUM_CLASSES, fold_classes
 from util.distributed import barrier, is_main_process
 from util.errors import DataError, DataFileMissing
 from util.fileio import read_list

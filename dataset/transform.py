@@ -169,10 +169,10 @@ def train_transform(cfg) -> Compose:
     """The training augmentation of docs/method.md §8, from config keys."""
     return Compose([
         RandScale(cfg.scale_min, cfg.scale_max),
-        RandRotate(cfg.rotate_min, cfg.rotate_max, IMAGENET_MEAN, cfg.padding_label, p=cfg.rotate_p),
+        RandRotate(cfg.rotate_min, cfg.rotate_max, IMAGENET_MEAN, cfg.ignore_label, p=cfg.rotate_p),
         RandomGaussianBlur(5, p=cfg.blur_p),
         RandomHorizontalFlip(p=cfg.flip_p),
-        RandomCrop(cfg.train_h, cfg.train_w, IMAGENET_MEAN, cfg.padding_label),
+        RandomCrop(cfg.train_h, cfg.train_w, IMAGENET_MEAN, cfg.ignore_label),
         ToTensorNormalize(),
     ])
 

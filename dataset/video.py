@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.classes import class_name, fold_classes
+from util.classes import class_name, fold_classes
 from dataset.image import EpisodeSampler, collate_keeping_lists, shard
 from util.errors import DataError
 from dataset.video_index import VideoIndex, load_video_index
@@ -235,6 +235,11 @@ class VideoEvalDataset(Dataset):
         return len(self.chunks)
 
     @property
+    def num_episodes(self) -> int:
+        """Query (video, class) episodes of the whole list (all shards)."""
+        return len(self.episodes)
+
+    @property
     def num_frames(self) -> int:
         """Frames scored over the whole list (all shards)."""
         return sum(len(ep.frames) for ep in self.episodes)
@@ -262,6 +267,30 @@ class VideoEvalDataset(Dataset):
             "video_id": ep.video, "letterbox": torch.tensor([g.top, g.left, g.new_h, g.new_w, g.height, g.width]),
             "video": video.name, "frame_names": [video.frames[f] for f in chunk.frames],
         }
+
+
+class ValidationClips(Dataset):
+    """The reference's validation during training: ``val_samples_per_class`` clips per
+    held-out class (no augmentation), a fixed list keyed by ``seed`` — identical whatever
+    the number of workers or processes — and one disjoint shard of it per process. Every
+    frame of a clip is scored."""
+
+    def __init__(self, cfg, seed: int, rank: int = 0, world_size: int = 1):
+        self.clips = VideoTrainDataset(cfg, train=False)
+        keys = EpisodeSampler(len(self.clips), 0, seed, shuffle=False).global_order()
+        self.num_episodes = len(keys)
+        self.keys = shard(list(enumerate(keys)), rank, world_size)
+        self.classes = self.clips.classes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        position, key = self.keys[i]
+        item = self.clips[key]
+        item["scored"] = torch.ones(item["query_masks"].shape[0], dtype=torch.bool)
+        item["episode_id"] = position
+        return item
 
 
 def video_eval_collate(items: list[dict]) -> dict:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataset.classes import class_names
+from util.classes import class_names
 from dataset.image import read_image, read_label
 from util.errors import DataError
 

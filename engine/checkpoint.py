@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import build_model
-from util.config import defaults
+from engine.networks import build_model
+from util.classes import NUM_CLASSES
+from util.config import ARCH_KEYS, defaults, resolved, task_of
 from util.digest import content_digest
 from util.errors import CheckpointError
 from util.fileio import atomic_torch_save
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ntrenetpp-checkpoint-v2"    # v2: RNG states as tensors (weights_only), a checksum
 PREVIOUS_SUFFIX = ".prev.pth"           # last.pth -> last.prev.pth
-# config keys that change the shape of the network: a checkpoint must agree on them
-ARCH_KEYS = ("layers", "vgg", "deep_stem", "backbone_width", "reduce_dim", "ppm_scales", "aspp_dilations", "do_pool", "classes",
-             "dataset", "memory_size", "video_attention", "video_aspp", "video_bg_dim")
+# keys derived from the dataset (util/config.py validate): a model evaluated on another dataset
+# keeps its own without a warning
+DERIVED_ARCH_KEYS = ("bank_classes",)
 
 
 class CheckpointWriteError(CheckpointError):
@@ -92,6 +93,7 @@ def save_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, epoch: i
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "iteration": iteration, "best_miou": best_miou,
         "metrics": metrics or {}, "rng": rng_state(), "config": dict(cfg), "run": dict(run or {}),
+        "architecture": {k: v for k, v in resolved(cfg).items() if k in ARCH_KEYS},
     }
     state["checksum"] = content_digest(state)
     try:
@@ -150,17 +152,53 @@ def pick_resume(path: str) -> tuple[str, dict] | None:
     return None
 
 
-def check_compatible(state: dict, cfg, path: str) -> None:
-    """Refuse a checkpoint trained with another architecture, naming the keys that differ."""
+def saved_architecture(state: dict) -> dict:
+    """The architecture keys a checkpoint was trained with. One written before they were recorded
+    has them in its config, where a key its config predates had its default value then, the task
+    is its dataset's and the DO bank had one row per class of its dataset."""
+    if "architecture" in state:
+        return dict(state["architecture"])
     saved = state.get("config") or {}
-    if saved:   # a key the checkpoint's config predates had its default value then
-        declared = defaults()
-        saved = {**{k: declared[k] for k in ARCH_KEYS if k in declared}, **saved}
-    diffs = [f"{k}: checkpoint {saved[k]!r}, config {cfg[k]!r}"
-             for k in ARCH_KEYS if k in saved and saved[k] != cfg[k]]
+    declared = defaults()
+    arch = {k: saved.get(k, declared[k]) for k in ARCH_KEYS}
+    dataset = saved.get("dataset", declared["dataset"])
+    arch["task"] = task_of(dataset)
+    arch["bank_classes"] = NUM_CLASSES.get(dataset, declared["bank_classes"])
+    return arch
+
+
+def check_compatible(state: dict, cfg, path: str) -> None:
+    """Refuse to resume a checkpoint trained with another architecture, naming the keys that differ."""
+    saved, cfg = saved_architecture(state), resolved(cfg)
+    diffs = [f"{k}: checkpoint {saved[k]!r}, config {cfg[k]!r}" for k in ARCH_KEYS if saved[k] != cfg[k]]
     if diffs:
         raise CheckpointError(f"checkpoint '{path}' was trained with a different network: " + "; ".join(diffs)
                               + ". Use the config it was trained with, or override these keys.")
+
+
+def adopt_architecture(state: dict, cfg, path: str):
+    """``cfg`` with the checkpoint's architecture keys: the network to evaluate or predict with is
+    the one trained. A config value that differs is replaced with a warning naming the key (a
+    derived one, such as the DO bank's size on another dataset, quietly); one set on the command
+    line is an error, as is a checkpoint of the other task."""
+    saved, cfg = saved_architecture(state), resolved(cfg)
+    if saved["task"] != cfg.task:
+        raise CheckpointError(f"checkpoint '{path}' is a {saved['task']} model; this is a {cfg.task} "
+                              f"config (dataset {cfg.dataset}): use a config of the checkpoint's task")
+    conflicts = [k for k in ARCH_KEYS if saved[k] != cfg[k] and k in cfg.overridden]
+    if conflicts:
+        raise CheckpointError(f"checkpoint '{path}' was trained with "
+                              + ", ".join(f"{k} {saved[k]!r}" for k in conflicts) + "; the command line sets "
+                              + ", ".join(f"{k} {cfg[k]!r}" for k in conflicts)
+                              + ": drop the override (the network is the checkpoint's)")
+    adopted = cfg.copy()
+    for k in ARCH_KEYS:
+        if saved[k] != cfg[k]:
+            if k not in DERIVED_ARCH_KEYS:
+                log.warning("the config has %s %r, checkpoint %s was trained with %r: using the checkpoint's",
+                            k, cfg[k], path, saved[k])
+            adopted[k] = saved[k]
+    return adopted
 
 
 def load_model_weights(model, state: dict, path: str) -> None:
@@ -217,14 +255,14 @@ def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_
 
 
 def build_model_from_checkpoint(path: str, cfg):
-    """The network of ``cfg`` with checkpoint ``path`` loaded, and the checkpoint's state.
+    """The network ``path`` holds, built from its recorded architecture (:func:`adopt_architecture`),
+    with its weights loaded, and the checkpoint's state.
 
     The checkpoint holds the backbone, so the ImageNet weight file (``pretrained``) is not
     needed — nor read — to evaluate or predict.
     """
     state = read_checkpoint(path)
-    check_compatible(state, cfg, path)
-    bare = cfg.copy()
+    bare = adopt_architecture(state, cfg, path)
     bare.pretrained = ""
     model = build_model(bare, warn_random_backbone=False)   # the checkpoint's backbone replaces it
     load_model_weights(model, state, path)

@@ -1,8 +1,10 @@
-"""The one evaluation routine, used by train.py (validation) and test.py.
+"""The one evaluation loop, behind validation during training, test.py and the baselines, for
+images and videos alike: the task supplies the dataset's collate, the network's inputs and a
+scorer (engine/tasks/).
 
-It runs a (possibly sharded) fixed episode list through the model, scores each episode
-(dataset/metrics.py), reduces the sums across processes, and times the model with device
-synchronisation. Results equal a single-process evaluation of the whole list.
+It runs a (possibly sharded) fixed episode list through the model, lets the scorer score each
+batch, reduces the sums across processes, and times the model with device synchronisation.
+Results equal a single-process evaluation of the whole list.
 """
 from __future__ import annotations
 
@@ -10,108 +12,83 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from util.amp import MODEL_INPUTS, autocast, batch_to_device, synchronize
-from dataset.classes import class_name
-from dataset.image import FewShotEvalDataset, close_loader, eval_collate, worker_init
-from util.fileio import atomic_write_image, atomic_write_json
-from dataset.metrics import IoUAccumulator, IoUResult, score_episodes
+from dataset.image import close_loader, worker_init
+from engine.tasks import Task, task_for
+from util.amp import autocast, batch_to_device, synchronize
+from util.distributed import gather_objects, is_main_process
+from util.fileio import atomic_write_json, exclusive_name
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalOutput:
-    result: IoUResult
-    ms_per_episode: float                 # model forward time per episode, device-synchronised
+    result: Any                           # the task's result (IoUResult, VideoResult)
+    ms_per_unit: float                    # model forward time per episode (images) or scored frame (videos)
     wall_s: float                         # the whole evaluation, loading included
-    predictions: list[dict] = field(default_factory=list)   # with save_pred
+    predictions: list[dict] = field(default_factory=list)   # with pred_dir: what was written
     samples: list[dict] = field(default_factory=list)       # a few episodes for images/panels
 
 
-def eval_loader(dataset: FewShotEvalDataset, cfg) -> DataLoader:
+def eval_loader(dataset, cfg, task: Task, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=cfg.workers,
-                      collate_fn=eval_collate, pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init,
+                      collate_fn=task.eval_collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                       persistent_workers=False, generator=torch.Generator())  # leaves the global RNG alone
 
 
 @torch.no_grad()
-def evaluate(model, dataset: FewShotEvalDataset, cfg, device: torch.device, pred_dir: str = "",
-             keep_samples: int = 0, progress=None) -> EvalOutput:
+def evaluate(model, dataset, cfg, device: torch.device, pred_dir: str = "", keep_samples: int = 0,
+             progress=None, task: Task | None = None) -> EvalOutput:
     """Score ``dataset`` (this process's shard) with ``model``; sums are all-reduced.
 
-    ``pred_dir``: write each episode's predicted mask (0/1 PNG, original label size) and,
-    on rank 0, ``episodes.json`` there. ``keep_samples``: keep that many episodes' inputs,
-    prediction and extras (for TensorBoard images and panels).
+    ``pred_dir``: write each episode's prediction there and, on rank 0, an index of them.
+    ``keep_samples``: keep that many episodes' inputs, prediction and extras (for TensorBoard
+    images and panels). ``task``: the config's task unless given.
     """
+    task = task or task_for(cfg)
     was_training = model.training
     model.eval()
-    acc = IoUAccumulator(dataset.split.classes, device)
-    names = {c: class_name(cfg.dataset, c) for c in dataset.split.classes}
+    scorer = task.scorer(dataset, cfg, device)
     model_s, records, samples = 0.0, [], []
     t_start = time.perf_counter()
-    batches = iter(eval_loader(dataset, cfg))
+    batches = iter(eval_loader(dataset, cfg, task, device))
     try:
         for batch in (progress(batches) if progress else batches):
-            q, s, m = batch_to_device(batch, device, MODEL_INPUTS).values()
+            inputs = batch_to_device(batch, device, task.eval_inputs).values()
+            want_extras = len(samples) < keep_samples
             synchronize(device)
             t0 = time.perf_counter()
             with autocast(device, cfg.amp):
-                if len(samples) < keep_samples:
-                    logits, extras = model(q, s, m, return_extras=True)
-                else:
-                    logits, extras = model(q, s, m), None
+                out = model(*inputs, return_extras=True) if want_extras else model(*inputs)
             synchronize(device)
             model_s += time.perf_counter() - t0
-            class_ids = batch["class_id"].to(device)
-            inter, union, preds = score_episodes(logits, batch, cfg)
-            acc.update(class_ids, inter, union)
+            logits, extras = out if want_extras else (out, None)
+            preds = scorer.update(batch, logits)
             if pred_dir:
-                for i, pred in enumerate(preds):
-                    ep = int(batch["episode_id"][i])
-                    name = f"ep{ep:06d}.png"
-                    atomic_write_image(os.path.join(pred_dir, name), pred.to(torch.uint8).cpu().numpy())
-                    records.append({"episode": ep, "class": int(batch["class_id"][i]),
-                                    "class_name": names[int(batch["class_id"][i])],
-                                    "query_label": os.path.relpath(batch["query_label_path"][i], cfg.data_root),
-                                    "prediction": name})
+                records += scorer.save(pred_dir, batch, preds)
             if extras is not None:
-                for i in range(min(len(preds), keep_samples - len(samples))):
-                    samples.append({
-                        "query_img": batch["query_img"][i], "query_mask": batch["query_mask"][i],
-                        "support_imgs": batch["support_imgs"][i], "support_masks": batch["support_masks"][i],
-                        "class_id": int(batch["class_id"][i]), "class_name": names[int(batch["class_id"][i])],
-                        "pred": logits[i].argmax(0).cpu(),
-                        "bg_map": extras["bg_logits"][i].float().softmax(0)[1].cpu(),
-                        "do_mask": extras["do_mask"][i].cpu(),
-                        "iou": float(inter[i, 1] / (union[i, 1] + 1e-10)) * 100,
-                    })
+                samples += scorer.samples(batch, logits, preds, extras, keep_samples - len(samples))
     finally:
         close_loader(batches)   # its workers ignore SIGTERM: left to the exit, they are waited for forever
-    acc.all_reduce()
-    result = acc.result(names)
+    result = scorer.result()
     if pred_dir:
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        records.sort(key=lambda r: r["episode"])
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            atomic_write_json(os.path.join(pred_dir, "episodes.json"),
-                              {"data_root": cfg.data_root, "episodes": records})
+        records = gather_objects(records)
+        if is_main_process():
+            scorer.write_index(pred_dir, records)
     model.train(was_training)
-    n_local = max(len(dataset), 1)
-    return EvalOutput(result, 1000 * model_s / n_local, time.perf_counter() - t_start, records, samples)
+    return EvalOutput(result, 1000 * model_s / max(scorer.units, 1), time.perf_counter() - t_start, records,
+                      samples)
 
 
 def write_test_result(summary: dict, result_dir: str) -> str:
-    """Write a test result as ``<result_dir>/test_<time>.json`` (atomically), record its path in
-    ``summary['json_path']`` and log it; image and video results alike."""
-    path = os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    """Write a test result as ``<result_dir>/test_<time>.json`` (atomically; a name another run
+    already took gets ``-2``, ``-3``, ...), record its path in ``summary['json_path']`` and log it."""
+    path = exclusive_name(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"), ".json")
     atomic_write_json(path, summary)
     summary["json_path"] = path
     log.info("wrote %s", path)

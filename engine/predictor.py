@@ -15,7 +15,9 @@ ori_resize scoring does (dataset.metrics.score_episodes): logits upsampled bilin
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -32,7 +34,10 @@ from util.distributed import pick_device
 from util.errors import PredictInputError
 from dataset.metrics import to_original_size
 from dataset.transform import eval_transform
-from util.vis import panel_image
+from util.fileio import atomic_write_image
+from util.vis import overlay, panel_image, save_panel
+
+log = logging.getLogger("ntrenetpp")
 
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
@@ -233,6 +238,18 @@ def read_query(source, index: int = 0) -> Query:
 
 
 
+def output_stems(queries: list[str]) -> list[str]:
+    """File stems of the queries; two queries with one stem would overwrite each other."""
+    stems = [os.path.splitext(os.path.basename(q))[0] for q in queries]
+    seen: dict[str, str] = {}
+    for stem, q in zip(stems, queries):
+        if stem in seen:
+            raise PredictInputError(f"queries '{seen[stem]}' and '{q}' would both write {stem}_mask.png; "
+                                    f"rename one or run them with different --out folders")
+        seen[stem] = q
+    return stems
+
+
 class Predictor:
     """A trained NTRENet++ applied to user images. ``Predictor(model, cfg, device, amp)``
     wraps a model in memory — moving it to ``device`` in the memory format ``cfg`` asks for
@@ -258,6 +275,41 @@ class Predictor:
     def _prepare(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         label = np.zeros(image.shape[:2], np.uint8) if mask is None else mask
         return self.transform(image.astype(np.float32), label)
+
+    # ---- predict.py's front end --------------------------------------------------------------
+    @staticmethod
+    def read_inputs(args, cfg, opts) -> dict:
+        """predict.py's inputs (``--support`` pairs, ``--query`` images), checked before any
+        checkpoint is loaded. K is the number of supports given."""
+        stems = output_stems(args.query)
+        supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
+        if "shot" in opts[::2] and cfg.shot != len(supports):
+            log.warning("shot %d is ignored: K is the number of --support pairs given (%d)", cfg.shot, len(supports))
+        check_query_files(args.query)
+        return {"stems": stems, "supports": supports}
+
+    def write_outputs(self, inputs: dict, args) -> list[str]:
+        """Per query ``<out>/<stem>_mask.png`` (0/1, the query's size) and ``<stem>_overlay.jpg``
+        (with ``--panels`` also ``<stem>_panel.png``); returns the paths written."""
+        predictions = self.iter_predict(inputs["supports"], args.query, args.class_id, args.class_name)
+        written, seconds = [], 0.0
+        for stem in inputs["stems"]:
+            t0 = time.perf_counter()
+            pred = next(predictions)
+            seconds += time.perf_counter() - t0
+            paths = [os.path.join(args.out, f"{stem}_mask.png"), os.path.join(args.out, f"{stem}_overlay.jpg")]
+            atomic_write_image(paths[0], pred.mask)
+            atomic_write_image(paths[1], cv2.cvtColor(overlay(pred.image, pred.mask), cv2.COLOR_RGB2BGR),
+                               (cv2.IMWRITE_JPEG_QUALITY, 90))
+            if args.panels:
+                paths.append(os.path.join(args.out, f"{stem}_panel.png"))
+                save_panel(paths[2], pred.panel_sample())
+            log.info("%s: %.1f%% foreground -> %s", stem, 100 * pred.mask.mean(), ", ".join(paths))
+            written += paths
+        log.info("%d query(ies), %d-shot, %s on %s%s: %.3f s per query (reading and network)", len(inputs["stems"]),
+                 len(inputs["supports"]), args.weight, self.device, f" ({self.amp})" if self.amp != "none" else "",
+                 seconds / len(inputs["stems"]))
+        return written
 
     # ---- prediction ----------------------------------------------------------------------
     def predict(self, supports: Sequence, queries: Sequence, class_id: int | None = None,

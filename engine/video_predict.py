@@ -14,7 +14,9 @@ prediction is cropped to the letterboxed frame and resized back to the frame's s
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,9 +29,12 @@ from engine.checkpoint import build_model_from_checkpoint
 from engine.predictor import read_supports, resolve_device
 from util.amp import autocast, to_device
 from util.errors import PredictInputError
+from util.fileio import atomic_path, atomic_write_image
 from dataset.video import chunk_spans
 from dataset.video_transform import frames_to_tensors, letterbox, letterbox_geometry
 from util.vis import overlay, video_strip_image
+
+log = logging.getLogger("ntrenetpp")
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -99,6 +104,42 @@ class VideoPredictor:
         model, _ = build_model_from_checkpoint(weight_path, cfg)
         return cls(model, cfg, device, amp)
 
+    @staticmethod
+    def read_inputs(args, cfg, opts) -> dict:
+        """predict.py's inputs: the ``--support`` pairs and one ``--query`` (a folder of frames or
+        a video file), read and checked before any checkpoint is loaded."""
+        if len(args.query) != 1:
+            raise PredictInputError(f"a video model takes one --query (a folder of frames or a video file); "
+                                    f"got {len(args.query)}")
+        supports = read_supports([tuple(s) for s in args.support], args.class_id, cfg.ignore_label)
+        frames, names, fps = read_query(args.query[0])
+        return {"supports": supports, "frames": frames, "names": names, "fps": fps}
+
+    def write_outputs(self, inputs: dict, args) -> list[str]:
+        """``<out>/<frame>_mask.png`` per frame, ``<out>/strip.png`` (frames with the prediction,
+        mined BG and DO) and ``<out>/overlay.mp4`` where OpenCV can encode it; the paths written."""
+        supports, frames, names = inputs["supports"], inputs["frames"], inputs["names"]
+        t0 = time.perf_counter()
+        prediction = self.predict(supports, frames, args.class_id)
+        seconds = time.perf_counter() - t0
+        written = []
+        for name, mask in zip(names, prediction.masks):
+            written.append(os.path.join(args.out, f"{name}_mask.png"))
+            atomic_write_image(written[-1], mask)
+        strip = os.path.join(args.out, "strip.png")
+        atomic_write_image(strip, cv2.cvtColor(strip_image(frames, prediction, supports, names,
+                                                           title=args.class_name), cv2.COLOR_RGB2BGR))
+        written.append(strip)
+        video = os.path.join(args.out, "overlay.mp4")
+        if write_video(video, overlay_frames(frames, prediction.masks), inputs["fps"] or 10.0):
+            written.append(video)
+        else:
+            log.warning("this OpenCV build cannot encode MP4: no overlay.mp4 (the masks and strip.png are written)")
+        log.info("%d frames, %d-shot, %s on %s: %.3f s per frame (network and preprocessing); wrote %d masks, %s",
+                 len(frames), len(supports), args.weight, self.device, seconds / len(frames), len(names),
+                 ", ".join(written[len(names):]))
+        return written
+
     def _canvas(self, pairs):
         return frames_to_tensors([letterbox(image.astype(np.float32), mask, self.cfg.video_h, self.cfg.video_w)
                                   for image, mask in pairs])
@@ -142,6 +183,26 @@ class VideoPredictor:
                 if on:
                     out.masks[p], out.bg_maps[p], out.do_masks[p] = masks[t], bg[t], do[t]
         return out
+
+
+class _NoVideoEncoder(Exception):
+    pass
+
+
+def write_video(path: str, frames, fps: float) -> bool:
+    """Write RGB frames as an MP4 (atomically); False where OpenCV has no MP4 encoder."""
+    h, w = frames[0].shape[:2]
+    try:
+        with atomic_path(path) as tmp:
+            writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+            if not writer.isOpened():
+                raise _NoVideoEncoder
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            writer.release()
+    except _NoVideoEncoder:
+        return False
+    return True
 
 
 def overlay_frames(frames: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -1,6 +1,8 @@
-"""The NTRENet++ network: ``build_model(cfg)`` is the entry point."""
+"""The networks: NTRENet++ (image and video) and their blocks; ``ARCHS`` maps each registered
+``arch`` name to its builder."""
 from .backbone import BackboneWeightsError, build_backbone, load_backbone_weights
-from .ntrenet import NTRENetPP, build_model, parameter_counts
+from .ntrenet import NTRENetPP, parameter_counts
+from .registry import ARCHS, backbone_of, build_ntrenetpp
 
-__all__ = ["build_model", "NTRENetPP", "build_backbone", "load_backbone_weights", "BackboneWeightsError",
-           "parameter_counts"]
+__all__ = ["ARCHS", "NTRENetPP", "backbone_of", "build_backbone", "build_ntrenetpp", "load_backbone_weights",
+           "BackboneWeightsError", "parameter_counts"]

@@ -6,8 +6,6 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from util.errors import ConfigError
-
 import torch
 
 from .ops import input_format, pool_to, pyramid_bins, resize
@@ -21,7 +19,7 @@ class BackboneNetwork(nn.Module):
     def __init__(self, backbone: nn.Module, ppm_scales: Sequence[float], freeze_backbone: bool, fix_bn: bool):
         super().__init__()
         if not ppm_scales:
-            raise ConfigError("config key 'ppm_scales' is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
+            raise ValueError("ppm_scales is empty; e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
         self.backbone = backbone
         self.freeze_backbone, self.fix_bn = freeze_backbone, fix_bn
         self.ppm_scales = tuple(ppm_scales)

@@ -1,17 +1,12 @@
 """NTRENet++: the network of docs/method.md, assembled from the modules beside it."""
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset.classes import NUM_CLASSES, VIDEO_DATASETS
-from util.errors import ConfigError
-
-from .backbone import build_backbone, load_backbone_weights
 from .base import BackboneNetwork
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
                      prototype_infonce, segmentation_losses, total_loss)
@@ -19,9 +14,6 @@ from .memory_bank import DOMemoryBank
 from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distracting_object_mask, masked_average_pooling,
                       prior_mask)
 from .ops import resize
-from .video import build_video_model
-
-log = logging.getLogger(__name__)
 
 MIN_DO_AREA = 1.0   # feature pixels; emptier DO masks give no prototype for the bank
 
@@ -205,39 +197,6 @@ class NTRENetPP(BackboneNetwork):
             keep = torch.cat([keep[:B, None], keep[B:].view(B, K)], dim=1)
             self.memory_bank.push(do_prototypes, class_ids, keep)
         return proto, pixel
-
-
-def build_model(cfg, warn_random_backbone: bool = True) -> NTRENetPP:
-    """Build NTRENet++ from a config (util.config): backbone, weights, head, losses, bank; for a
-    video dataset (``ytvis``, ``synthetic_video``) the video network (model/video.py).
-
-    With ``pretrained ''`` the backbone stays randomly initialised, and a warning says so
-    unless ``warn_random_backbone`` is False (a checkpoint's weights are about to replace it,
-    or random weights are what the caller wants)."""
-    if cfg.classes != 2:
-        raise ConfigError(f"config key 'classes' is {cfg.classes}; NTRENet++ predicts 2 logits "
-                         "(not target / target): set 'classes 2'")
-    if cfg.dataset not in NUM_CLASSES:
-        raise ConfigError(f"config key 'dataset' is {cfg.dataset!r}; expected one of {sorted(NUM_CLASSES)}")
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
-    if cfg.pretrained:
-        load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
-    elif warn_random_backbone:
-        log.warning("pretrained is '': the backbone is randomly initialised (fine for tests and the "
-                    "synthetic demo, not for ImageNet-based results)")
-    settings = LossSettings(ignore_label=cfg.ignore_label, aux_weight=cfg.aux_weight, bg_weight=cfg.bg_weight,
-                            aux1_weight=cfg.aux1_weight, aux2_weight=cfg.aux2_weight,
-                            contrast_weight=cfg.contrast_weight, bg_alpha=cfg.bg_alpha,
-                            temperature=cfg.contrast_temperature, pixel_negative=cfg.pixel_negative,
-                            main_weight=cfg.main_weight, iou_weight=cfg.iou_weight)
-    if cfg.dataset in VIDEO_DATASETS:
-        return build_video_model(cfg, backbone, settings)
-    return NTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales,
-                     aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool,
-                     self_proto_pool=cfg.self_proto_pool,
-                     freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, losses=settings,
-                     bank_classes=NUM_CLASSES[cfg.dataset], memory_size=cfg.memory_size,
-                     num_negatives=cfg.num_negatives, seed=cfg.manual_seed)
 
 
 def parameter_counts(model: nn.Module) -> list[tuple[str, int, int]]:

@@ -7,8 +7,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from util.errors import ConfigError
-
 from .base import BackboneNetwork
 from .losses import LossSettings, bg_mining_loss, segmentation_losses, soft_iou_loss, total_loss
 from .modules import (ASPP, AgentAttention, BGMiningModule, Merge, Reduce, ScalePath, masked_average_pooling,
@@ -40,7 +38,7 @@ class VideoNTRENetPP(BackboneNetwork):
                  freeze_backbone: bool = True,
                  fix_bn: bool = True, temporal_attention: bool = True, losses: LossSettings = LossSettings()):
         if support_mode not in SUPPORT_MODES:
-            raise ConfigError(f"config key 'support_mode' is {support_mode!r}; expected 'paired' or 'mean'")
+            raise ValueError(f"support_mode is {support_mode!r}; expected one of {SUPPORT_MODES}")
         super().__init__(backbone, ppm_scales, freeze_backbone, fix_bn)
         self.support_mode = support_mode
         self.loss_settings = losses
@@ -112,7 +110,7 @@ class VideoNTRENetPP(BackboneNetwork):
         B, T = query_imgs.shape[:2]
         K = support_imgs.shape[1]
         if self.support_mode == "paired" and K != T:
-            raise ConfigError(f"support_mode 'paired' matches query frame t with support t, so it needs as many "
+            raise ValueError(f"support_mode 'paired' matches query frame t with support t, so it needs as many "
                               f"supports as clip frames; got K={K}, T={T}: set 'support_mode mean' or make them equal")
         self._check_mode(query_mask, return_extras, "B×T×H×W clip labels")
         image_size = query_imgs.shape[-2:]
@@ -171,17 +169,3 @@ class VideoNTRENetPP(BackboneNetwork):
         losses["total"] = total_loss(losses, settings)
         return losses
 
-
-def build_video_model(cfg, backbone: nn.Module, settings: LossSettings) -> VideoNTRENetPP:
-    """The video network of ``cfg`` on ``backbone`` (built and loaded by model.build_model)."""
-    if cfg.contrast_weight:
-        raise ConfigError(f"config key 'contrast_weight' is {cfg.contrast_weight}; the video model has no "
-                          f"contrastive term (the reference computes it but never adds it): set 'contrast_weight 0'")
-    if cfg.support_mode == "paired" and cfg.shot != cfg.clip_len:
-        raise ConfigError(f"support_mode 'paired' pairs query frame t with support t, so 'shot' ({cfg.shot}) must "
-                          f"equal 'clip_len' ({cfg.clip_len}); set them equal or use 'support_mode mean'")
-    return VideoNTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales, use_aspp=cfg.video_aspp,
-                          aspp_dilations=cfg.aspp_dilations, bg_prototype_dim=cfg.video_bg_dim,
-                          support_mode=cfg.support_mode, do_pool=cfg.do_pool, self_proto_pool=cfg.self_proto_pool,
-                          freeze_backbone=cfg.freeze_backbone,
-                          fix_bn=cfg.fix_bn, temporal_attention=cfg.video_attention, losses=settings)

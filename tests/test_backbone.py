@@ -39,7 +39,7 @@ def test_backbone_width_scales_every_channel(layers, width, channels, params):
     """``backbone_width`` multiplies every channel count (the stem's too): a narrower network of
     the same depth, stride and dilation for training from scratch. ResNet-18 at 0.5, by hand:
     stem 28,768 + layer1 48,448 + layer2 131,712 + layer3 525,568 + layer4 2,099,712."""
-    from model import build_model
+    from engine.networks import build_model
 
     net = build_backbone(layers, False, True, width).eval()
     x = torch.randn(1, 3, 65, 65)
@@ -232,7 +232,7 @@ def test_missing_file_names_it_and_points_to_the_readme():
 
 
 def test_build_model_loads_the_configured_file(tmp_path):
-    from model import build_model
+    from engine.networks import build_model
 
     path = tmp_path / "resnet50_v2.pth"
     sd = resnet_file(50, deep_stem=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
-from model import build_model
+from engine.networks import build_model
 from model.ops import memory_format_of
 from tests.conftest import tiny_cfg
 from util.errors import CheckpointError

@@ -1,6 +1,6 @@
 import pytest
 
-from dataset.classes import COCO_CLASSES, PASCAL_CLASSES, class_name, fold_classes
+from util.classes import COCO_CLASSES, PASCAL_CLASSES, class_name, fold_classes
 
 
 def test_pascal_folds_hold_out_five_consecutive_classes():
@@ -34,7 +34,7 @@ def test_class_names_follow_label_ids():
 
 
 def test_ytvis_folds_interleave_the_40_classes():
-    from dataset.classes import SYNTHETIC_CLASSES, YTVIS_CLASSES, class_names
+    from util.classes import SYNTHETIC_CLASSES, YTVIS_CLASSES, class_names
 
     assert len(YTVIS_CLASSES) == 40 and len(set(YTVIS_CLASSES)) == 40
     assert class_name("ytvis", 1) == "person" and class_name("ytvis", 40) == "tennis_racket"

@@ -43,7 +43,7 @@ def test_stray_flag_is_rejected(tiny_pascal, tmp_path):
 def test_video_stats_count_videos_and_frames_per_class_and_fold(synthetic_video_tree, tmp_path):  # noqa: F811
     _, root = synthetic_video_tree
     cfg_path = tmp_path / "v.yaml"
-    cfg_path.write_text(f"DATA:\n  dataset: synthetic_video\n  data_root: {root}\n  split: 2\n  shot: 2\n  clip_len: 3\n")
+    cfg_path.write_text(f"DATA:\n  dataset: synthetic_video\n  data_root: {root}\n  split: 2\n  shot: 2\n  clip_len: 3\nMODEL:\n  support_mode: mean\n")
     out = tmp_path / "stats.json"
     stats = main(["--config", str(cfg_path), "--episodes", "1", "--seed", "3", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(stats))
@@ -62,5 +62,5 @@ def test_video_stats_count_videos_and_frames_per_class_and_fold(synthetic_video_
     assert stats["episodes"][0]["query_video"] == index.videos[episodes[0].video].name
     assert stats["chunks"] == len(build_chunks(episodes, 3))
     # no config file: the declared defaults and the overrides
-    alone = main(["dataset", "synthetic_video", "data_root", root, "split", "2", "shot", "2", "clip_len", "3"])
+    alone = main(["dataset", "synthetic_video", "data_root", root, "split", "2", "shot", "2", "clip_len", "3", "support_mode", "mean"])
     assert alone["val"] == stats["val"] and alone["folds"] == stats["folds"]

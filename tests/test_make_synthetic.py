@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tools import make_synthetic as ms
-from dataset.classes import SYNTHETIC_CLASSES
+from util.classes import SYNTHETIC_CLASSES
 from util.fileio import read_list
 
 N_TRAIN, N_VAL, SIZE = 12, 8, 64

@@ -8,7 +8,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from tools.make_synthetic_video import compressed_rle, main, uncompressed_rle
-from dataset.classes import SYNTHETIC_VIDEO_CLASSES
+from util.classes import SYNTHETIC_VIDEO_CLASSES
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

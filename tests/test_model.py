@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import build_model
+from engine.networks import build_model
 from util.amp import to_device, use_channels_last
-from util.config import defaults
+from util.config import ConfigError, defaults, merge_cfg_from_list
 
 FRACTIONS = [1.0, 0.5, 0.25, 0.125]
 
@@ -261,8 +261,8 @@ def test_contract_errors_say_what_to_do():
         model(query, supports[:, 0], support_masks, query_mask)
     with pytest.raises(ValueError, match="model.eval"):
         model(query, supports, support_masks, query_mask, torch.tensor([1]), return_extras=True)
-    with pytest.raises(ValueError, match="classes 2"):
-        build_model(make_cfg(classes=1))
+    with pytest.raises(ConfigError, match="unknown key 'classes'"):   # two logits always: no such key
+        merge_cfg_from_list(defaults(), ["classes", "1"])
 
 
 def test_prior_is_computed_from_the_masked_support():

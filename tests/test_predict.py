@@ -10,7 +10,7 @@ from PIL import Image
 from commands import predict
 from engine.checkpoint import save_checkpoint
 from engine.predictor import Prediction, Predictor, binary_mask, read_mask_values
-from model import build_model
+from engine.networks import build_model
 from util.cli import run
 from util.config import defaults
 from dataset.image import read_image
@@ -112,7 +112,7 @@ def test_prediction_equals_the_evaluation_pipeline_and_ori_resize_scoring(files)
     with torch.no_grad():
         logits = model.eval()(query[None], support[None, None], support_mask[None, None])
     label = torch.zeros(64, 40, dtype=torch.long)
-    _, _, [scored] = score_episodes(logits, {"query_mask_ori": [label]}, cfg)
+    _, _, [scored] = score_episodes(logits, {"query_mask_ori": [label]}, cfg.ignore_label, cfg.ori_resize, cfg.fixed_eval_size)
     assert np.array_equal(pred.mask, scored.numpy())
     expected = to_original_size(logits, 64, 40).softmax(1)[0, 1].numpy()
     assert np.array_equal(pred.probability, expected)
@@ -244,15 +244,22 @@ def test_class_id_mask_without_class_id_says_to_pass_it(files, tmp_path, capsys)
     assert "--class-id 255 is not a class id" in err
 
 
-def test_checkpoint_of_another_backbone_is_an_error_naming_the_key(files, tmp_path, capsys):
+def test_the_network_is_the_checkpoints_a_conflicting_override_is_an_error(files, tmp_path, capsys, caplog):
+    """A checkpoint carries its architecture: a config of another backbone builds the checkpoint's
+    network (a warning names the key and the checkpoint's value); the same key set on the command
+    line to another value is a one-line error."""
     cfg34 = tiny_cfg(layers=34)
     weight34 = str(tmp_path / "resnet34.pth")
-    save_checkpoint(weight34, build_model(cfg34), cfg34)
-    with pytest.raises(CheckpointError, match="layers: checkpoint 34, config 18"):
-        Predictor.from_checkpoint(files["cfg"], weight34)
+    model34 = build_model(cfg34).eval()
+    save_checkpoint(weight34, model34, cfg34)
+    with caplog.at_level("WARNING"):
+        predictor = Predictor.from_checkpoint(files["cfg"], weight34)
+    assert "the config has layers 18, checkpoint " + weight34 + " was trained with 34" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(predictor.model.state_dict().values(),
+                                                 model34.state_dict().values()))
     err = run_cli(files, tmp_path, capsys, "--support", path(files, "a.png"), path(files, "a_mask01.png"),
-                  "--query", path(files, "q1.jpg"), weight=weight34)
-    assert f"checkpoint '{weight34}' was trained with a different network" in err and "layers: checkpoint 34" in err
+                  "--query", path(files, "q1.jpg"), "layers", "18", weight=weight34)
+    assert f"checkpoint '{weight34}' was trained with layers 34; the command line sets layers 18" in err
 
 
 def test_other_usage_errors(files, tmp_path, capsys):

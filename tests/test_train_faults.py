@@ -248,7 +248,7 @@ def test_a_checkpoint_carrying_a_payload_is_refused_and_nothing_runs(synth_root,
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
     cfg = tiny_cfg(synth_root, tmp_path)
-    from model import build_model
+    from engine.networks import build_model
     save_checkpoint(str(tmp_path / "good.pth"), build_model(cfg), cfg)
     state = torch.load(tmp_path / "good.pth", weights_only=True)
     state["metrics"] = {"note": Payload()}
@@ -370,7 +370,7 @@ def _emptied_copy(synth_root, tmp_path):
 
 def test_evaluation_shuts_its_loader_workers_down_when_a_worker_fails(synth_root, tmp_path):
     from engine.evaluate import evaluate
-    from model import build_model
+    from engine.networks import build_model
     from dataset.image import FewShotEvalDataset
     from util.errors import DataError
     cfg = tiny_cfg(str(_emptied_copy(synth_root, tmp_path)), tmp_path / "exp", workers=2)

@@ -162,7 +162,7 @@ def test_two_processes_with_drifting_batchnorm_stay_in_step(synth_root, tmp_path
     mp.start_processes(_ddp_worker, args=(2, _free_port(), synth_root, str(tmp_path / "ddp"), str(tmp_path), False),
                        nprocs=2, start_method="fork")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    from model import build_model
+    from engine.networks import build_model
     torch.manual_seed(0)
     init = build_model(tiny_cfg(synth_root, tmp_path)).state_dict()
     params = {name for name, _ in build_model(tiny_cfg(synth_root, tmp_path)).named_parameters()}
@@ -190,7 +190,7 @@ def _eval_worker(rank, world, port, root, ckpt, out_dir):
 
 
 def test_sharded_evaluation_equals_single_process(synth_root, tmp_path):
-    from model import build_model
+    from engine.networks import build_model
     from engine.tester import run_test
     torch.manual_seed(0)
     cfg = tiny_cfg(synth_root, tmp_path / "one", save_pred=True)

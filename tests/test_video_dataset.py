@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from tests.video_fixtures import box, synthetic_video_tree, video_cfg, write_ytvis  # noqa: F401 (fixture)
 from tools.prepare_ytvis import prepare_ytvis
-from dataset.classes import fold_classes
+from util.classes import fold_classes
 from dataset.image import worker_init
 from util.errors import DataError
 from dataset.video import (VideoEvalDataset, VideoTrainDataset, build_chunks, chunk_spans, draw_video_episodes,

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine.trainer import Trainer
-from model import build_model
+from engine.networks import build_model
 from model.modules import prior_mask
 from model.ops import resize
 from tests.test_trainer import _free_port, _join_group, no_dropout, weights

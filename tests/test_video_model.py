@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.video import HeadAndAttentionOptimizer, video_optimizer
-from model import NTRENetPP, build_model
+from engine.tasks.video import HeadAndAttentionOptimizer, video_optimizer
+from engine.networks import build_model
+from model import NTRENetPP
 from model.losses import soft_iou_loss
 from model.modules import AgentAttention, ScalePath
 from model.video import VideoNTRENetPP
@@ -181,11 +182,22 @@ def test_soft_iou_loss_on_hand_made_values():
     assert soft_iou_loss(logits[:1], torch.tensor([[[[255]]]])).item() == 0.0
 
 
+def test_contrast_weight_does_not_apply_to_the_video_network():
+    """The video network has no contrastive term (the reference computes one but never adds it):
+    the image default 0.01 leaves its total exactly as 0 does."""
+    totals = []
+    for weight in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = build_model(video_cfg(contrast_weight=weight)).train()
+        torch.manual_seed(1)
+        _, losses = model(*clip_episode(1, 3, 3))
+        totals.append(losses["total"].item())
+    assert totals[0] == totals[1]
+
+
 def test_paired_needs_as_many_supports_as_frames():
     with pytest.raises(ConfigError, match="'shot' \\(2\\) must equal 'clip_len' \\(3\\)"):
         build_model(video_cfg(shot=2))
-    with pytest.raises(ConfigError, match="contrast_weight"):
-        build_model(video_cfg(contrast_weight=0.01))
     model = build_model(video_cfg()).eval()
     q, s, m, _ = clip_episode(1, 3, 2)
     with pytest.raises(ValueError, match="support_mode mean"):

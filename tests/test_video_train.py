@@ -9,7 +9,7 @@ import cv2
 import pytest
 import torch
 
-from dataset.classes import class_name, fold_classes
+from util.classes import class_name, fold_classes
 from util.errors import PredictInputError
 from dataset.video_index import load_video_index
 
@@ -137,7 +137,7 @@ def test_resumed_video_run_equals_the_uninterrupted_one(tiny_repo, tmp_path):
 def test_predict_on_a_folder_of_frames_and_a_video_file(tiny_repo, tmp_path):
     from commands import predict
     from engine.checkpoint import save_checkpoint
-    from model import build_model
+    from engine.networks import build_model
     from util.config import load_cfg
 
     repo, root = tiny_repo

@@ -144,7 +144,7 @@ def synthetic_cfg(tmp_path_factory):
 
 
 def test_test_py_vis_saves_n_panels_per_seed(synthetic_cfg, tmp_path):
-    from model import build_model
+    from engine.networks import build_model
     from util.distributed import DistInfo
     from engine.tester import run_test, test_seeds
     cfg = synthetic_cfg.copy()
@@ -176,7 +176,7 @@ def test_validation_logs_panels_to_tensorboard(synthetic_cfg, tmp_path):
     cfg = synthetic_cfg.copy()
     cfg.update(save_path=str(tmp_path), tb_images=2)
     writer = Writer()
-    Trainer.from_cfg(cfg, DistInfo(), writer).validate()
+    Trainer.from_cfg(cfg, DistInfo(), writer).validation.validate()
     assert sorted(writer.images) == ["val/episode_0", "val/episode_1"]
     for image, step, dataformats in writer.images.values():
         assert image.shape == (TITLE_H + TILE, 6 * TILE, 3) and image.dtype == np.uint8

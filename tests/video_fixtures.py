@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tools.make_synthetic_video import compressed_rle, uncompressed_rle
-from dataset.classes import YTVIS_CLASSES
+from util.classes import YTVIS_CLASSES
 from util.config import defaults
 
 

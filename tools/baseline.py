@@ -35,7 +35,7 @@ from model.backbone import build_backbone, load_backbone_weights
 from model.modules import masked_average_pooling
 from model.ops import memory_format_of, resize
 from util.amp import to_device
-from engine.video import is_video
+from engine.tasks import task_for
 from util.cli import run
 from util.config import load_cfg, parse_args_with_overrides
 from util.distributed import DistInfo
@@ -97,17 +97,16 @@ def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
     return PrototypeMatcher(backbone)
 
 
-def format_row(name: str, res: dict) -> str:
-    return (f"{name:34s}{res['miou_mean']:10.2f} ± {res['miou_std']:4.2f}"
-            f"{res['fbiou_mean']:11.2f} ± {res['fbiou_std']:4.2f}")
+ARCH_TITLES = {"ntrenetpp": "NTRENet++"}   # how a result's network is named in the table
 
 
-def compare_video(res: dict, base: dict, path: str) -> None:
-    print(f"\n{'':24s}{'J':>16s}{'F':>16s}{'J&F':>16s}{'class IoU':>16s}")
-    for name, r in (("NTRENet++ (" + os.path.basename(res["weight"]) + ")", res), ("all-foreground", base)):
-        print(f"{name:24s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}" for k in ("J", "F", "JF", "class_iou")))
-    print(f"({len(res['runs'])} runs x {res['frames']} frames of {res['videos']} videos, {res['shot']}-shot, "
-          f"the same episodes for both; {path})")
+def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
+    """One row per method: the task's headline figures, mean ± std over the runs."""
+    lines = [f"\n{'':34s}" + "".join(f"{title:>16s}" for title, _ in task.headline)]
+    for name, r in rows:
+        lines.append(f"{name:34s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}" for _, k in task.headline))
+    lines.append(f"({task.describe_test(cfg)}; the same episodes for every row)")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -122,6 +121,7 @@ def main(argv=None) -> dict:
     args, opts = parse_args_with_overrides(parser, argv)
     cfg = load_cfg(args.config, opts)
     cfg.update(save_pred=False, vis=0, save_path="")
+    task = task_for(cfg)
     res = None
     if args.compare:
         if not os.path.isfile(args.compare):
@@ -135,40 +135,21 @@ def main(argv=None) -> dict:
             if key in res and res[key] != cfg[key]:
                 raise ConfigError(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
                                   f"{cfg[key]!r}: pass the same config and overrides as that test run")
-        if is_video(cfg):
-            # the very episodes the result scored: its runs, shots, clip length and support draws
-            cfg.update(test_seeds=len(res["runs"]), shot=res["shot"], clip_len=res["clip_len"],
-                       support_per=res["support_per"], manual_seed=res["manual_seed"])
-            if "canvas" in res:                      # J, F and class IoU are scored on this canvas
-                cfg.update(video_h=res["canvas"][0], video_w=res["canvas"][1])
-        else:
-            # score the very episodes the result scored: its seeds, count and shots
-            cfg.update(test_num=res["episodes"], test_seeds=res["seeds"], shot=res["shot"],
-                       manual_seed=res.get("manual_seed", cfg.manual_seed))
+        cfg.update(task.result_episodes(res))   # the very episodes the result scored
     setup_logger("", 0)
     info = DistInfo()
-    if is_video(cfg):
-        # video: the all-foreground prediction only (the prototype matcher is an image baseline)
-        base = run_test(cfg, info, model=AllForeground(), write_json=False)
-        if res is not None:
-            compare_video(res, base, args.compare)
-        return base
-    weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
     rows = []
     if res is not None:
-        rows.append((f"NTRENet++ ({os.path.basename(res['weight'])})", res))
-    if weight:
+        rows.append((f"{ARCH_TITLES.get(res.get('arch', cfg.arch), cfg.arch)} ({os.path.basename(res['weight'])})", res))
+    weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
+    if task.prototype_matcher and weight:
         matcher = to_device(matcher_from_checkpoint(weight, cfg), cfg, info.device)
         rows.append(("prototype matcher (its backbone)", run_test(cfg, info, model=matcher, write_json=False)))
-    if args.pretrained:
+    if task.prototype_matcher and args.pretrained:
         matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), cfg, info.device)
         rows.append(("prototype matcher (ImageNet)", run_test(cfg, info, model=matcher, write_json=False)))
-    base = run_test(cfg, info, model=AllForeground(), write_json=False)
-    rows.append(("all-foreground", base))
-    print(f"\n{'':34s}{'class mIoU':>18s}{'FB-IoU':>18s}")
-    for name, r in rows:
-        print(format_row(name, r))
-    print(f"({cfg.test_seeds} seeds x {cfg.test_num} episodes, {cfg.shot}-shot, the same episodes for every row)")
+    rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False)))
+    print(format_table(rows, task, cfg))
     return {name: r for name, r in rows}
 
 

@@ -15,9 +15,9 @@ import argparse
 import os
 
 
-from dataset.classes import VIDEO_DATASETS, class_names, fold_classes
+from util.classes import class_names, fold_classes
 from util.cli import run
-from util.config import defaults, load_cfg, merge_cfg_from_list, parse_args_with_overrides, validate
+from util.config import defaults, load_cfg, merge_cfg_from_list, parse_args_with_overrides, task_of, validate
 from dataset.image import _check_enough_images, draw_episodes, load_split
 from util.fileio import atomic_write_json
 from dataset.video import build_chunks, draw_video_episodes
@@ -82,7 +82,7 @@ def format_video_table(stats: dict) -> str:
 
 
 def dataset_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
-    if cfg.dataset in VIDEO_DATASETS:
+    if cfg.task == "video":
         return video_stats(cfg, episodes, seed)
     train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
     names = class_names(cfg.dataset)
@@ -114,7 +114,7 @@ def dataset_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
 
 
 def format_table(stats: dict) -> str:
-    if stats["dataset"] in VIDEO_DATASETS:
+    if task_of(stats["dataset"]) == "video":
         return format_video_table(stats)
     lines = [f"{stats['dataset']} fold {stats['split']}: "
              f"{stats['train']['images']} training images, {stats['val']['images']} evaluation images "

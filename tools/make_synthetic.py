@@ -2,7 +2,7 @@
 
     python tools/make_synthetic.py --out data/synthetic [--train 2000 --val 500 --size 80]
 
-20 classes (dataset.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with
+20 classes (util.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with
 a colour or texture, 2-4 objects of distinct classes per image on a textured background,
 and a 255 band around every outline as in VOC. Every image comes from its own generator
 seeded by (--seed, split, index), so the bytes do not depend on --workers.
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 
-from dataset.classes import SYNTHETIC_CLASSES
+from util.classes import SYNTHETIC_CLASSES
 from util.cli import run
 from util.fileio import atomic_write_image, atomic_write_text
 
@@ -57,7 +57,7 @@ CLASS_SPECS: tuple[ClassSpec, ...] = (
     ClassSpec("gold hexagon", "hexagon", "solid", (205, 165, 45)),
     ClassSpec("dotted square", "square", "dots", (25, 25, 30), (245, 245, 245)),
 )
-assert tuple(s.name for s in CLASS_SPECS) == tuple(SYNTHETIC_CLASSES), "class order must match dataset/classes.py"
+assert tuple(s.name for s in CLASS_SPECS) == tuple(SYNTHETIC_CLASSES), "class order must match util/classes.py"
 NUM_CLASSES = len(CLASS_SPECS)
 
 

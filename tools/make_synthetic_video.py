@@ -8,7 +8,7 @@ null, categories), so that tools/prepare_ytvis.py prepares it like the real data
 
     python tools/prepare_ytvis.py --ytvis data/synthetic_video --out data/synthetic_video
 
-Each video shows 1-3 objects of distinct classes (dataset.classes.SYNTHETIC_VIDEO_CLASSES,
+Each video shows 1-3 objects of distinct classes (util.classes.SYNTHETIC_VIDEO_CLASSES,
 drawn with tools/make_synthetic.py's shapes and textures) moving, rotating and scaling over
 a panning textured background; objects pass in front of each other (masks are the visible
 parts), enter late and leave the frame (their segmentation is then null). About a tenth
@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 
 from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill, _init_worker,
                                   _object_texture, _poly_area, _shape_contours)
-from dataset.classes import SYNTHETIC_VIDEO_CLASSES
+from util.classes import SYNTHETIC_VIDEO_CLASSES
 from util.cli import run
 from util.fileio import atomic_write_image, atomic_write_text
 

@@ -35,7 +35,8 @@ import numpy as np
 from tools._prep_common import (MAX_SHOWN, ItemResult, PrepError, image_hw, link_or_copy, require_dir,
                                 run_tasks, write_label)
 from tools.prepare_coco import instance_mask
-from dataset.classes import VIDEO_DATASETS, class_names
+from util.classes import class_names
+from util.config import VIDEO, datasets_of
 from util.fileio import atomic_write_json
 from util.cli import run
 from dataset.video_index import IMAGE_DIR, INDEX_NAME, MASK_DIR, Video, image_relpath, index_document, mask_relpath
@@ -80,7 +81,7 @@ def dataset_of(categories: Sequence[dict], path: str) -> tuple[str, list[str]]:
         ids, names = [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
     except (KeyError, TypeError, ValueError) as e:
         raise PrepError(f"'{path}': malformed categories ({type(e).__name__}: {e})") from None
-    for dataset in VIDEO_DATASETS:
+    for dataset in datasets_of(VIDEO):
         expected = list(class_names(dataset))
         if ids == list(range(1, len(expected) + 1)) and names == expected:
             return dataset, names

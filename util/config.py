@@ -9,137 +9,171 @@ from __future__ import annotations
 
 import ast
 import difflib
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import yaml
 
+from util.classes import NUM_CLASSES, VIDEO_DATASETS
 from util.errors import ConfigError
+
+log = logging.getLogger("ntrenetpp")
+
+
+IMAGE, VIDEO = "image", "video"
+TASKS = (IMAGE, VIDEO)
 
 
 @dataclass(frozen=True)
 class Key:
+    """One config key: its type, default and meaning, the YAML section it belongs in, whether it
+    shapes the network (``arch``: a checkpoint records it and is rebuilt with it), and the
+    task(s) it applies to."""
     name: str
     type: str          # 'int' | 'float' | 'bool' | 'auto' (True, False or 'auto') | 'str' | 'list'
     default: Any
     help: str
     choices: tuple = ()
+    section: str = ""
+    arch: bool = False
+    tasks: tuple = TASKS
 
 
-def _k(name, type_, default, help_, choices=()):
-    return Key(name, type_, default, help_, tuple(choices))
+def _k(name, type_, default, help_, choices=(), *, arch=False, tasks=TASKS):
+    return Key(name, type_, default, help_, tuple(choices), arch=arch, tasks=tuple(tasks))
 
+
+def _section(name: str, *keys: Key) -> tuple[Key, ...]:
+    return tuple(replace(k, section=name) for k in keys)
+
+
+_IMG, _VID = (IMAGE,), (VIDEO,)
 
 # --------------------------------------------------------------------------------------
 # The schema. PFENet's key names are kept wherever PFENet has one.
 # --------------------------------------------------------------------------------------
-SCHEMA: tuple[Key, ...] = (
-    # ---- DATA -------------------------------------------------------------------------
-    _k("dataset", "str", "pascal", "dataset family: class names and fold splits",
+SCHEMA: tuple[Key, ...] = _section(
+    "DATA",
+    _k("dataset", "str", "pascal", "dataset family: class names and fold splits; it decides the task",
        ("pascal", "coco", "synthetic", "ytvis", "synthetic_video")),
-    _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/"),
-    _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line"),
-    _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line"),
-    _k("classes", "int", 2, "output classes of the segmentation head (target vs not)"),
+    _k("task", "str", "auto", "image or video few-shot segmentation; 'auto' (the only value a config needs): "
+       "the dataset's task", ("auto",) + TASKS, arch=True),
+    _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/ (images), or the "
+       "prepared tree of tools/prepare_ytvis.py (videos)"),
+    _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line", tasks=_IMG),
+    _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line", tasks=_IMG),
     _k("split", "int", 0, "fold: held-out classes of fold i (0..3)"),
     _k("use_split_coco", "bool", True,
-       "COCO folds interleaved (i+1, i+5, ..., i+77) when True, sequential (20i+1..) when False"),
-    _k("min_class_pixels", "int", 2048, "an image serves class c if it has at least this many c pixels (2*32*32)"),
+       "COCO folds interleaved (i+1, i+5, ..., i+77) when True, sequential (20i+1..) when False", tasks=_IMG),
+    _k("min_class_pixels", "int", 2048, "an image serves class c if it has at least this many c pixels (2*32*32)",
+       tasks=_IMG),
     _k("exclude_novel_images", "bool", False,
-       "drop training images containing any held-out class (BAM convention; not PFENet-comparable)"),
-    _k("class_index_workers", "int", 0, "processes building the class index (0: all cores)"),
-    _k("check_files", "bool", True, "verify that every file named by a list exists before use"),
-    # ---- VIDEO DATA (dataset ytvis / synthetic_video; docs/video.md) ---------------------
-    # data_root holds the prepared tree (tools/prepare_ytvis.py); train_list/val_list are unused.
-    _k("clip_len", "int", 5, "T: consecutive class frames per query clip (training and evaluation chunks)"),
-    _k("video_h", "int", 241, "letterbox canvas height of every video frame"),
-    _k("video_w", "int", 425, "letterbox canvas width of every video frame"),
-    _k("samples_per_class", "int", 100, "training episodes per training class per epoch (class-balanced)"),
-    _k("val_samples_per_class", "int", 50, "validation clips per held-out class during training"),
+       "drop training images containing any held-out class (BAM convention; not PFENet-comparable)", tasks=_IMG),
+    _k("class_index_workers", "int", 0, "processes building the class index (0: all cores)", tasks=_IMG),
+    _k("check_files", "bool", True, "verify that every file named by a list exists before use", tasks=_IMG),
+    _k("workers", "int", 8, "data loader processes per training process"),
+) + _section(
+    "VIDEO",   # docs/video.md
+    _k("clip_len", "int", 5, "T: consecutive class frames per query clip (training and evaluation chunks)",
+       tasks=_VID),
+    _k("video_h", "int", 241, "letterbox canvas height of every video frame", tasks=_VID),
+    _k("video_w", "int", 425, "letterbox canvas width of every video frame", tasks=_VID),
+    _k("samples_per_class", "int", 100, "training episodes per training class per epoch (class-balanced)",
+       tasks=_VID),
+    _k("val_samples_per_class", "int", 50, "validation clips per held-out class during training", tasks=_VID),
     _k("support_per", "str", "video", "evaluation supports drawn afresh per query video or once per class",
-       ("video", "class")),
+       ("video", "class"), tasks=_VID),
     _k("video_augment", "bool", True,
-       "training clip augmentation (flip, small affine, contrast, brightness; portrait frames transposed)"),
-    # ---- TRAIN: model -----------------------------------------------------------------
+       "training clip augmentation (flip, small affine, contrast, brightness; portrait frames transposed)",
+       tasks=_VID),
+) + _section(
+    "MODEL",
     _k("arch", "str", "ntrenetpp",
-       "network: a registered name ('ntrenetpp', 'pfenet') or 'package.module:callable' (docs/extending.md)"),
-    _k("layers", "int", 50, "ResNet depth: 18, 34, 50 or 101 (ignored when vgg is True)", (18, 34, 50, 101)),
-    _k("vgg", "bool", False, "use VGG-16-bn instead of ResNet"),
-    _k("deep_stem", "bool", True, "ResNet stem: three 3x3 convs (semseg 'v2' weights) or one 7x7 (torchvision)"),
+       "network: a registered name ('ntrenetpp', 'pfenet') or 'package.module:callable' (docs/extending.md)",
+       arch=True),
+    _k("layers", "int", 50, "ResNet depth: 18, 34, 50 or 101 (ignored when vgg is True)", (18, 34, 50, 101),
+       arch=True),
+    _k("vgg", "bool", False, "use VGG-16-bn instead of ResNet", arch=True),
+    _k("deep_stem", "bool", True, "ResNet stem: three 3x3 convs (semseg 'v2' weights) or one 7x7 (torchvision)",
+       arch=True),
     _k("backbone_width", "float", 1.0,
        "ResNet channel multiplier: 1.0 is the standard network (ImageNet weight files need it); "
-       "0.5 halves every channel count for from-scratch training (the synthetic demos)"),
+       "0.5 halves every channel count for from-scratch training (the synthetic demos)", arch=True),
     _k("pretrained", "str", "initmodel/resnet50_v2.pth",
        "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)"),
     _k("allow_missing_backbone_keys", "bool", False, "accept a weight file that lacks backbone keys"),
     _k("freeze_backbone", "bool", True, "backbone gets no gradient and runs under no_grad"),
     _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode; False = the authors' train-mode BN "
        "(batch statistics of separate query / per-shot passes, drifting running statistics)"),
-    _k("reduce_dim", "int", 256, "channels C of the reduced features"),
+    _k("reduce_dim", "int", 256, "channels C of the reduced features", arch=True),
     _k("ppm_scales", "list", [60, 30, 15, 8],
-       "per-scale bins: sizes > 1 are absolute, values <= 1.0 fractions of the feature size (PFENet)"),
+       "per-scale bins: sizes > 1 are absolute, values <= 1.0 fractions of the feature size (PFENet)", arch=True),
     _k("do_pool", "str", "gap", "DO prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area",
-       ("gap", "map")),
+       ("gap", "map"), arch=True),
     _k("self_proto_pool", "str", "gap",
-       "query self-prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area", ("gap", "map")),
-    _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches"),
-    # ---- VIDEO MODEL (dataset ytvis / synthetic_video; docs/video.md) -------------------
+       "query self-prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area", ("gap", "map"),
+       arch=True),
+    _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches", arch=True),
     _k("support_mode", "str", "paired",
        "video: 'paired' matches query frame t with support t (the reference; needs shot = clip_len), "
-       "'mean' gives every frame the K-shot average prototype and prior", ("paired", "mean")),
+       "'mean' gives every frame the K-shot average prototype and prior", ("paired", "mean"), tasks=_VID),
     _k("video_attention", "bool", True,
        "video: cross-frame agent attention in the BG branch, after BG elimination and after the "
-       "self-prototype merge (False: frames processed independently)"),
-    _k("video_aspp", "bool", False, "video: ASPP on the query features (the reference drops it)"),
-    _k("video_bg_dim", "int", 512, "video: channels of the learnable BG prototype (the reference's 512)"),
-    _k("attention_lr", "float", 1e-5,
-       "video: Adam learning rate of the attention blocks (the head uses SGD at base_lr)"),
-    _k("attention_weight_decay", "float", 5e-4, "video: Adam weight decay of the attention blocks"),
-    # ---- TRAIN: losses ----------------------------------------------------------------
+       "self-prototype merge (False: frames processed independently)", arch=True, tasks=_VID),
+    _k("video_aspp", "bool", False, "video: ASPP on the query features (the reference drops it)", arch=True,
+       tasks=_VID),
+    _k("video_bg_dim", "int", 512, "video: channels of the learnable BG prototype (the reference's 512)",
+       arch=True, tasks=_VID),
+) + _section(
+    "LOSS",
     _k("main_weight", "float", 1.0, "weight of the final prediction's cross-entropy (video reference: 5)"),
-    _k("iou_weight", "float", 0.0, "video: weight of the soft-IoU term 1 - IoU(final fg probability, mask)"),
+    _k("iou_weight", "float", 0.0, "video: weight of the soft-IoU term 1 - IoU(final fg probability, mask)",
+       tasks=_VID),
     _k("aux_weight", "float", 1.0, "weight of the bracketed auxiliary sum"),
     _k("bg_weight", "float", 1.0, "weight of the BG mining loss inside the bracket"),
     _k("aux1_weight", "float", 0.4, "weight of the per-scale auxiliary head loss"),
     _k("aux2_weight", "float", 0.6, "weight of the initial/second prediction loss"),
-    _k("contrast_weight", "float", 0.01, "weight of the prototypical-pixel contrastive loss"),
+    _k("contrast_weight", "float", 0.01, "weight of the prototypical-pixel contrastive loss (the video "
+       "network has none)", tasks=_IMG),
     _k("bg_alpha", "float", 0.5, "alpha of the BG mining loss (pull of every pixel towards BG)"),
-    _k("contrast_temperature", "float", 1.0, "tau of the prototype InfoNCE"),
-    _k("memory_size", "int", 2000, "DO memory bank capacity per class (FIFO)"),
-    _k("num_negatives", "int", 1000, "negatives sampled from the class's bank per episode"),
-    _k("pixel_negative", "bool", False, "add the pixel-to-DO negative term (reference leaves it out)"),
-    # ---- TRAIN: data and augmentation -------------------------------------------------
-    _k("train_h", "int", 473, "training crop height"),
-    _k("train_w", "int", 473, "training crop width"),
-    _k("val_size", "int", 473, "evaluation canvas side; longer image side resized to it"),
-    _k("scale_min", "float", 0.9, "random scale lower bound"),
-    _k("scale_max", "float", 1.1, "random scale upper bound"),
-    _k("rotate_min", "float", -10.0, "random rotation lower bound (degrees)"),
-    _k("rotate_max", "float", 10.0, "random rotation upper bound (degrees)"),
-    _k("rotate_p", "float", 0.5, "probability of a random rotation"),
-    _k("blur_p", "float", 0.5, "probability of a 5x5 Gaussian blur"),
+    _k("contrast_temperature", "float", 1.0, "tau of the prototype InfoNCE", tasks=_IMG),
+    _k("memory_size", "int", 2000, "DO memory bank capacity per class (FIFO)", arch=True, tasks=_IMG),
+    _k("bank_classes", "int", 0, "classes of the DO memory bank (0: the dataset's class count); a checkpoint "
+       "keeps its own", arch=True, tasks=_IMG),
+    _k("num_negatives", "int", 1000, "negatives sampled from the class's bank per episode", tasks=_IMG),
+    _k("pixel_negative", "bool", False, "add the pixel-to-DO negative term (reference leaves it out)", tasks=_IMG),
+) + _section(
+    "TRAIN",
+    _k("train_h", "int", 473, "training crop height", tasks=_IMG),
+    _k("train_w", "int", 473, "training crop width", tasks=_IMG),
+    _k("scale_min", "float", 0.9, "random scale lower bound", tasks=_IMG),
+    _k("scale_max", "float", 1.1, "random scale upper bound", tasks=_IMG),
+    _k("rotate_min", "float", -10.0, "random rotation lower bound (degrees)", tasks=_IMG),
+    _k("rotate_max", "float", 10.0, "random rotation upper bound (degrees)", tasks=_IMG),
+    _k("rotate_p", "float", 0.5, "probability of a random rotation", tasks=_IMG),
+    _k("blur_p", "float", 0.5, "probability of a 5x5 Gaussian blur", tasks=_IMG),
     _k("flip_p", "float", 0.5, "probability of a horizontal flip"),
     _k("hue_jitter", "float", 0.0,
        "episode-level hue rotation: query and supports of a training episode turned by one angle drawn "
-       "in [-hue_jitter, hue_jitter] degrees (0: off; 180: any hue). Image training only"),
+       "in [-hue_jitter, hue_jitter] degrees (0: off; 180: any hue)", tasks=_IMG),
     _k("tint_jitter", "float", 0.0,
        "episode-level tint: every RGB channel of a training episode's images multiplied by one gain drawn "
        "in [1 - tint_jitter, 1] (0: off); unlike a hue turn it also colours white and grey (black stays "
-       "black). Image training only"),
-    _k("ignore_label", "int", 255, "label value ignored by losses and metrics"),
-    _k("padding_label", "int", 255, "label value used to pad crops and rotations"),
+       "black)", tasks=_IMG),
+    _k("ignore_label", "int", 255, "label value ignored by losses and metrics, and padding crops and rotations"),
     _k("shot", "int", 1, "K: support images per episode"),
-    _k("workers", "int", 8, "data loader processes per training process"),
     _k("batch_size", "int", 4, "global training batch (divided across processes)"),
-    _k("batch_size_val", "int", 1, "episodes per evaluation forward pass"),
-    _k("epoch_size", "int", 0, "training episodes per epoch (0: one per eligible training image)"),
-    # ---- TRAIN: optimisation ----------------------------------------------------------
+    _k("epoch_size", "int", 0, "training episodes per epoch (0: one per eligible training image / clip)"),
     _k("epochs", "int", 150, "training epochs"),
     _k("base_lr", "float", 0.025, "starting learning rate actually used (no hidden x10)"),
     _k("power", "float", 0.9, "poly schedule power, applied per iteration"),
     _k("momentum", "float", 0.9, "SGD momentum"),
     _k("weight_decay", "float", 1e-4, "SGD weight decay"),
+    _k("attention_lr", "float", 1e-5,
+       "video: Adam learning rate of the attention blocks (the head uses SGD at base_lr)", tasks=_VID),
+    _k("attention_weight_decay", "float", 5e-4, "video: Adam weight decay of the attention blocks", tasks=_VID),
     _k("warmup_iters", "int", 0, "linear learning-rate warm-up iterations"),
     _k("manual_seed", "int", 321, "seed of training and of the evaluation episode lists"),
     _k("amp", "str", "none", "mixed precision", ("none", "bf16", "fp16")),
@@ -151,30 +185,40 @@ SCHEMA: tuple[Key, ...] = (
     _k("print_freq", "int", 10, "iterations between log lines"),
     _k("val_freq", "int", 1, "epochs between validations"),
     _k("evaluate", "bool", True, "validate during training"),
-    _k("val_num", "int", 0, "episodes per validation during training (0: test_num)"),
+    _k("val_num", "int", 0, "episodes per validation during training (0: test_num)", tasks=_IMG),
     _k("stop_iter", "int", 0, "stop after this global iteration, saving last.pth (0: run all epochs)"),
     _k("ckpt_freq_iters", "int", 0, "also write last.pth every N iterations (0: once per epoch)"),
     _k("resume", "str", "", "checkpoint to resume from: '' (none), 'auto' (last.pth) or a path"),
     _k("overwrite", "bool", False, "start over in an experiment folder that holds checkpoints (deletes them)"),
-    _k("save_path", "str", "", "experiment folder (exp/<dataset>/<exp_name>); set by train.sh"),
+    _k("save_path", "str", "", "experiment folder (default exp/<dataset>/<exp_name>[_shotK])"),
     _k("tb_images", "int", 4, "episodes logged to TensorBoard as images per validation"),
-    # ---- TEST -------------------------------------------------------------------------
+) + _section(
+    "TEST",
+    _k("val_size", "int", 473, "evaluation canvas side; longer image side resized to it", tasks=_IMG),
+    _k("batch_size_val", "int", 1, "episodes per evaluation forward pass"),
     _k("weight", "str", "best", "checkpoint to evaluate: 'best', 'last' or a path"),
-    _k("test_num", "int", 1000, "evaluation episodes per seed (exactly this many)"),
-    _k("test_seeds", "int", 5, "number of evaluation seeds, derived from manual_seed"),
-    _k("ori_resize", "bool", True, "score on the original-size label (PFENet default)"),
-    _k("fixed_eval_size", "int", 0, "score at a fixed square resolution instead (HSNet-style; 0: off)"),
-    _k("save_pred", "bool", False, "write predicted masks and episodes.json per seed"),
+    _k("test_num", "int", 1000, "evaluation episodes per seed (exactly this many)", tasks=_IMG),
+    _k("test_seeds", "int", 5, "number of evaluation seeds (runs), derived from manual_seed"),
+    _k("ori_resize", "bool", True, "score on the original-size label (PFENet default)", tasks=_IMG),
+    _k("fixed_eval_size", "int", 0, "score at a fixed square resolution instead (HSNet-style; 0: off)",
+       tasks=_IMG),
+    _k("save_pred", "bool", False, "write predicted masks and an index of them per seed"),
     _k("vis", "int", 0, "visualisation panels saved per seed"),
     _k("device", "str", "auto", "'auto', 'cpu' or 'cuda'", ("auto", "cpu", "cuda")),
 )
 
 KEYS: dict[str, Key] = {k.name: k for k in SCHEMA}
 assert len(KEYS) == len(SCHEMA), "a key is declared twice"
+ARCH_KEYS: tuple[str, ...] = tuple(k.name for k in SCHEMA if k.arch)   # what a checkpoint is rebuilt with
 
 
 class CfgNode(dict):
-    """A flat dict with attribute access (``cfg.shot``)."""
+    """A flat dict with attribute access (``cfg.shot``). ``explicit``: the keys a YAML file or
+    the command line set (the rest hold their declared defaults); ``overridden``: those the
+    command line set."""
+
+    explicit: frozenset = frozenset()
+    overridden: frozenset = frozenset()
 
     def __getattr__(self, name):
         try:
@@ -186,7 +230,15 @@ class CfgNode(dict):
         self[name] = value
 
     def copy(self) -> "CfgNode":
-        return CfgNode(dict(self))
+        out = CfgNode(dict(self))
+        object.__setattr__(out, "explicit", self.explicit)
+        object.__setattr__(out, "overridden", self.overridden)
+        return out
+
+    def mark(self, explicit=(), overridden=()) -> "CfgNode":
+        object.__setattr__(self, "explicit", self.explicit | frozenset(explicit))
+        object.__setattr__(self, "overridden", self.overridden | frozenset(overridden))
+        return self
 
 
 def _unknown_key_message(name: str, where: str) -> str:
@@ -268,7 +320,7 @@ def load_cfg_from_yaml(path: str) -> CfgNode:
                 raise ConfigError(f"{path}: key '{name}' appears in both '{seen[name]}' and '{section}'")
             seen[name] = section
             cfg[name] = check_value(name, value, where=path)
-    return cfg
+    return cfg.mark(explicit=seen)
 
 
 def parse_literal(text: str) -> Any:
@@ -289,18 +341,38 @@ def merge_cfg_from_list(cfg: CfgNode, opts: Sequence[str]) -> CfgNode:
         if name in KEYS and KEYS[name].type == "str" and not isinstance(value, str):
             value = text  # e.g. `weight 123` or a path that happens to parse
         out[name] = check_value(name, value, where="command line")
-    return out
+    return out.mark(explicit=opts[0::2], overridden=opts[0::2])
 
 
 def load_cfg(path: str, opts: Iterable[str] = ()) -> CfgNode:
     """The usual entry point: YAML file plus command-line overrides, validated."""
     cfg = merge_cfg_from_list(load_cfg_from_yaml(path), list(opts))
     validate(cfg)
+    warn_inapplicable(cfg)
     return cfg
 
 
+def task_of(dataset: str) -> str:
+    """The task a dataset family belongs to."""
+    return VIDEO if dataset in VIDEO_DATASETS else IMAGE
+
+
+def datasets_of(task: str) -> list[str]:
+    """The dataset families of a task."""
+    return [name for name in KEYS["dataset"].choices if task_of(name) == task]
+
+
 def validate(cfg: CfgNode) -> None:
-    """Cross-key checks that a single type check cannot express."""
+    """Every cross-key check, in one place, and the keys derived from others: ``task`` from the
+    dataset, ``bank_classes`` from its class count. The network builders and data classes get
+    values this has checked."""
+    task = task_of(cfg.dataset)
+    if cfg.task not in ("auto", task):
+        raise ConfigError(f"key 'task' is {cfg.task!r} but dataset {cfg.dataset!r} is a {task} dataset; "
+                          f"leave task at 'auto'")
+    cfg.task = task
+    if cfg.bank_classes == 0:
+        cfg.bank_classes = NUM_CLASSES[cfg.dataset]
     if not 0 <= cfg.split <= 3:
         raise ConfigError(f"key 'split' is {cfg.split}; folds are 0, 1, 2 or 3")
     if cfg.shot < 1:
@@ -317,7 +389,8 @@ def validate(cfg: CfgNode) -> None:
     if cfg.rotate_min > cfg.rotate_max:
         raise ConfigError(f"rotate_min ({cfg.rotate_min}) is larger than rotate_max ({cfg.rotate_max})")
     for name in ("train_h", "train_w", "val_size", "batch_size", "batch_size_val", "test_num", "test_seeds",
-                 "reduce_dim", "memory_size", "epochs", "print_freq", "val_freq"):
+                 "reduce_dim", "memory_size", "epochs", "print_freq", "val_freq", "bank_classes",
+                 "clip_len", "samples_per_class", "val_samples_per_class"):
         if cfg[name] < 1:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
     for name in ("workers", "class_index_workers", "epoch_size", "stop_iter", "ckpt_freq_iters", "warmup_iters",
@@ -325,19 +398,41 @@ def validate(cfg: CfgNode) -> None:
         if cfg[name] < 0:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must not be negative")
     if not cfg.ppm_scales or any(not isinstance(s, (int, float)) or s <= 0 for s in cfg.ppm_scales):
-        raise ConfigError(f"key 'ppm_scales' is {cfg.ppm_scales}; expected positive sizes or fractions")
-    # ---- video data keys ----
-    for name in ("clip_len", "samples_per_class", "val_samples_per_class"):
-        if cfg[name] < 1:
-            raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
+        raise ConfigError(f"key 'ppm_scales' is {cfg.ppm_scales}; expected positive sizes or fractions, "
+                          f"e.g. [60, 30, 15, 8] or [1.0, 0.5, 0.25, 0.125]")
     for name in ("video_h", "video_w"):
         if cfg[name] < 8:
             raise ConfigError(f"key '{name}' is {cfg[name]}; the video canvas must be at least 8 pixels")
+    if task == VIDEO:
+        if cfg.support_mode == "paired" and cfg.shot != cfg.clip_len:
+            raise ConfigError(f"support_mode 'paired' pairs query frame t with support t, so 'shot' ({cfg.shot}) "
+                              f"must equal 'clip_len' ({cfg.clip_len}); set both, or use 'support_mode mean'")
+
+
+def resolved(cfg: CfgNode) -> CfgNode:
+    """A validated copy of ``cfg`` (derived keys filled in); ``cfg`` itself is left as it is."""
+    out = cfg.copy()
+    validate(out)
+    return out
+
+
+def warn_inapplicable(cfg: CfgNode) -> None:
+    """A warning naming the keys the YAML file or command line set, to other than their default,
+    that the config's task does not use (image augmentation in a video config, for example)."""
+    ignored = sorted(k for k in cfg.explicit
+                     if k in KEYS and cfg.task not in KEYS[k].tasks and cfg[k] != KEYS[k].default)
+    if ignored:
+        log.warning("%s do%s not apply to %s experiments and %s ignored", ", ".join(ignored),
+                    "es" if len(ignored) == 1 else "", cfg.task, "is" if len(ignored) == 1 else "are")
 
 
 def dump_cfg(cfg: CfgNode) -> str:
-    """The config as a flat YAML document (saved beside experiments and in checkpoints)."""
-    return yaml.safe_dump({"CONFIG": dict(cfg)}, sort_keys=False)
+    """The config as a YAML document in its declared sections (saved beside experiments); it
+    loads back to the same config."""
+    sections: dict[str, dict] = {}
+    for key in SCHEMA:
+        sections.setdefault(key.section, {})[key.name] = cfg[key.name]
+    return yaml.safe_dump(sections, sort_keys=False)
 
 
 def describe_schema() -> str:
@@ -362,10 +457,29 @@ def parse_args_with_overrides(parser, argv=None):
     return args, opts
 
 
-def default_save_path(config_path: str, dataset: str) -> str:
-    """exp/<dataset>/<exp_name>, exp_name from config/<dataset>/<dataset>_<exp_name>.yaml."""
+def default_save_path(config_path: str, cfg: CfgNode, yaml_shot: int) -> str:
+    """The experiment folder: exp/<dataset>/<exp_name>, exp_name from
+    config/<dataset>/<dataset>_<exp_name>.yaml. A model at another shot than its config's
+    (``shot K`` on the command line, K != the YAML's shot) is its own experiment,
+    exp/<dataset>/<exp_name>_shotK, for training and testing alike: never the config's folder,
+    whose checkpoints a resume would continue."""
     stem = os.path.splitext(os.path.basename(config_path))[0]
-    return os.path.join("exp", dataset, stem[len(dataset) + 1:] if stem.startswith(dataset + "_") else stem)
+    dataset = cfg.dataset
+    name = stem[len(dataset) + 1:] if stem.startswith(dataset + "_") else stem
+    if cfg.shot != yaml_shot:
+        name += f"_shot{cfg.shot}"
+    return os.path.join("exp", dataset, name)
+
+
+def config_with_overrides(config_path: str, opts: Sequence[str]) -> CfgNode:
+    """YAML file plus command-line overrides, validated, with ``save_path`` defaulting to the
+    experiment folder (:func:`default_save_path`)."""
+    from_yaml = load_cfg_from_yaml(config_path)
+    cfg = merge_cfg_from_list(from_yaml, list(opts))
+    validate(cfg)
+    warn_inapplicable(cfg)
+    cfg.save_path = cfg.save_path or default_save_path(config_path, cfg, from_yaml.shot)
+    return cfg
 
 
 def experiment_cfg(description: str, argv=None) -> CfgNode:
@@ -376,6 +490,4 @@ def experiment_cfg(description: str, argv=None) -> CfgNode:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="config/<dataset>/<dataset>_<exp>.yaml")
     args, opts = parse_args_with_overrides(parser, argv)
-    cfg = load_cfg(args.config, opts)
-    cfg.save_path = cfg.save_path or default_save_path(args.config, cfg.dataset)
-    return cfg
+    return config_with_overrides(args.config, opts)

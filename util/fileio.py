@@ -152,3 +152,18 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
                 f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{data_root}'); "
                 f"first ones: {shown}. Check data_root in the config or rebuild the list.")
     return pairs
+
+
+def exclusive_name(stem: str, suffix: str) -> str:
+    """``stem + suffix``, or ``stem-2 + suffix``, ``stem-3 + suffix``, ... : the first name no
+    other writer holds, reserved by creating it exclusively (an empty file that the atomic write
+    then replaces), so two processes that start in the same second keep one file each."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    k = 1
+    while True:
+        path = f"{stem}{suffix}" if k == 1 else f"{stem}-{k}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            k += 1

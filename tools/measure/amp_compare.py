@@ -32,7 +32,7 @@ import torch
 
 from engine.checkpoint import build_model_from_checkpoint
 from engine.evaluate import evaluate
-from model import build_model
+from engine.networks import build_model
 from tools.make_synthetic import main as make_synthetic
 from util.amp import to_device
 from util.config import load_cfg, parse_args_with_overrides
@@ -133,13 +133,13 @@ def compare(cfg, device: torch.device, episodes: int, amps=("none", "bf16"), wei
             margins[amp] = recorder.margins
             predictions[amp] = read_predictions(os.path.join(tmp, amp))
             fg = np.mean([p.mean() for _, p in predictions[amp]]) * 100
-            run = {"ms_per_episode": res.ms_per_episode, "wall_s": res.wall_s, "miou": res.result.miou,
+            run = {"ms_per_episode": res.ms_per_unit, "wall_s": res.wall_s, "miou": res.result.miou,
                    "fbiou": res.result.fbiou, "foreground_pct": float(fg)}
             if amp != amps[0]:
                 run.update(agreement(predictions[amps[0]], predictions[amp], cfg.data_root, cfg.ignore_label))
                 run.update(margin_error(margins[amps[0]], margins[amp]))
                 run["miou_diff"] = res.result.miou - out["runs"][amps[0]]["miou"]
-                run["speedup"] = out["runs"][amps[0]]["ms_per_episode"] / res.ms_per_episode
+                run["speedup"] = out["runs"][amps[0]]["ms_per_episode"] / res.ms_per_unit
             out["runs"][amp] = run
     return out
 

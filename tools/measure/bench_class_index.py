@@ -14,7 +14,7 @@ import time
 
 from dataset.class_index import build_class_index, cache_path_for, load_area_table
 from util.cli import run
-from dataset.classes import fold_classes
+from util.classes import fold_classes
 from util.fileio import read_list
 
 

@@ -67,12 +67,12 @@ from engine.trainer import Trainer, build_training, train_loader
 from tools.make_synthetic import main as make_synthetic
 from tools.make_synthetic_video import main as make_synthetic_video
 from tools.prepare_ytvis import prepare_ytvis
-from engine.video import VIDEO_BATCH_KEYS, is_video
+from engine.tasks import task_for
 from util.amp import (TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,
                       use_channels_last)
-from dataset.classes import NUM_CLASSES, VIDEO_DATASETS
+from util.classes import NUM_CLASSES
 from util.cli import run as run_cli
-from util.config import load_cfg, parse_args_with_overrides
+from util.config import load_cfg, parse_args_with_overrides, validate
 from dataset.image import FewShotTrainDataset, load_split
 from util.distributed import DistInfo
 from util.fileio import atomic_write_json
@@ -235,17 +235,17 @@ def make_trainer(cfg, info: DistInfo) -> Trainer:
 
 def train_inputs(cfg) -> tuple[str, ...]:
     """The batch keys of a training step (the first three: what the network is called with)."""
-    return VIDEO_BATCH_KEYS if is_video(cfg) else TRAIN_INPUTS
+    return task_for(cfg).train_inputs
 
 
 def step_size(cfg) -> tuple[int, int]:
     """The training input size: ``train_h × train_w`` crops, or the video canvas."""
-    return (cfg.video_h, cfg.video_w) if is_video(cfg) else (cfg.train_h, cfg.train_w)
+    return task_for(cfg).input_size(cfg, train=True)
 
 
 def cfg_batch(cfg, batch_size: int, size, seed: int, pin: bool = False) -> dict:
     return make_batch(batch_size, cfg.shot, size, NUM_CLASSES.get(cfg.dataset, 20), seed, pin,
-                      cfg.clip_len if is_video(cfg) else 0)
+                      task_for(cfg).clip_frames(cfg))
 
 
 def prepare(cfg, device: torch.device, tune_malloc: bool = True):
@@ -265,7 +265,7 @@ def step_fn(trainer, batch):
     same weights), its loss values dropped."""
     def step():
         trainer.step(batch, 0.0)
-        trainer.pending.clear()
+        trainer.losses.pending.clear()
     return step
 
 
@@ -275,7 +275,7 @@ def describe(cfg) -> str:
     net = "VGG-16-bn" if cfg["vgg"] else f"ResNet-{cfg['layers']}"
     if cfg["backbone_width"] != 1.0:
         net += f" x{cfg['backbone_width']:g}"
-    if cfg["dataset"] in VIDEO_DATASETS:
+    if cfg["task"] == "video":
         return (f"video {net}, T={cfg['clip_len']} + {cfg['shot']}-shot {cfg['support_mode']}, batch "
                 f"{cfg['batch_size']}, {cfg['video_h']}x{cfg['video_w']}")
     return f"{net}, {cfg['shot']}-shot, batch {cfg['batch_size']}, {cfg['train_h']}x{cfg['train_w']}"
@@ -287,9 +287,10 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
 
     Set up by :func:`prepare` (CPU process tuning first, as train.py and test.py do).
     """
+    validate(cfg)
     res: dict = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "config": {k: cfg[k] for k in ("dataset", "layers", "backbone_width", "vgg", "shot", "batch_size", "train_h",
+                 "config": {k: cfg[k] for k in ("dataset", "task", "arch", "layers", "backbone_width", "vgg", "shot", "batch_size", "train_h",
                                                 "train_w", "val_size", "clip_len", "video_h", "video_w",
                                                 "support_mode", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
@@ -331,7 +332,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     res["train_step_ms_all"] = [round(t, 2) for t in times]
     res["peak_mem_mib"] = mem.mib
     trainer.step(batch, 0.0)                  # the losses are finite (read back once, outside timing)
-    res["losses"] = {k: float(v) for k, v in zip(trainer.loss_names, trainer.pending.pop())}
+    res["losses"] = {k: float(v) for k, v in zip(trainer.losses.names, trainer.losses.pending.pop())}
     res["achieved_gflops"] = res["step_gflop"] / (res["train_step_ms"] / 1000)
     res["efficiency"] = res["achieved_gflops"] / res["peak_gflops"]
     res["sync_free"] = step_is_sync_free(trainer, batch)
@@ -463,7 +464,7 @@ def amp_loss_check(model, batch, cfg, device) -> dict:
 def measure_eval(net, cfg, device, warmup, reps):
     """(ms per episode one at a time, ms per episode batched, the batch) at ``val_size`` (video:
     per clip of ``clip_len`` frames on the canvas)."""
-    size = step_size(cfg) if is_video(cfg) else (cfg.val_size, cfg.val_size)
+    size = task_for(cfg).input_size(cfg, train=False)
     out = []
     batched = max(cfg.batch_size_val, 4)
     net.eval()
@@ -506,7 +507,7 @@ def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
     configured resolution (first batch, i.e. worker start-up, excluded)."""
     B = cfg.batch_size
     batches = batches or max(12, 2 * max(cfg.workers, 1))
-    if is_video(cfg):
+    if task_for(cfg).name == "video":      # its own synthetic tree: clips, not images
         return measure_video_loader(cfg, info, batches)
     images = max(40, 2 * B * (cfg.shot + 1))
     with tempfile.TemporaryDirectory(prefix="ntrenet_bench_") as root:
@@ -569,7 +570,7 @@ ROWS = (("backbone_ms", "backbone forward (B·(K+1) images + masked layer4 + pri
 def format_table(res: dict) -> str:
     c = res["config"]
     head = (f"{res['machine']} | torch {res['torch']}, {res['threads']} threads | {res['date']}\n"
-            f"{describe(c)} (eval {'canvas' if c['dataset'] in VIDEO_DATASETS else c['val_size']}, batch "
+            f"{describe(c)} (eval {'canvas' if c['task'] == 'video' else c['val_size']}, batch "
             f"{res.get('eval_batch', '-')}), amp {c['amp']}, channels_last {c['channels_last']}"
             + (f" (-> {res['channels_last_used']})" if c['channels_last'] == 'auto' else "") + ", "
             f"compile {c['compile']}, workers {c['workers']}"

@@ -114,10 +114,10 @@ def train_steps(device: torch.device, out: str, budget: Budget, steps: int = 3) 
                 trainer.step(batch, 0.001)
                 _sync(device)
                 times.append(1000 * (time.perf_counter() - t0))
-            losses = torch.stack(trainer.pending).float().cpu()
+            losses = torch.stack(trainer.losses.pending).float().cpu()
             finite_weights = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
             row.update(step_ms=statistics.median(times[1:] or times), first_step_ms=times[0],
-                       total_loss=[round(float(v), 5) for v in losses[:, trainer.loss_names.index("total")]],
+                       total_loss=[round(float(v), 5) for v in losses[:, trainer.losses.names.index("total")]],
                        losses_finite=bool(torch.isfinite(losses).all()), weights_finite=finite_weights,
                        grad_scale=float(trainer.scaler.get_scale()) if trainer.scaler.is_enabled() else None)
             row["ok"] = row["losses_finite"] and finite_weights

@@ -13,7 +13,8 @@ import logging
 import os
 
 
-from model import build_model, parameter_counts
+from engine.networks import build_model
+from model import parameter_counts
 from util.cli import run
 from util.config import defaults, load_cfg, merge_cfg_from_list, validate
 

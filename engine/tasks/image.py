@@ -1,0 +1,148 @@
+"""Few-shot segmentation of images (PASCAL-5i, COCO-20i, the synthetic set): episodes of a
+query image and K annotated supports, scored by class mIoU and FB-IoU (docs/protocol.md)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from dataset.image import FewShotEvalDataset, FewShotTrainDataset, eval_collate, load_split_rank0_first
+from dataset.metrics import IoUAccumulator, score_episodes
+from engine.predictor import Predictor
+from engine.tasks.base import Scorer, Task, mean_std
+from util.classes import class_name
+from util.fileio import atomic_write_image, atomic_write_json
+from util.vis import panel_image, save_panel
+
+log = logging.getLogger("ntrenetpp")
+
+
+class ImageScorer(Scorer):
+    """Intersection and union per episode, pooled per class (class mIoU) and over all
+    episodes (FB-IoU); predictions written as 0/1 PNGs at the scored size."""
+
+    def __init__(self, dataset: FewShotEvalDataset, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.acc = IoUAccumulator(dataset.split.classes, device)
+        self.names = {c: class_name(cfg.dataset, c) for c in dataset.split.classes}
+        self.units = max(len(dataset), 1)
+        self.episode_iou = None
+
+    def update(self, batch: dict, logits: torch.Tensor) -> list:
+        inter, union, preds = score_episodes(logits, batch, self.cfg.ignore_label, self.cfg.ori_resize,
+                                             self.cfg.fixed_eval_size)
+        self.acc.update(batch["class_id"].to(self.device), inter, union)
+        self.episode_iou = inter[:, 1] / (union[:, 1] + 1e-10) * 100
+        return preds
+
+    def save(self, pred_dir: str, batch: dict, preds: list) -> list[dict]:
+        records = []
+        for i, pred in enumerate(preds):
+            episode, class_id = int(batch["episode_id"][i]), int(batch["class_id"][i])
+            name = f"ep{episode:06d}.png"
+            atomic_write_image(os.path.join(pred_dir, name), pred.to(torch.uint8).cpu().numpy())
+            records.append({"episode": episode, "class": class_id, "class_name": self.names[class_id],
+                            "query_label": os.path.relpath(batch["query_label_path"][i], self.cfg.data_root),
+                            "prediction": name})
+        return records
+
+    def samples(self, batch: dict, logits: torch.Tensor, preds: list, extras: dict, n: int) -> list[dict]:
+        kept = []
+        for i in range(min(len(preds), n)):
+            class_id = int(batch["class_id"][i])
+            kept.append({
+                "query_img": batch["query_img"][i], "query_mask": batch["query_mask"][i],
+                "support_imgs": batch["support_imgs"][i], "support_masks": batch["support_masks"][i],
+                "class_id": class_id, "class_name": self.names[class_id], "pred": logits[i].argmax(0).cpu(),
+                "bg_map": extras["bg_logits"][i].float().softmax(0)[1].cpu(), "do_mask": extras["do_mask"][i].cpu(),
+                "iou": float(self.episode_iou[i]),
+            })
+        return kept
+
+    def result(self):
+        self.acc.all_reduce()
+        return self.acc.result(self.names)
+
+    def write_index(self, pred_dir: str, records: list[dict]) -> None:
+        records.sort(key=lambda r: r["episode"])
+        atomic_write_json(os.path.join(pred_dir, "episodes.json"), {"data_root": self.cfg.data_root,
+                                                                     "episodes": records})
+
+
+class ImageTask(Task):
+    name = "image"
+    train_inputs = ("query_img", "support_imgs", "support_masks", "query_mask", "class_id")
+    eval_inputs = train_inputs[:3]
+    eval_collate = staticmethod(eval_collate)
+    headline = (("class mIoU", "miou"), ("FB-IoU", "fbiou"))
+    selection_metric = "class mIoU"
+    predictor = Predictor
+    prototype_matcher = True
+
+    def input_size(self, cfg, train):
+        return (cfg.train_h, cfg.train_w) if train else (cfg.val_size, cfg.val_size)
+
+    def train_dataset(self, cfg, info):
+        return FewShotTrainDataset(cfg, split=load_split_rank0_first(cfg, True))
+
+    def val_dataset(self, cfg, info, seed):
+        return FewShotEvalDataset(cfg, seed=seed, num_episodes=cfg.val_num or cfg.test_num,
+                                  split=load_split_rank0_first(cfg, False), rank=info.rank,
+                                  world_size=info.world_size)
+
+    def test_datasets(self, cfg, info, seeds):
+        split = load_split_rank0_first(cfg, train=False)
+        for seed in seeds:
+            yield seed, FewShotEvalDataset(cfg, seed=seed, num_episodes=cfg.test_num, split=split,
+                                           rank=info.rank, world_size=info.world_size)
+
+    def scorer(self, dataset, cfg, device):
+        return ImageScorer(dataset, cfg, device)
+
+    def validation_metrics(self, out, epoch, writer, step):
+        r = out.result
+        log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",
+                 epoch, r.miou, r.fbiou, r.episodes, out.ms_per_unit)
+        log.info("  " + "  ".join(f"{k}: {v:.2f}" for k, v in r.class_iou.items()))
+        if writer is not None:
+            writer.add_scalar("val/miou", r.miou, step)
+            writer.add_scalar("val/fbiou", r.fbiou, step)
+            for i, sample in enumerate(out.samples):
+                writer.add_image(f"val/episode_{i}", panel_image(sample), step, dataformats="HWC")
+        return {"miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou, "episodes": r.episodes}
+
+    def describe_test(self, cfg):
+        return f"{cfg.shot}-shot, {cfg.test_seeds} seed(s) x {cfg.test_num} episodes"
+
+    def result_episodes(self, result):
+        return {"test_num": result["episodes"], "test_seeds": result["seeds"], "shot": result["shot"],
+                **({"manual_seed": result["manual_seed"]} if "manual_seed" in result else {})}
+
+    def run_record(self, seed, out, dataset, cfg):
+        r = out.result
+        lines = [f"seed {seed}: class mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}  "
+                 f"({r.episodes} episodes, {out.ms_per_unit:.1f} ms/episode)"]
+        lines += [f"    {name:<18s} {iou:6.2f}" for name, iou in r.class_iou.items()]
+        log.info("\n".join(lines))
+        return {"seed": seed, "miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou,
+                "episodes": r.episodes, "ms_per_episode": out.ms_per_unit}
+
+    def summary(self, cfg, runs):
+        (miou_mean, miou_std), (fbiou_mean, fbiou_std) = mean_std(r["miou"] for r in runs), \
+            mean_std(r["fbiou"] for r in runs)
+        return {"miou_mean": miou_mean, "miou_std": miou_std, "fbiou_mean": fbiou_mean, "fbiou_std": fbiou_std,
+                "episodes": cfg.test_num, "seeds": len(runs), "use_split_coco": cfg.use_split_coco,
+                "val_list": cfg.val_list,
+                "scoring": ("fixed %d" % cfg.fixed_eval_size) if cfg.fixed_eval_size else
+                           ("ori_resize" if cfg.ori_resize else "val_size canvas"),
+                "ms_per_episode": mean_std(r["ms_per_episode"] for r in runs)[0], "per_seed": runs}
+
+    def format_summary(self, cfg, s):
+        return (f"{cfg.shot}-shot over {s['seeds']} seed(s) x {s['episodes']} episodes, checkpoint {s['weight']}: "
+                f"class mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, "
+                f"FB-IoU {s['fbiou_mean']:.2f} ± {s['fbiou_std']:.2f}")
+
+    def save_visuals(self, samples, folder, rank):
+        for i, sample in enumerate(samples):
+            save_panel(os.path.join(folder, f"rank{rank}_panel{i:03d}.png"), sample)
