@@ -10,9 +10,9 @@ class folder
 3. every other ``.jpg``, ``.jpeg`` or ``.png`` file is an image, and must have exactly one
    mask by rule 1 or 2. So an image stored as PNG has its mask as ``<stem>_mask.png``.
 
-Other files (and names starting with a dot) are ignored. Masks are read as grey levels:
-a mask whose values are all 0 or 1 is used as it is, any other mask is binarised at
-``>= 128`` (0/255 masks, anti-aliased edges). A class list is a text file of class-folder
+Other files (and names starting with a dot) are ignored. Masks are read as grey levels
+(a palette PNG as its indices): a mask whose values are all 0 or 1 is used as it is, any
+other mask is binarised at ``>= 128`` (0/255 masks, anti-aliased edges). A class list is a text file of class-folder
 names, one per line (blank lines skipped, ``\\r`` stripped); a class's id is its 1-based
 line number among the names.
 
@@ -76,11 +76,11 @@ def read_class_list(path: str) -> list[str]:
 
 
 def read_mask(path: str) -> np.ndarray:
-    """A binary (0/1 uint8) mask: grey levels (PIL's ``L`` conversion), kept as they are when
-    all are 0 or 1, otherwise ``>= 128`` → 1."""
+    """A binary (0/1 uint8) mask: grey levels (PIL's ``L`` conversion; a palette PNG's
+    indices, not its colours), kept as they are when all are 0 or 1, otherwise ``>= 128`` → 1."""
     try:
         with Image.open(path) as im:
-            grey = np.asarray(im.convert("L"))
+            grey = np.asarray(im if im.mode == "P" else im.convert("L"))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read mask '{path}' ({e}); re-export it as a PNG") from e
     if grey.max(initial=0) <= 1:

@@ -143,6 +143,11 @@ def test_masks_0_1_kept_others_binarised_at_128(tmp_path):
     rgb[0, 1] = 255
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     assert read_mask(str(tmp_path / "rgb.png")).tolist() == [[0, 1]]
+    # a palette mask: its indices (0/1), not the luminance of its dark red foreground colour
+    pal = Image.fromarray(np.array([[0, 1, 1]], np.uint8))             # putpalette makes it mode P
+    pal.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    assert read_mask(str(tmp_path / "pal.png")).tolist() == [[0, 1, 1]]
 
 
 def test_index_errors_name_the_file_and_the_fix(tree, tmp_path):
