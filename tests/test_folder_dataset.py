@@ -2,7 +2,6 @@
 the formats of FewShotEvalDataset / FewShotTrainDataset, on tiny folders made here."""
 import os
 
-import cv2
 import numpy as np
 import pytest
 import torch

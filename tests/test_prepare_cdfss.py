@@ -256,6 +256,14 @@ def test_isic_errors(tmp_path):
     bad.write_text("image,label\n")
     with pytest.raises(PrepError, match="the first line must be the header 'ID,Class'"):
         prepare_cdfss("isic", str(src), out, str(bad), workers=1)
+    # a class that receives no image: no class list (it would name a missing folder)
+    no_sk = tmp_path / "no_sk.csv"
+    no_sk.write_text("ID,Class\nISIC_0000000,nevus\nISIC_0000001,melanoma\nISIC_0000003,nevus\n")
+    with pytest.raises(PrepError) as e:
+        prepare_cdfss("isic", str(src), out, str(no_sk), workers=1)
+    assert str(e.value).startswith(f"class(es) seborrheic_keratosis received no image from '{src}', so '{out}' was "
+                                   f"left without classes.txt; --src must be the folder holding")
+    assert not os.path.exists(f"{out}/classes.txt") and os.path.isfile(f"{out}/nevus/ISIC_0000000.png")
     os.rename(gt, gt + "_old")
     with pytest.raises(PrepError, match=f"^folder '{gt}' does not exist; --src must be the folder holding"):
         prepare_cdfss("isic", str(src), out, table, workers=1)
@@ -316,7 +324,8 @@ def test_chest_errors(tmp_path, capsys):
     Image.fromarray(np.zeros((10, 7), np.uint8)).save(src / "masks" / "CHNCXR_0009_1_mask.png")
     with pytest.raises(PrepError) as e:
         prepare_cdfss("chest", str(src), out, workers=1)
-    assert str(e.value) == (f"mask '{src}/masks/CHNCXR_0009_1_mask.png' has no image '{src}/CXR_png/CHNCXR_0009_1.png'; "
+    assert str(e.value) == (f"mask '{src}/masks/CHNCXR_0009_1_mask.png' has no image "
+                            f"'{src}/CXR_png/CHNCXR_0009_1.png'; "
                             f"--src must be the folder holding CXR_png/ and masks/ (the Kaggle chest X-ray masks and "
                             f"labels download, folder 'Lung Segmentation')")
     assert not os.path.exists(out)

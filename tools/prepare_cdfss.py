@@ -284,6 +284,7 @@ def chest_tasks(src: str, out: str, link: bool) -> tuple[list[PairTask], list[tu
 # ------------------------------------------------------------------ driver
 
 CLASSES = {"deepglobe": DEEPGLOBE_CLASSES, "isic": ISIC_CLASSES, "chest": CHEST_CLASSES}
+HINTS = {"deepglobe": DEEPGLOBE_HINT, "isic": ISIC_HINT, "chest": CHEST_HINT}
 
 
 def prepare_cdfss(dataset: str, src: str, out: str, classes_csv: str = "lists/cdfss/isic_class_id.csv",
@@ -305,7 +306,7 @@ def prepare_cdfss(dataset: str, src: str, out: str, classes_csv: str = "lists/cd
     empty = [c for c in names if not summary["per_class"].get(c)]
     if empty:
         raise PrepError(f"class(es) {', '.join(empty)} received no image from '{src}', so '{out}' was left "
-                        f"without {CLASS_LIST}; {dict(deepglobe=DEEPGLOBE_HINT, isic=ISIC_HINT, chest=CHEST_HINT)[dataset]}")
+                        f"without {CLASS_LIST}; {HINTS[dataset]}")
     path = os.path.join(out, CLASS_LIST)
     write_class_list(path, names)
     print(f"{path}: {len(names)} class(es) in the benchmark's order")
