@@ -1,6 +1,7 @@
 """dataset/folder.py: the class-folder layout, its errors, the two episode rules, and items in
 the formats of FewShotEvalDataset / FewShotTrainDataset, on tiny folders made here."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from dataset.folder import (FolderEvalDataset, FolderIndex, FolderTrainDataset, SquareResize, balanced_episodes,
                             hsnet_episodes, pair_files, read_class_list, read_mask)
 from dataset.image import Episode, EpisodeSampler, eval_collate
+from dataset.metrics import IoUAccumulator, score_episodes
 from dataset.transform import Compose, IMAGENET_MEAN, IMAGENET_STD, RandomCrop, ToTensorNormalize
 from util.errors import DataError, UserError
 
@@ -389,3 +391,37 @@ def test_train_items_sampler_and_determinism(tree):
         assert supports == expected
     batch = torch.utils.data.default_collate([ds[k] for k in list(iter(sampler))[:4]])
     assert batch["query_img"].shape == (4, 3, 8, 8) and batch["class_id"].shape == (4,)
+
+
+def test_items_score_through_the_existing_scoring(tree):
+    """eval_collate -> score_episodes (ori_resize, the default) -> IoUAccumulator, unchanged. With
+    the hsnet protocol the scored label is the 400x400 (here 16x16) one, so logits that are that
+    label score exactly 100, and all-background logits the hand-computed pooled IoUs."""
+    root, lst = tree
+    cfg = SimpleNamespace(ignore_label=255, ori_resize=True, fixed_eval_size=0)
+
+    def score(ds, logits_of):
+        batch = eval_collate([ds[i] for i in range(len(ds))])
+        inter, union, preds = score_episodes(logits_of(batch), batch, cfg)
+        acc = IoUAccumulator(ds.class_ids)
+        acc.update(batch["class_id"], inter, union)
+        return batch, preds, acc.result(ds.class_names)
+
+    def exact(batch):
+        fg = (batch["query_mask"] == 1).float()[:, None]
+        return torch.cat([1 - fg, fg], 1) * 10 - 5
+
+    ds = FolderEvalDataset(root, lst, shot=1, seed=0, image_size=16)
+    batch, preds, result = score(ds, exact)
+    assert result.episodes == 12 and set(result.class_iou) == {"dog", "cat", "owl"}
+    assert (result.miou, result.fbiou) == pytest.approx((100.0, 100.0), abs=1e-6)   # ΣI / (ΣU + 1e-10)
+    assert preds[0].shape == (16, 16)
+    background = torch.zeros(12, 2, 16, 16)
+    background[:, 0] = 1
+    batch, _, result = score(ds, lambda b: background)
+    bg = sum(int((m == 0).sum()) for m in batch["query_mask_ori"])
+    assert result.miou == 0.0 and result.fbiou == pytest.approx(50 * bg / (12 * 16 * 16))
+    # the pfenet protocol's items go the original-size way: predictions at each label's own size
+    ds = FolderEvalDataset(root, lst, shot=1, seed=0, protocol="pfenet", val_size=24)
+    _, preds, result = score(ds, exact)
+    assert result.episodes == 12 and [p.shape for p in preds] == [(H, W)] * 12 and result.miou > 90
