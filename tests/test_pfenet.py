@@ -315,3 +315,21 @@ def test_build_pfenet_reads_its_config_keys_and_loads_the_backbone_file(tmp_path
     assert isinstance(model, PFENet) and len(model.inner_cls) == 2 and model.down_query[0].out_channels == 8
     assert (model.aux_weight, model.ignore_label, model.fix_bn, model.freeze_backbone) == (0.25, 254, False, False)
     assert all(torch.equal(v, weights[k]) for k, v in model.backbone.state_dict().items())
+
+
+def test_channels_last_changes_no_prediction_and_bf16_autocast_trains():
+    """The engine lays the network out channels_last on the CPU and may train under autocast."""
+    plain = tiny().eval()
+    fast = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    inputs = episode(2, 2, 33)[:3]                                   # plain NCHW tensors
+    with torch.no_grad():
+        assert torch.allclose(fast(*inputs), plain(*inputs), atol=1e-5)
+    model = tiny()
+    query, supports, support_masks, query_mask = episode(2, 2, 33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, losses = model(query, supports, support_masks, query_mask)
+    assert logits.shape == (2, 2, 33, 33)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses["total"].backward()
+    assert model.cls[3].weight.grad is not None
