@@ -24,7 +24,6 @@ from typing import Iterator, Sequence, Union
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from engine.checkpoint import build_model_from_checkpoint

@@ -360,3 +360,17 @@ def load_backbone_weights(backbone: nn.Module, source: str | dict, allow_missing
     report.loaded = sum(1 for k in state if k in own)
     (log.warning if report.missing else log.info)(report.summary())
     return report
+
+
+def backbone_of(cfg, warn_random_backbone: bool = True) -> nn.Module:
+    """The backbone of ``cfg`` (ResNet / VGG-16-bn), with the ImageNet weight file ``pretrained``
+    loaded when one is named. With ``pretrained ''`` it stays randomly initialised, and a warning
+    says so unless ``warn_random_backbone`` is False (a checkpoint's weights are about to replace
+    it, or random weights are what the caller wants)."""
+    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
+    if cfg.pretrained:
+        load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
+    elif warn_random_backbone:
+        log.warning("pretrained is '': the backbone is randomly initialised (fine for tests and the "
+                    "synthetic demo, not for ImageNet-based results)")
+    return backbone

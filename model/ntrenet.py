@@ -5,7 +5,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .base import BackboneNetwork
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,

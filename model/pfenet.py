@@ -11,20 +11,18 @@ and the per-episode cross-entropy (model/losses.py).
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .backbone import build_backbone, load_backbone_weights
+from .backbone import backbone_of
 from .base import BackboneNetwork
 from .losses import segmentation_losses
 from .modules import masked_average_pooling, prior_mask
 from .ops import fuse_concat, pool_to, resize
 
-log = logging.getLogger(__name__)
 
 CLASSES = 2   # not target / target
 
@@ -202,12 +200,7 @@ def build_pfenet(cfg, warn_random_backbone: bool = True) -> PFENet:
 
     With ``pretrained ''`` the backbone stays randomly initialised, and a warning says so unless
     ``warn_random_backbone`` is False (a checkpoint's weights are about to replace it)."""
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
-    if cfg.pretrained:
-        load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
-    elif warn_random_backbone:
-        log.warning("pretrained is '': the backbone is randomly initialised (fine for tests, not for "
-                    "ImageNet-based results)")
+    backbone = backbone_of(cfg, warn_random_backbone)
     return PFENet(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=tuple(cfg.ppm_scales),
                   freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, aux_weight=cfg.aux_weight,
                   ignore_label=cfg.ignore_label)

@@ -2,31 +2,13 @@
 validated config returning an ``nn.Module`` with the forward contract of docs/extending.md."""
 from __future__ import annotations
 
-import logging
-
 import torch.nn as nn
 
-from .backbone import build_backbone, load_backbone_weights
+from .backbone import backbone_of
 from .losses import LossSettings
 from .ntrenet import NTRENetPP
+from .pfenet import build_pfenet
 from .video import VideoNTRENetPP
-
-log = logging.getLogger(__name__)
-
-
-def backbone_of(cfg, warn_random_backbone: bool = True) -> nn.Module:
-    """The backbone of ``cfg`` (ResNet / VGG-16-bn), with the ImageNet weight file ``pretrained``
-    loaded when one is named. With ``pretrained ''`` it stays randomly initialised, and a warning
-    says so unless ``warn_random_backbone`` is False (a checkpoint's weights are about to replace
-    it, or random weights are what the caller wants)."""
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
-    if cfg.pretrained:
-        load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
-    elif warn_random_backbone:
-        log.warning("pretrained is '': the backbone is randomly initialised (fine for tests and the "
-                    "synthetic demo, not for ImageNet-based results)")
-    return backbone
-
 
 def loss_settings(cfg) -> LossSettings:
     return LossSettings(ignore_label=cfg.ignore_label, aux_weight=cfg.aux_weight, bg_weight=cfg.bg_weight,
@@ -56,4 +38,4 @@ def build_ntrenetpp(cfg, warn_random_backbone: bool = True) -> nn.Module:
 
 
 # arch name -> builder(cfg, warn_random_backbone) -> nn.Module
-ARCHS = {"ntrenetpp": build_ntrenetpp}
+ARCHS = {"ntrenetpp": build_ntrenetpp, "pfenet": build_pfenet}

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Shared launcher of train.sh and test.sh: checks the config, makes the experiment folder,
-# copies the config there, runs python (or torchrun when NGPUS > 1) and tees a timestamped log;
+# Shared launcher of train.sh and test.sh: finds config/<dataset>/<dataset>_<exp_name>.yaml, asks
+# python for the experiment folder (which it creates, with a copy of the config), runs python (or
+# torchrun when NGPUS > 1) with the arguments as given and tees a timestamped log there;
 # Ctrl-C / SIGTERM reach python once, the log stays complete and python's exit status is returned.
 set -u
 mode=$1; shift
@@ -21,39 +22,19 @@ if [ ! -f "$config" ]; then
     ls "config/$dataset" | sed "s/^${dataset}_/  /; s/\.yaml$//" >&2
     exit 2
 fi
-# a model at another shot than its config's (shot K on the command line, K != the YAML's shot,
-# 1 when the YAML names none) is its own experiment: exp/<dataset>/<exp_name>_shotK, for training
-# and testing alike (never the config's folder, whose checkpoints a resume would continue)
-config_shot=$(sed -n 's/^[[:space:]]*shot:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$config" | head -n 1)
-key=; folder=$exp_name
-for arg in "$@"; do
-    if [ -z "$key" ]; then
-        key=$arg
-        if [ "$arg" = "save_path" ]; then
-            echo "$mode.sh keeps each experiment in exp/$dataset/$exp_name; to use another folder run" \
-                 "python $mode.py --config $config save_path DIR ... directly" >&2
-            exit 2
-        fi
-    else
-        if [ "$key" = "shot" ] && [ "$arg" != "${config_shot:-1}" ]; then
-            folder=${exp_name}_shot$arg
-        fi
-        key=
-    fi
-done
-exp_dir=exp/$dataset/$folder
-mkdir -p "$exp_dir/model" "$exp_dir/result"
-cp "$config" "$exp_dir/"
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+# the experiment folder is Python's to decide (util/config.py: exp/<dataset>/<exp_name>, with
+# _shotK for a shot other than the config's; save_path overrides it): asked here for the log's place
+exp_dir=$("$PYTHON" -m commands.folder --prog "$mode.sh" --config "$config" "$@") || exit 2
 NGPUS=${NGPUS:-1}
 if [ "$NGPUS" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
     set -- -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="${NNODES:-1}" \
         --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" \
-        --master_port="${MASTER_PORT:-29500}" "$mode.py" --config "$config" save_path "$exp_dir" "$@"
+        --master_port="${MASTER_PORT:-29500}" "$mode.py" --config "$config" "$@"
 else
-    set -- -u "$mode.py" --config "$config" save_path "$exp_dir" "$@"
+    set -- -u "$mode.py" --config "$config" "$@"
 fi
-[ "$folder" = "$exp_name" ] || echo "shot given: this experiment's folder is $exp_dir" >&2
+[ "$exp_dir" = "exp/$dataset/$exp_name" ] || echo "this experiment's folder is $exp_dir" >&2
 log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S).log
 # Python's output goes through a FIFO to tee, which ignores INT and TERM: a Ctrl-C (which the
 # terminal sends to every process of the job) or a scheduler's SIGTERM must not kill tee while

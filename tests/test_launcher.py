@@ -12,10 +12,14 @@ import time
 
 import pytest
 
+from util.config import experiment_cfg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAKE = f"""#!{sys.executable}
 import os, signal, sys, time
+if sys.argv[1:3] == ["-m", "commands.folder"]:       # the folder rule: the real one
+    os.execv({sys.executable!r}, [{sys.executable!r}] + sys.argv[1:])
 got = []
 signal.signal(signal.SIGINT, lambda s, f: got.append(s))
 signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
@@ -33,6 +37,10 @@ for i in range(300):                  # what the trainer prints after a stop: no
 print("signals", [int(s) for s in got])
 sys.exit(128 + got[0] if got else 0)
 """
+
+
+# a stand-in that prints its arguments (the folder rule it leaves to the real python)
+ECHO = FAKE.split("print(\"progress fd")[0].split("got = []")[0] + "print(' '.join(sys.argv[1:]))\n"
 
 
 @pytest.fixture
@@ -112,7 +120,7 @@ def test_sigterm_to_the_launcher_alone_is_forwarded_once(tree):
 
 
 def test_exit_status_passes_through(tree):
-    (tree / "fake_python").write_text(f"#!{sys.executable}\nimport sys\nprint('boom')\nsys.exit(3)\n")
+    (tree / "fake_python").write_text(ECHO.replace("print(' '.join(sys.argv[1:]))", "print('boom')\nsys.exit(3)"))
     r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18"], cwd=tree, env=env_with(tree / "fake_python"),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 3 and "boom" in r.stdout and read_log(tree) == "boom\n"
@@ -120,7 +128,7 @@ def test_exit_status_passes_through(tree):
 
 def test_a_k_shot_run_gets_its_own_experiment_folder(tree):
     """``shot 5`` must not train into (or resume) the 1-shot model's folder; ``shot 1`` is that folder."""
-    (tree / "fake_python").write_text(f"#!{sys.executable}\nimport sys\nprint(' '.join(sys.argv[1:]))\n")
+    (tree / "fake_python").write_text(ECHO)
     env = env_with(tree / "fake_python")
     config = "config/synthetic/synthetic_split0_resnet18.yaml"
     for mode in ("train", "test"):
@@ -129,19 +137,18 @@ def test_a_k_shot_run_gets_its_own_experiment_folder(tree):
         r = subprocess.run(["sh", f"{mode}.sh", "synthetic", "split0_resnet18", "epochs", "5", "shot", "5"], cwd=tree,
                            env=env, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.splitlines()[0] == (f"-u {mode}.py --config {config} save_path exp/synthetic/split0_resnet18_shot5 "
-                                            f"epochs 5 shot 5")
+        assert r.stdout.splitlines()[0] == f"-u {mode}.py --config {config} epochs 5 shot 5"
         assert "this experiment's folder is exp/synthetic/split0_resnet18_shot5" in r.stderr
     r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "shot", "1"], cwd=tree, env=env,
                        capture_output=True, text=True, timeout=30)
-    assert r.stdout.splitlines()[0].endswith("save_path exp/synthetic/split0_resnet18 shot 1")
+    assert r.stdout.splitlines()[0].endswith("--config config/synthetic/synthetic_split0_resnet18.yaml shot 1")
     assert sorted(os.listdir(tree / "exp" / "synthetic")) == ["split0_resnet18", "split0_resnet18_shot5"]
 
 
 def test_the_configs_own_shot_keeps_the_configs_folder(tree):
     """A config that trains at K shots (the video configs: shot 5) keeps its folder for ``shot K``;
     only another K gets ``_shotK``."""
-    (tree / "fake_python").write_text(f"#!{sys.executable}\nimport sys\nprint(' '.join(sys.argv[1:]))\n")
+    (tree / "fake_python").write_text(ECHO)
     env = env_with(tree / "fake_python")
     source = (tree / "config/synthetic/synthetic_split0_resnet18.yaml").read_text()
     assert "  shot: 1" in source
@@ -150,4 +157,34 @@ def test_the_configs_own_shot_keeps_the_configs_folder(tree):
         r = subprocess.run(["sh", "train.sh", "synthetic", "split0_k3", "shot", shot], cwd=tree, env=env,
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.splitlines()[0].endswith(f"save_path exp/synthetic/{folder} shot {shot}")
+        assert os.path.isdir(tree / "exp" / "synthetic" / folder / "result")
+        assert (tree / "exp" / "synthetic" / folder / "synthetic_split0_k3.yaml").read_text() == \
+            (tree / "config/synthetic/synthetic_split0_k3.yaml").read_text()
+
+
+def test_the_launcher_and_train_py_agree_on_the_folder_for_every_override(tree):
+    """The rule lives in Python: train.sh's folder (where its log goes) is the save_path train.py
+    derives from the same arguments, for any override; an explicit save_path passes through."""
+    (tree / "fake_python").write_text(ECHO)
+    env = env_with(tree / "fake_python")
+    config = "config/synthetic/synthetic_split0_resnet18.yaml"
+    for extra in ([], ["shot", "5"], ["shot", "1", "epochs", "2"], ["save_path", "exp/mine"], ["shot", "2", "split", "1"]):
+        r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", *extra], cwd=tree, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        cwd = os.getcwd()
+        os.chdir(tree)
+        try:
+            expected = experiment_cfg("", ["--config", config, *extra]).save_path
+        finally:
+            os.chdir(cwd)
+        assert r.stdout.strip().endswith(f"log: {expected}/result/" + r.stdout.strip().split("/result/")[-1])
+        assert os.path.isdir(tree / expected / "result")
+
+
+def test_a_bad_override_stops_the_launcher_with_one_line(tree):
+    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "shott", "5"], cwd=tree,
+                       env=env_with(tree / "fake_python"), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr == "train.sh: error: command line: unknown key 'shott'; did you mean 'shot'?\n"
+    assert not (tree / "exp").exists()

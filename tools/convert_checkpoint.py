@@ -27,8 +27,7 @@ import re
 import torch
 
 from engine.checkpoint import save_checkpoint
-from model import build_model
-from model.pfenet import build_pfenet
+from engine.networks import build_model
 from util.config import load_cfg
 from util.errors import CheckpointError, ConfigError
 from util.torchload import load_tensors
@@ -138,8 +137,7 @@ def check_source(state: dict, source: str, path: str) -> None:
 
 
 def build_network(cfg, source: str):
-    if source == "pfenet":
-        return build_pfenet(cfg, warn_random_backbone=False)
+    """The network the config's ``arch`` names (checked to be ``source``'s before this is called)."""
     return build_model(cfg, warn_random_backbone=False)
 
 

@@ -10,8 +10,6 @@ import torch
 from util.errors import DeviceError
 
 AMP_MODES = ("none", "bf16", "fp16")
-MODEL_INPUTS = ("query_img", "support_imgs", "support_masks")       # what the network is called with
-TRAIN_INPUTS = MODEL_INPUTS + ("query_mask", "class_id")             # ... and what its losses need
 
 
 def check_amp(amp: str, device: torch.device) -> None:
@@ -51,7 +49,7 @@ def to_device(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Mod
     return model
 
 
-def batch_to_device(batch: dict, device: torch.device, keys=TRAIN_INPUTS) -> dict:
+def batch_to_device(batch: dict, device: torch.device, keys) -> dict:
     """The tensors ``keys`` of a collated episode batch on ``device`` (asynchronous copies
     when the loader pinned the batch)."""
     return {k: batch[k].to(device, non_blocking=True) for k in keys}

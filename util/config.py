@@ -404,6 +404,9 @@ def validate(cfg: CfgNode) -> None:
         if cfg[name] < 8:
             raise ConfigError(f"key '{name}' is {cfg[name]}; the video canvas must be at least 8 pixels")
     if task == VIDEO:
+        if cfg.arch != "ntrenetpp":
+            raise ConfigError(f"key 'arch' is {cfg.arch!r}; the video task has one network, NTRENet++'s video "
+                              f"network: leave arch at 'ntrenetpp'")
         if cfg.support_mode == "paired" and cfg.shot != cfg.clip_len:
             raise ConfigError(f"support_mode 'paired' pairs query frame t with support t, so 'shot' ({cfg.shot}) "
                               f"must equal 'clip_len' ({cfg.clip_len}); set both, or use 'support_mode mean'")

@@ -49,7 +49,6 @@ import contextlib
 import copy
 import datetime
 import io
-import json
 import os
 import platform
 import resource
@@ -58,7 +57,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +66,7 @@ from tools.make_synthetic import main as make_synthetic
 from tools.make_synthetic_video import main as make_synthetic_video
 from tools.prepare_ytvis import prepare_ytvis
 from engine.tasks import task_for
-from util.amp import (TRAIN_INPUTS, autocast, batch_to_device, check_amp, synchronize,
+from util.amp import (autocast, batch_to_device, check_amp, synchronize,
                       use_channels_last)
 from util.classes import NUM_CLASSES
 from util.cli import run as run_cli
