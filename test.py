@@ -1,8 +1,4 @@
-"""Evaluate NTRENet++: python test.py --config CFG [KEY VALUE ...]
-
-weight best|last|PATH; shot 5 evaluates any model at 5 shots; save_pred True writes the
-predicted masks; vis N saves N panels per seed. torchrun shards the episodes.
-"""
+"""Evaluate a checkpoint: python test.py --config CFG [KEY VALUE ...]; --help and commands/test.py say more."""
 from commands.test import main
 from util.cli import run
 

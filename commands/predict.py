@@ -12,20 +12,10 @@ K is the number of --support pairs. Masks are 0/1 or 0/255 single-channel PNGs (
 """
 import argparse
 import logging
-import os
 
 from engine.predictor import resolve_device
 from engine.tasks import task_for
-from util.config import KEYS, load_cfg, parse_args_with_overrides
-
-
-def split_trailing_overrides(queries: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
-    """``--query a.jpg b.jpg shot 5``: argparse hands every word to --query; from the first
-    word that is a declared config key (and not a file) on, the words are overrides."""
-    for i, word in enumerate(queries):
-        if word in KEYS and not os.path.exists(word):
-            return queries[:i], queries[i:] + opts
-    return queries, opts
+from util.config import load_cfg, parse_args_with_overrides, split_trailing_overrides
 
 
 def parse(argv=None):

@@ -183,8 +183,9 @@ def adopt_architecture(state: dict, cfg, path: str):
     line is an error, as is a checkpoint of the other task."""
     saved, cfg = saved_architecture(state), resolved(cfg)
     if saved["task"] != cfg.task:
-        raise CheckpointError(f"checkpoint '{path}' is a {saved['task']} model; this is a {cfg.task} "
-                              f"config (dataset {cfg.dataset}): use a config of the checkpoint's task")
+        raise CheckpointError(f"checkpoint '{path}' holds a model of the {saved['task']} task; this config "
+                              f"(dataset {cfg.dataset}) is of the {cfg.task} task: use a config of the "
+                              f"checkpoint's task")
     conflicts = [k for k in ARCH_KEYS if saved[k] != cfg[k] and k in cfg.overridden]
     if conflicts:
         raise CheckpointError(f"checkpoint '{path}' was trained with "

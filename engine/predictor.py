@@ -155,8 +155,8 @@ class Prediction:
     image: np.ndarray          # H×W×3 uint8 RGB (the query as read)
     mask: np.ndarray           # H×W uint8 0/1
     probability: np.ndarray    # H×W float32 foreground probability
-    bg_map: np.ndarray         # H×W float32 probability of the mined background (BGMM)
-    do_mask: np.ndarray        # H×W uint8 0/1 mined distracting objects (first scale)
+    bg_map: np.ndarray | None  # H×W float32 probability of the mined background (BGMM; None: the network has none)
+    do_mask: np.ndarray | None  # H×W uint8 0/1 mined distracting objects (first scale; None likewise)
     supports: list[Support] = field(default_factory=list, repr=False)
     class_name: str = ""
 
@@ -259,7 +259,7 @@ class Predictor:
         self.device = resolve_device(device, amp)
         self.cfg = cfg
         self.amp = amp
-        self.model = to_device(model, cfg, self.device).eval()
+        self.model = to_device(model, self.device, cfg.channels_last).eval()
         self.transform = eval_transform(cfg)
 
     @classmethod
@@ -358,11 +358,14 @@ class Predictor:
             logits = to_original_size(logits, h, w)
             probability = logits.softmax(dim=1)[0, 1]
             mask = logits.argmax(dim=1)[0]
-            bg_map = to_original_size(extras["bg_logits"], h, w).softmax(dim=1)[0, 1]
-            do_mask = to_original_size(extras["do_mask"][:, None], h, w, mode="nearest")[0, 0]
+            bg_map = do_mask = None              # what the network's extras hold (docs/extending.md)
+            if "bg_logits" in extras:
+                bg_map = to_original_size(extras["bg_logits"], h, w).softmax(dim=1)[0, 1].cpu().numpy()
+            if "do_mask" in extras:
+                do_mask = to_original_size(extras["do_mask"][:, None], h, w, mode="nearest")[0, 0]
+                do_mask = (do_mask >= 0.5).to(torch.uint8).cpu().numpy()
             yield Prediction(name=query.name, image=image, mask=mask.to(torch.uint8).cpu().numpy(),
-                             probability=probability.cpu().numpy(), bg_map=bg_map.cpu().numpy(),
-                             do_mask=(do_mask >= 0.5).to(torch.uint8).cpu().numpy(),
+                             probability=probability.cpu().numpy(), bg_map=bg_map, do_mask=do_mask,
                              supports=support_list, class_name=class_name)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from engine.checkpoint import build_model_from_checkpoint, resolve_weight
+from engine.checkpoint import build_model_from_checkpoint, resolve_weight, saved_architecture
 from engine.evaluate import evaluate, write_test_result
 from engine.tasks import task_for
 from util.amp import to_device
@@ -26,12 +26,12 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
     as given, and write the JSON result."""
     validate(cfg)
     task = task_for(cfg)
-    weight_path, epoch = "(in-memory model)", None
+    weight_path, epoch, arch = "(in-memory model)", None, cfg.arch
     if model is None:
         weight_path = resolve_weight(cfg.weight, cfg.save_path)
         model, state = build_model_from_checkpoint(weight_path, cfg)
-        model = to_device(model, cfg, info.device)
-        epoch = state.get("epoch")
+        model = to_device(model, info.device, cfg.channels_last)
+        epoch, arch = state.get("epoch"), saved_architecture(state)["arch"]
         log.info("checkpoint: %s (epoch %s, iteration %s); %s", weight_path, epoch, state.get("iteration"),
                  task.describe_test(cfg))
     else:
@@ -43,7 +43,7 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
         out = evaluate(model, dataset, cfg, info.device, pred_dir=pred_dir, keep_samples=cfg.vis, task=task)
         task.save_visuals(out.samples, os.path.join(result_dir, f"vis_seed{seed}"), info.rank)
         runs.append(task.run_record(seed, out, dataset, cfg))
-    summary = {"dataset": cfg.dataset, "split": cfg.split, "shot": cfg.shot, "weight": weight_path,
+    summary = {"arch": arch, "dataset": cfg.dataset, "split": cfg.split, "shot": cfg.shot, "weight": weight_path,
                "checkpoint_epoch": epoch, "manual_seed": cfg.manual_seed, **task.summary(cfg, runs)}
     log.info(task.format_summary(cfg, summary))
     if info.is_main and write_json:

@@ -76,7 +76,7 @@ def build_training(cfg, info: DistInfo, warn_random_backbone: bool = True, task:
     """Model, the model wrapped for DDP/compile, the task's optimiser and the GradScaler."""
     check_amp(cfg.amp, info.device)
     task = task or task_for(cfg)
-    model = to_device(build_model(cfg, warn_random_backbone), cfg, info.device)
+    model = to_device(build_model(cfg, warn_random_backbone), info.device, cfg.channels_last)
     if cfg.sync_bn and info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # fused: one kernel over all parameters instead of a loop of per-tensor ops (2x faster on the CPU)
@@ -84,10 +84,11 @@ def build_training(cfg, info: DistInfo, warn_random_backbone: bool = True, task:
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     net = model
     if info.distributed:
-        # the DO bank is kept identical by its own gather: never re-send its 41-158 MiB from rank 0
-        # at each forward; other buffers (BN statistics) are broadcast only when they can drift
-        bank = [name for name, _ in model.named_buffers() if name.startswith("memory_bank.")]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, bank)
+        # buffers a network keeps identical across ranks itself (NTRENet++'s DO bank: its own gather)
+        # are never re-sent from rank 0 at each forward (docs/extending.md, ddp_ignored_buffers);
+        # other buffers (BN statistics) are broadcast only when they can drift
+        ignored = list(getattr(model, "ddp_ignored_buffers", lambda: [])())
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                                       broadcast_buffers=not cfg.fix_bn)
     if cfg.compile:

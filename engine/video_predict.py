@@ -96,7 +96,7 @@ class VideoPredictor:
     def __init__(self, model: torch.nn.Module, cfg, device="cpu", amp: str = "none"):
         self.device = resolve_device(device, amp)
         self.cfg, self.amp = cfg, amp
-        self.model = to_device(model, cfg, self.device).eval()
+        self.model = to_device(model, self.device, cfg.channels_last).eval()
 
     @classmethod
     def from_checkpoint(cls, cfg, weight_path: str, device="cpu", amp: str = "none") -> "VideoPredictor":

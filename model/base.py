@@ -48,6 +48,16 @@ class BackboneNetwork(nn.Module):
     def _input_format(self):
         return input_format(self.backbone)
 
+    def _per_group(self, run, query, shots):
+        """``run`` on the query batch, then on each shot's batch (B each), outputs joined as one
+        batch does them: the query, then the supports episode by episode (index ``B + b·K + k``).
+        The authors' passes with train-mode BatchNorm, whose statistics are those of each batch."""
+        memory_format = self._input_format()
+        query_out = run(query.contiguous(memory_format=memory_format))
+        shot_outs = [run(x.contiguous(memory_format=memory_format)) for x in shots]
+        return [torch.cat([q, torch.stack(per_shot, dim=1).flatten(0, 1)])
+                for q, per_shot in zip(query_out, zip(*shot_outs))]
+
     def pyramid(self, x_query: torch.Tensor, support_prototype: torch.Tensor, prior: torch.Tensor,
                 bg_logits: torch.Tensor, image_size, frames: int | None = None):
         """The per-scale paths (``self.scales``: BG elimination, target matching, DO elimination,

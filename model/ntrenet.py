@@ -51,6 +51,11 @@ class NTRENetPP(BackboneNetwork):
         self.merge = Merge(C, len(self.ppm_scales))
         self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed)
 
+    def ddp_ignored_buffers(self) -> list[str]:
+        """The DO bank's buffers: its own gather keeps them identical on every rank, so DDP must
+        not re-send its 41-158 MiB from rank 0 at each forward (docs/extending.md)."""
+        return [f"memory_bank.{name}" for name, _ in self.memory_bank.named_buffers()]
+
     # ---- the forward pass ----------------------------------------------------------------
     def backbone_features(self, query_img, support_imgs, support_masks):
         """The frozen part of the forward: ``(F, prior, m)`` with ``F = [layer3, layer2]`` of the
@@ -85,15 +90,6 @@ class NTRENetPP(BackboneNetwork):
             support_high = high[B:] * resize(support_mask, high.shape[-2:])
             prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), feature_size)
         return [layer3, layer2], prior, support_mask
-
-    def _per_group(self, run, query, shots):
-        """``run`` on the query batch, then on each shot's batch (B each), outputs joined as one
-        batch does them: the query, then the supports episode by episode (index ``B + b·K + k``)."""
-        memory_format = self._input_format()
-        query_out = run(query.contiguous(memory_format=memory_format))
-        shot_outs = [run(x.contiguous(memory_format=memory_format)) for x in shots]
-        return [torch.cat([q, torch.stack(per_shot, dim=1).flatten(0, 1)])
-                for q, per_shot in zip(query_out, zip(*shot_outs))]
 
     def forward(self, query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
                 return_extras: bool = False):

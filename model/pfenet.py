@@ -121,14 +121,14 @@ class PFENet(BackboneNetwork):
         memory_format = self._input_format()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             if separate:
-                layer2, layer3 = self._passes(self.backbone.mid_level, query_img, support_imgs.unbind(1))
+                layer2, layer3 = self._per_group(self.backbone.mid_level, query_img, support_imgs.unbind(1))
             else:
                 images = torch.cat([query_img, support_imgs.flatten(0, 1)]).contiguous(memory_format=memory_format)
                 layer2, layer3 = self.backbone.mid_level(images)
             support_mask = resize(target, layer3.shape[-2:]).to(layer3.dtype)
             masked = layer3[B:] * support_mask
             if separate:
-                (high,) = self._passes(lambda x: (self.backbone.high_level(x),), layer3[:B],
+                (high,) = self._per_group(lambda x: (self.backbone.high_level(x),), layer3[:B],
                                        masked.unflatten(0, (B, K)).unbind(1))
             else:
                 high = self.backbone.high_level(torch.cat([layer3[:B], masked]))
@@ -136,15 +136,6 @@ class PFENet(BackboneNetwork):
             support_high = high[B:] * resize(target, high.shape[-2:]).to(high.dtype)
             prior = prior_mask(high[:B], support_high.unflatten(0, (B, K)), layer3.shape[-2:])
         return [layer3, layer2], prior, support_mask
-
-    def _passes(self, run, query, shots):
-        """``run`` on the query batch, then on each shot's batch; outputs joined as one batch
-        would give them (the query, then the supports episode by episode)."""
-        memory_format = self._input_format()
-        query_out = run(query.contiguous(memory_format=memory_format))
-        shot_outs = [run(x.contiguous(memory_format=memory_format)) for x in shots]
-        return [torch.cat([q, torch.stack(per_shot, dim=1).flatten(0, 1)])
-                for q, per_shot in zip(query_out, zip(*shot_outs))]
 
     # ---- the head -----------------------------------------------------------------------------
     def enrich(self, x_query, prototype, prior):

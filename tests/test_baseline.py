@@ -12,7 +12,7 @@ from engine.networks import build_model
 from tools import baseline
 from util.config import defaults
 from util.distributed import DistInfo
-from util.errors import ConfigError
+from util.errors import ConfigError, UserError
 
 TINY = dict(dataset="synthetic", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5],
             val_size=41, batch_size_val=4, workers=0, min_class_pixels=150, class_index_workers=1,
@@ -110,8 +110,8 @@ def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys):
     config_path, res, model, cfg = tiny_run
     rows = baseline.main(["--config", config_path, "--compare", res["json_path"]])
     names = list(rows)
-    assert names == ["NTRENet++ (last.pth)", "prototype matcher (its backbone)", "all-foreground"]
-    assert rows["NTRENet++ (last.pth)"]["miou_mean"] == res["miou_mean"]
+    assert names == ["NTRENet++ (exp/last.pth)", "prototype matcher (its backbone)", "all-foreground"]
+    assert rows["NTRENet++ (exp/last.pth)"]["miou_mean"] == res["miou_mean"]
     for name in names[1:]:
         r = rows[name]
         assert r["episodes"] == res["episodes"] == 6 and r["seeds"] == res["seeds"] == 2
@@ -123,6 +123,29 @@ def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys):
     out = capsys.readouterr().out
     assert "prototype matcher (its backbone)" in out and "all-foreground" in out
     assert "(1-shot, 2 seed(s) x 6 episodes; the same episodes for every row)" in out
+
+
+def test_pfenet_and_ntrenetpp_results_side_by_side_on_identical_episodes(tiny_run, capsys):
+    """Two test.py results of one setting, PFENet's and NTRENet++'s, are rows of one table; a
+    result of other episodes (another shot) is refused naming what differs."""
+    config_path, res, _, cfg = tiny_run
+    pfenet_cfg = cfg.copy()
+    pfenet_cfg.update(arch="pfenet", save_path=os.path.join(os.path.dirname(cfg.save_path), "exp_pfenet"))
+    torch.manual_seed(1)
+    weight = os.path.join(pfenet_cfg.save_path, "model", "last.pth")
+    save_checkpoint(weight, build_model(pfenet_cfg), pfenet_cfg, epoch=1, iteration=4)
+    pfenet_cfg.update(weight=weight)
+    pfenet_res = run_test(pfenet_cfg, DistInfo())
+    assert pfenet_res["arch"] == "pfenet" and res["arch"] == "ntrenetpp"
+    rows = baseline.main(["--config", config_path, "--compare", res["json_path"], pfenet_res["json_path"]])
+    assert list(rows)[:2] == ["NTRENet++ (exp/last.pth)", "PFENet (exp_pfenet/last.pth)"]
+    assert rows["PFENet (exp_pfenet/last.pth)"]["miou_mean"] == pfenet_res["miou_mean"]
+    out = capsys.readouterr().out
+    assert "PFENet (exp_pfenet/last.pth)" in out and "NTRENet++ (exp/last.pth)" in out
+    pfenet_cfg.update(shot=2, save_path=pfenet_cfg.save_path + "_2shot")
+    two_shot = run_test(pfenet_cfg, DistInfo())
+    with pytest.raises(UserError, match=r"scored other episodes than .*\(shot 2 vs 1\)"):
+        baseline.main(["--config", config_path, "--compare", res["json_path"], two_shot["json_path"]])
 
 
 def test_a_result_of_another_fold_is_a_config_error(tiny_run):

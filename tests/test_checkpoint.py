@@ -5,10 +5,12 @@ import copy
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from engine.checkpoint import (adopt_architecture, build_model_from_checkpoint, load_checkpoint, load_optimizer_state,
+                               read_checkpoint, save_checkpoint, saved_architecture)
 from engine.networks import build_model
 from model.ops import memory_format_of
 from tests.conftest import tiny_cfg
+from util.config import ARCH_KEYS
 from util.errors import CheckpointError
 
 
@@ -43,12 +45,41 @@ def test_a_checkpoint_older_than_an_architecture_key_is_compared_at_its_default(
     old = tmp_path / "old.pth"
     save_checkpoint(str(old), build_model(cfg), cfg)
     state = torch.load(old, weights_only=True)
-    del state["config"]["backbone_width"], state["checksum"]     # as written before the key existed
+    # as written before the key existed, and before checkpoints recorded their architecture
+    del state["config"]["backbone_width"], state["checksum"], state["architecture"]
     torch.save(state, old)
     narrow = tiny_cfg(synth_root, tmp_path, backbone_width=0.5)
     with pytest.raises(CheckpointError, match=r"different network: backbone_width: checkpoint 1\.0, config 0\.5\."):
         load_checkpoint(str(old), build_model(narrow), narrow)
     load_checkpoint(str(old), build_model(cfg), cfg)              # the standard width still loads
+
+
+def test_a_checkpoint_records_its_architecture_not_its_dataset(synth_root, tmp_path):
+    """The architecture is the task and the network's keys (util/config.py ARCH_KEYS, derived keys
+    resolved); the dataset is not among them, so a model is evaluated on another dataset of its task
+    with its own network (its DO bank keeps its size quietly) and refused on the other task."""
+    cfg = tiny_cfg(synth_root, tmp_path)
+    path = str(tmp_path / "m.pth")
+    save_checkpoint(path, build_model(cfg), cfg)
+    arch = read_checkpoint(path)["architecture"]
+    assert list(arch) == list(ARCH_KEYS) and "dataset" not in arch
+    assert (arch["task"], arch["arch"], arch["bank_classes"], arch["layers"]) == ("image", "ntrenetpp", 20, 18)
+    coco = tiny_cfg(synth_root, tmp_path, dataset="coco")           # 80 classes: bank_classes 80 if derived
+    adopted = adopt_architecture(read_checkpoint(path), coco, path)
+    assert adopted.bank_classes == 20 and adopted.dataset == "coco"
+    model, _ = build_model_from_checkpoint(path, coco)
+    assert model.memory_bank.prototypes.shape[0] == 21                # row 0 unused: class ids are 1-based
+    video = tiny_cfg(synth_root, tmp_path, dataset="synthetic_video", shot=5, clip_len=5)
+    with pytest.raises(CheckpointError, match=r"holds a model of the image task; this config \(dataset "
+                                              r"synthetic_video\) is of the video task"):
+        build_model_from_checkpoint(path, video)
+
+
+def test_an_old_checkpoint_has_its_dataset_s_task_and_bank_size():
+    state = {"config": {"dataset": "coco", "layers": 101}}
+    arch = saved_architecture(state)
+    assert (arch["task"], arch["bank_classes"], arch["layers"], arch["arch"]) == ("image", 80, 101, "ntrenetpp")
+    assert saved_architecture({"config": {"dataset": "ytvis"}})["task"] == "video"
 
 
 @pytest.mark.parametrize("saved_layout,resumed_layout", [(torch.contiguous_format, torch.channels_last),

@@ -1,4 +1,4 @@
-"""tools/gpu_check: the CPU rehearsal of every section writes both summaries with every field;
+"""tools/measure/gpu_check: the CPU rehearsal of every section writes both summaries with every field;
 without CUDA the check says so in one line and exits 1."""
 import json
 import os

@@ -277,14 +277,14 @@ def test_prior_is_computed_from_the_masked_support():
 
 def test_channels_last_auto_is_on_for_the_cpu_and_changes_no_prediction():
     cfg = make_cfg(layers=18, ppm_scales=[1.0, 0.5])
-    assert cfg.channels_last == "auto" and use_channels_last(cfg, torch.device("cpu"))
-    assert not use_channels_last(cfg, torch.device("cuda"))
+    assert cfg.channels_last == "auto" and use_channels_last(cfg.channels_last, torch.device("cpu"))
+    assert not use_channels_last(cfg.channels_last, torch.device("cuda"))
     cfg.channels_last = False
-    assert not use_channels_last(cfg, torch.device("cpu"))
+    assert not use_channels_last(cfg.channels_last, torch.device("cpu"))
     torch.manual_seed(0)
     plain = build_model(cfg).eval()
     cfg.channels_last = "auto"
-    fast = to_device(build_model(cfg), cfg, torch.device("cpu")).eval()
+    fast = to_device(build_model(cfg), torch.device("cpu"), cfg.channels_last).eval()
     fast.load_state_dict(plain.state_dict())
     assert fast.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     inputs = episode(2, 2, 65)[:3]                                   # plain NCHW tensors

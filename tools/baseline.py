@@ -1,7 +1,7 @@
 """Score simple few-shot baselines on exactly the episodes test.py scores (image or video
-experiments alike: the config's dataset decides).
+experiments alike: the config's task decides), and put test.py results side by side.
 
-    python tools/baseline.py --config CFG [KEY VALUE ...] [--compare result/test_*.json]
+    python tools/baseline.py --config CFG [KEY VALUE ...] [--compare result/test_*.json [...]]
                              [--weight CKPT] [--pretrained IMAGENET.pth]
 
 Two baselines, each on the same episodes (seeds, count, shots) as a test.py result:
@@ -16,8 +16,10 @@ Two baselines, each on the same episodes (seeds, count, shots) as a test.py resu
   checkpoint (``--weight``, default the one ``--compare`` scored) and, with
   ``--pretrained``, an ImageNet weight file (the frozen backbone of the PASCAL/COCO configs).
 
-With ``--compare`` it prints NTRENet++'s result beside the baselines, one row each. Video
-experiments get the all-foreground row only (J, F, J&F, class IoU).
+With ``--compare`` it prints each result beside the baselines, one row each: several results
+(PFENet's and NTRENet++'s test JSONs, say) must have scored the very same episodes (dataset,
+fold, seeds, count, shots), or it says which differ. Video experiments get the all-foreground
+row only (J, F, J&F, class IoU).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from model.ops import memory_format_of, resize
 from util.amp import to_device
 from engine.tasks import task_for
 from util.cli import run
-from util.config import load_cfg, parse_args_with_overrides
+from util.config import load_cfg, parse_args_with_overrides, split_trailing_overrides
 from util.distributed import DistInfo
 from util.errors import ConfigError, DataFileMissing, UserError
 from util.logger import setup_logger
@@ -84,10 +86,12 @@ class PrototypeMatcher(torch.nn.Module):
         return resize(similarity, query_img.shape[-2:])
 
 
-def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher:
-    """The prototype matcher on the backbone of a trained NTRENet++ checkpoint."""
+def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher | None:
+    """The prototype matcher on the backbone of a trained checkpoint (None: its network has no
+    ``backbone`` of model/backbone.py's kind, docs/extending.md)."""
     model, _ = build_model_from_checkpoint(path, cfg)
-    return PrototypeMatcher(model.backbone)
+    backbone = getattr(model, "backbone", None)
+    return PrototypeMatcher(backbone) if hasattr(backbone, "mid_level") else None
 
 
 def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
@@ -97,7 +101,31 @@ def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
     return PrototypeMatcher(backbone)
 
 
-ARCH_TITLES = {"ntrenetpp": "NTRENet++"}   # how a result's network is named in the table
+ARCH_TITLES = {"ntrenetpp": "NTRENet++", "pfenet": "PFENet"}   # how a result's network is named in the table
+
+
+def read_result(path: str, cfg) -> dict:
+    """A test.py result JSON, checked to come from this config's dataset, fold and list."""
+    if not os.path.isfile(path):
+        raise DataFileMissing(f"--compare '{path}' does not exist; pass a test_*.json written by test.py")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--compare {path}: not a readable test.py result ({e})") from None
+    for key in ("dataset", "split", "val_list"):
+        if key in res and res[key] != cfg[key]:
+            raise ConfigError(f"{path} was scored with {key} {res[key]!r}, the config has "
+                              f"{cfg[key]!r}: pass the same config and overrides as that test run")
+    return res
+
+
+def result_name(res: dict) -> str:
+    """'NTRENet++ (split0_resnet50/best.pth)': the network and the checkpoint a result scored."""
+    weight = res["weight"]
+    experiment = os.path.basename(os.path.dirname(os.path.dirname(weight)))
+    where = f"{experiment}/{os.path.basename(weight)}" if experiment else os.path.basename(weight)
+    return f"{ARCH_TITLES.get(res.get('arch', 'ntrenetpp'), res.get('arch'))} ({where})"
 
 
 def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
@@ -112,41 +140,39 @@ def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--compare", default="", help="a test_*.json written by test.py")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                        help="test_*.json results written by test.py (several: side by side, same episodes)")
     parser.add_argument("--weight", default="",
                         help="NTRENet++ checkpoint whose backbone the prototype matcher uses "
                              "(default: the checkpoint --compare scored; none: no matcher row)")
     parser.add_argument("--pretrained", default="",
                         help="also run the prototype matcher on this ImageNet backbone weight file")
     args, opts = parse_args_with_overrides(parser, argv)
+    args.compare, opts = split_trailing_overrides(args.compare, opts)
     cfg = load_cfg(args.config, opts)
     cfg.update(save_pred=False, vis=0, save_path="")
     task = task_for(cfg)
-    res = None
-    if args.compare:
-        if not os.path.isfile(args.compare):
-            raise DataFileMissing(f"--compare '{args.compare}' does not exist; pass a test_*.json written by test.py")
-        try:
-            with open(args.compare) as f:
-                res = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"--compare {args.compare}: not a readable test.py result ({e})") from None
-        for key in ("dataset", "split", "val_list"):
-            if key in res and res[key] != cfg[key]:
-                raise ConfigError(f"{args.compare} was scored with {key} {res[key]!r}, the config has "
-                                  f"{cfg[key]!r}: pass the same config and overrides as that test run")
-        cfg.update(task.result_episodes(res))   # the very episodes the result scored
+    results = [read_result(path, cfg) for path in args.compare]
+    for path, res in zip(args.compare[1:], results[1:]):
+        differs = [k for k in ("dataset", "split", "shot", "manual_seed", "episodes", "seeds", "eval_protocol")
+                   if res.get(k) != results[0].get(k)]
+        if differs:
+            raise UserError(f"{path} scored other episodes than {args.compare[0]} (" + ", ".join(
+                f"{k} {res.get(k)!r} vs {results[0].get(k)!r}" for k in differs) + "): compare results of one "
+                "test setting")
+    res = results[0] if results else None
+    if res is not None:
+        cfg.update(task.result_episodes(res))   # the very episodes the results scored
     setup_logger("", 0)
     info = DistInfo()
-    rows = []
-    if res is not None:
-        rows.append((f"{ARCH_TITLES.get(res.get('arch', cfg.arch), cfg.arch)} ({os.path.basename(res['weight'])})", res))
+    rows = [(result_name(r), r) for r in results]
     weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
-    if task.prototype_matcher and weight:
-        matcher = to_device(matcher_from_checkpoint(weight, cfg), cfg, info.device)
+    matcher = matcher_from_checkpoint(weight, cfg) if task.prototype_matcher and weight else None
+    if matcher is not None:
+        matcher = to_device(matcher, info.device, cfg.channels_last)
         rows.append(("prototype matcher (its backbone)", run_test(cfg, info, model=matcher, write_json=False)))
     if task.prototype_matcher and args.pretrained:
-        matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), cfg, info.device)
+        matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), info.device, cfg.channels_last)
         rows.append(("prototype matcher (ImageNet)", run_test(cfg, info, model=matcher, write_json=False)))
     rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False)))
     print(format_table(rows, task, cfg))

@@ -33,18 +33,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def use_channels_last(cfg, device: torch.device) -> bool:
-    """The ``channels_last`` key on ``device``: True/False as given; 'auto' is on for the CPU
+def use_channels_last(value, device: torch.device) -> bool:
+    """The ``channels_last`` key's ``value`` on ``device``: True/False as given; 'auto' is on for the CPU
     (measured faster there: docs/benchmarks.md), off elsewhere."""
-    value = cfg.channels_last
     return device.type == "cpu" if value == "auto" else bool(value)
 
 
-def to_device(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
-    """Move ``model`` to ``device`` in the memory format ``cfg`` asks for there. The network
+def to_device(model: torch.nn.Module, device: torch.device, channels_last="auto") -> torch.nn.Module:
+    """Move ``model`` to ``device`` in the memory format the ``channels_last`` key asks for there. The network
     lays its input images out like its first convolution, so callers pass plain tensors."""
     model = model.to(device)
-    if use_channels_last(cfg, device):
+    if use_channels_last(channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -460,6 +460,15 @@ def parse_args_with_overrides(parser, argv=None):
     return args, opts
 
 
+def split_trailing_overrides(queries: list[str], opts: list[str]) -> tuple[list[str], list[str]]:
+    """``--query a.jpg b.jpg shot 5``: argparse hands every word to an option of several values;
+    from the first word that is a declared config key (and not a file) on, the words are overrides."""
+    for i, word in enumerate(queries):
+        if word in KEYS and not os.path.exists(word):
+            return queries[:i], queries[i:] + opts
+    return queries, opts
+
+
 def default_save_path(config_path: str, cfg: CfgNode, yaml_shot: int) -> str:
     """The experiment folder: exp/<dataset>/<exp_name>, exp_name from
     config/<dataset>/<dataset>_<exp_name>.yaml. A model at another shot than its config's

@@ -109,9 +109,10 @@ def panel_image(sample: dict, tile: int = TILE) -> np.ndarray:
     Keys: ``support_imgs`` (K normalised 3×H×W tensors or H×W×3 uint8 RGB arrays; supports
     may differ in size), ``support_masks`` (K H×W), ``query_img``, ``pred`` H×W (0/1), all
     maps at the query image's size; optional ``query_mask`` (ground truth, 0/1/255),
-    ``bg_map`` (BG probability H×W), ``do_mask`` (H×W 0/1), ``class_name``, ``iou`` (percent).
+    ``bg_map`` (BG probability H×W), ``do_mask`` (H×W 0/1), ``prior`` (H×W in [0, 1]),
+    ``class_name``, ``iou`` (percent).
     The panel is ``TITLE_H + tile`` high and ``tile`` wide per tile: one per support, the
-    query, the prediction, and one each for the ground truth, BG map and DO mask if given.
+    query, the prediction, and one each for the ground truth, BG map, DO mask and prior if given.
     Tensor images are evaluation canvases: each is cropped to the image on it (its label's
     extent, :func:`canvas_extent`), so the padding does not show.
     """
@@ -142,6 +143,9 @@ def panel_image(sample: dict, tile: int = TILE) -> np.ndarray:
         tiles.append(_label(_fit(blend, tile), "mined BG"))
     if sample.get("do_mask") is not None:
         tiles.append(_label(_fit(tint(query, crop(sample["do_mask"]), DO_COLOUR), tile), "mined DO"))
+    if sample.get("prior") is not None:
+        blend = (0.5 * query + 0.5 * heatmap(crop(sample["prior"]))).astype(np.uint8)
+        tiles.append(_label(_fit(blend, tile), "prior"))
     row = np.concatenate(tiles, axis=1)
     title = np.full((TITLE_H, row.shape[1], 3), 255, np.uint8)
     text = str(sample.get("class_name", ""))
@@ -161,7 +165,7 @@ def save_panel(path: str, sample: dict, tile: int = TILE) -> np.ndarray:
 
 
 def video_strip_image(sample: dict, tile: int = TILE) -> np.ndarray:
-    """Render one video chunk (what engine/video.py keeps per sample) as an RGB array.
+    """Render one video chunk (what the video scorer (engine/tasks/video.py) keeps per sample) as an RGB array.
 
     Keys: ``query_imgs`` (T normalised 3×H×W canvases or H×W×3 uint8 RGB frames), ``pred``
     (T×H×W 0/1), ``bg_map`` (T×H×W BG probability), ``do_mask`` (T×H×W 0/1),

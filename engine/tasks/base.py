@@ -76,9 +76,18 @@ class Task:
 
     # ---- optimisation
     def optimizer(self, model: torch.nn.Module, cfg, fused: bool):
-        """SGD over the trainable parameters (PFENet's recipe)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        """SGD (PFENet's recipe) over the trainable parameters, or over the groups the network's
+        optional ``parameter_groups()`` gives (docs/extending.md): each group a dict with
+        ``params`` and optionally ``lr_scale`` (its rate relative to the schedule's) and any
+        SGD option (``weight_decay``, ...)."""
+        if hasattr(model, "parameter_groups"):
+            groups = [dict(g) for g in model.parameter_groups()]
+            for g in groups:
+                g["params"] = [p for p in g["params"] if p.requires_grad]
+            groups = [g for g in groups if g["params"]]
+        else:
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                fused=fused)
 
     # ---- scoring and reports

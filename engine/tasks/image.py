@@ -55,8 +55,11 @@ class ImageScorer(Scorer):
                 "query_img": batch["query_img"][i], "query_mask": batch["query_mask"][i],
                 "support_imgs": batch["support_imgs"][i], "support_masks": batch["support_masks"][i],
                 "class_id": class_id, "class_name": self.names[class_id], "pred": logits[i].argmax(0).cpu(),
-                "bg_map": extras["bg_logits"][i].float().softmax(0)[1].cpu(), "do_mask": extras["do_mask"][i].cpu(),
                 "iou": float(self.episode_iou[i]),
+                # what the network's extras hold (docs/extending.md): NTRENet++ mines BG and DOs
+                "bg_map": extras["bg_logits"][i].float().softmax(0)[1].cpu() if "bg_logits" in extras else None,
+                "do_mask": extras["do_mask"][i].cpu() if "do_mask" in extras else None,
+                "prior": extras["prior"][i, 0].float().cpu() if "prior" in extras else None,
             })
         return kept
 

@@ -86,7 +86,7 @@ def build(cfg, weight: str, device: torch.device):
         bare = cfg.copy()
         bare.pretrained = ""
         model = build_model(bare)
-    return to_device(model, cfg, device).eval()
+    return to_device(model, device, cfg.channels_last).eval()
 
 
 def read_predictions(pred_dir: str) -> list[tuple[dict, np.ndarray]]:

@@ -279,6 +279,35 @@ def describe(cfg) -> str:
     return f"{net}, {cfg['shot']}-shot, batch {cfg['batch_size']}, {cfg['train_h']}x{cfg['train_w']}"
 
 
+def measure_backbone(model, batch, cfg, device, warmup, reps) -> tuple[float, float]:
+    """(GFLOP, median ms) of the backbone alone: everything the frozen part of the step runs."""
+    q, s, m = batch_to_device(batch, device, train_inputs(cfg)[:3]).values()
+
+    def backbone():
+        with torch.no_grad(), autocast(device, cfg.amp):
+            model.backbone_features(q, s, m)
+
+    model.train()
+    return count_gflop(backbone), statistics.median(timed(backbone, device, warmup, reps))
+
+
+def measure_step(trainer, batch, cfg, device, warmup, reps) -> dict:
+    """The training step: GFLOP (counted on the plain module, torch.compile aside), median and
+    every time, peak memory, the losses (finite, read back once outside timing), and whether the
+    step runs without a host-device sync."""
+    step = step_fn(trainer, batch)
+    plain = Trainer(cfg, trainer.info, trainer.model, trainer.optimizer, trainer.scaler)
+    out = {"step_gflop": count_gflop(step_fn(plain, batch))}
+    with PeakMemory(device) as mem:
+        times = timed(step, device, warmup, reps)
+    out.update(train_step_ms=statistics.median(times), train_step_ms_all=[round(t, 2) for t in times],
+               peak_mem_mib=mem.mib)
+    trainer.step(batch, 0.0)
+    out["losses"] = {k: float(v) for k, v in zip(trainer.losses.names, trainer.losses.pending.pop())}
+    out["sync_free"] = step_is_sync_free(trainer, batch)
+    return out
+
+
 def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=print,
         tune_malloc: bool = True) -> dict:
     """Every measurement of the module docstring for ``cfg`` on ``device``; returns the dict.
@@ -292,7 +321,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
                                                 "train_w", "val_size", "clip_len", "video_h", "video_w",
                                                 "support_mode", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
-                 "channels_last_used": use_channels_last(cfg, device),
+                 "channels_last_used": use_channels_last(cfg.channels_last, device),
                  "reps": reps, "warmup": warmup}
     res.update({k: None for k in FIELDS})
 
@@ -306,34 +335,13 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     res["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["params_frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
-    # ---- backbone alone (everything the frozen part of the step runs)
-    log("backbone ...")
-    q, s, m = batch_to_device(batch, device, train_inputs(cfg)[:3]).values()
-
-    def backbone():
-        with torch.no_grad(), autocast(device, cfg.amp):
-            model.backbone_features(q, s, m)
-
-    model.train()
-    res["backbone_gflop"] = count_gflop(backbone)
-    res["backbone_ms"] = statistics.median(timed(backbone, device, warmup, reps))
-
-    # ---- the training step
+    if hasattr(model, "backbone_features"):   # a network of the contract may not expose its frozen part
+        log("backbone ...")
+        res["backbone_gflop"], res["backbone_ms"] = measure_backbone(model, batch, cfg, device, warmup, reps)
     log("training step ...")
-    step = step_fn(trainer, batch)
-    # counted on the plain module (torch.compile aside): a Trainer of the same parts without the wrapper
-    plain = Trainer(cfg, trainer.info, model, trainer.optimizer, trainer.scaler)
-    res["step_gflop"] = count_gflop(step_fn(plain, batch))
-    with PeakMemory(device) as mem:
-        times = timed(step, device, warmup, reps)
-    res["train_step_ms"] = statistics.median(times)
-    res["train_step_ms_all"] = [round(t, 2) for t in times]
-    res["peak_mem_mib"] = mem.mib
-    trainer.step(batch, 0.0)                  # the losses are finite (read back once, outside timing)
-    res["losses"] = {k: float(v) for k, v in zip(trainer.losses.names, trainer.losses.pending.pop())}
+    res.update(measure_step(trainer, batch, cfg, device, warmup, reps))
     res["achieved_gflops"] = res["step_gflop"] / (res["train_step_ms"] / 1000)
     res["efficiency"] = res["achieved_gflops"] / res["peak_gflops"]
-    res["sync_free"] = step_is_sync_free(trainer, batch)
 
     if cfg.amp != "none":
         log("losses under amp vs fp32 ...")
@@ -623,7 +631,7 @@ def main(argv=None) -> dict:
         os.makedirs(folder, exist_ok=True)
         table = profile_step(cfg, device, args.profile, args.warmup, args.top, tune_malloc=not args.default_malloc)
         print(f"{machine_name(device)} | {describe(cfg)}, amp {cfg.amp}, channels_last "
-              f"{use_channels_last(cfg, device)} | one training step\n{table}")
+              f"{use_channels_last(cfg.channels_last, device)} | one training step\n{table}")
         if not os.path.isfile(args.profile):
             raise SystemExit(f"error: the profiler did not write the trace '{args.profile}' (see the message above)")
         print(f"Chrome trace: {args.profile} (open in chrome://tracing or ui.perfetto.dev)")

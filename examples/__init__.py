@@ -1,0 +1,1 @@
+"""Networks of your own, plugged in with ``arch package.module:callable`` (docs/extending.md)."""
