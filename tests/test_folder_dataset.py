@@ -398,11 +398,11 @@ def test_items_score_through_the_existing_scoring(tree):
     the hsnet protocol the scored label is the 400x400 (here 16x16) one, so logits that are that
     label score exactly 100, and all-background logits the hand-computed pooled IoUs."""
     root, lst = tree
-    cfg = SimpleNamespace(ignore_label=255, ori_resize=True, fixed_eval_size=0)
+    cfg = SimpleNamespace(ignore_label=255, ori_resize=True)
 
     def score(ds, logits_of):
         batch = eval_collate([ds[i] for i in range(len(ds))])
-        inter, union, preds = score_episodes(logits_of(batch), batch, cfg)
+        inter, union, preds = score_episodes(logits_of(batch), batch, cfg.ignore_label, cfg.ori_resize)
         acc = IoUAccumulator(ds.class_ids)
         acc.update(batch["class_id"], inter, union)
         return batch, preds, acc.result(ds.class_names)

@@ -37,16 +37,23 @@ def test_ori_resize_scores_on_the_original_label_padded_square():
     logits = torch.zeros(1, 2, 4, 4)
     logits[0, 1, :, :2] = 5.0                            # predicts the left half of the canvas
     batch = {"query_mask_ori": [label], "query_mask": torch.zeros(1, 4, 4, dtype=torch.long)}
-    inter, union, preds = score_episodes(logits, batch, cfg.ignore_label, cfg.ori_resize, cfg.fixed_eval_size)
+    inter, union, preds = score_episodes(logits, batch, cfg.ignore_label, cfg.ori_resize)
     assert inter.tolist() == [[4.0, 4.0]] and union.tolist() == [[4.0, 4.0]]
     assert preds[0].shape == (2, 4) and preds[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
     # cropping the upsampled square equals scoring the 255-padded square
     assert to_original_size(logits, 2, 4).shape == (1, 2, 2, 4)
     cfg.ori_resize = False                               # scored against the canvas label instead
-    inter, union, _ = score_episodes(logits, batch, cfg.ignore_label, cfg.ori_resize, cfg.fixed_eval_size)
+    inter, union, _ = score_episodes(logits, batch, cfg.ignore_label, cfg.ori_resize)
     assert inter.tolist() == [[8.0, 0.0]] and union.tolist() == [[16.0, 8.0]]
-    cfg.fixed_eval_size = 8                              # HSNet-style fixed-size scoring
-    inter, union, preds = score_episodes(logits, batch, cfg.ignore_label, cfg.ori_resize, cfg.fixed_eval_size)
-    # align_corners maps output columns to 0, .43, .86, 1.29, 1.71, 2.14, ...: five stay > 0
-    assert preds[0].shape == (8, 8) and preds[0][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
-    assert union.tolist() == [[64.0, 40.0]] and inter.tolist() == [[24.0, 0.0]]
+
+
+def test_hsnet_scoring_is_on_the_resized_label_the_logits_already_match():
+    """Under the hsnet protocol query_mask_ori is the square label of the input size, so the
+    original-size path leaves the logits untouched: argmax, ignore left out."""
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1, :, :2] = 5.0
+    label = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [255, 255, 1, 1]])
+    inter, union, preds = score_episodes(logits, {"query_mask_ori": [label]}, 255, True)
+    assert preds[0].tolist() == [[1, 1, 0, 0]] * 4
+    # 14 scored pixels (two 255). fg: predicted 6, labelled 7, both 4 -> U 9; bg: 8, 7, both 5 -> U 10
+    assert inter.tolist() == [[5.0, 4.0]] and union.tolist() == [[10.0, 9.0]]

@@ -254,8 +254,6 @@ SCHEMA: tuple[Key, ...] = _section(
        "(seed 0 is HSNet's one run)"),
     _k("ori_resize", "bool", True, "pfenet: score on the original-size label (PFENet default); False: on the "
        "val_size canvas", tasks=_IMG),
-    _k("fixed_eval_size", "int", 0, "score at a fixed square resolution instead (HSNet-style; 0: off)",
-       tasks=_IMG),
     _k("save_pred", "bool", False, "write predicted masks and an index of them per seed"),
     _k("vis", "int", 0, "visualisation panels saved per seed"),
     _k("device", "str", "auto", "'auto', 'cpu' or 'cuda'", ("auto", "cpu", "cuda")),
@@ -513,7 +511,7 @@ def validate(cfg: CfgNode) -> None:
         if cfg[name] < 1:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
     for name in ("workers", "class_index_workers", "epoch_size", "stop_iter", "ckpt_freq_iters", "warmup_iters",
-                 "num_negatives", "val_num", "vis", "tb_images", "bank_classes", "fixed_eval_size"):
+                 "num_negatives", "val_num", "vis", "tb_images", "bank_classes"):
         if cfg[name] < 0:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must not be negative")
     if not cfg.ppm_scales or any(not isinstance(s, (int, float)) or s <= 0 for s in cfg.ppm_scales):
