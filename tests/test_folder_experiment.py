@@ -138,3 +138,23 @@ def test_bad_class_lists_are_one_line_naming_the_file_and_the_fix(tree, trained,
     assert err == (f"train.py: error: class 'eel' ('{root}/eel') has 3 image(s); 3-shot episodes need at least "
                    f"4 (a query and 3 supports): add images, use fewer shots or remove the class from "
                    f"'{lists['test']}'")
+
+
+def test_pascal_on_every_class_validates_on_class_folders(tiny_pascal, tree, tmp_path):
+    """split 'all' (the cross-domain benchmark's training): every PASCAL class trains, the DO bank
+    has its 20 rows, and validation scores the class folders of val_dataset, one episode per image."""
+    from engine.trainer import Trainer
+    from util.distributed import DistInfo
+    cfg, _ = tiny_pascal
+    _, root, lists, _ = tree
+    cfg.update(split="all", val_dataset="fss1000", val_root=str(root), val_classes=lists["test"],
+               eval_protocol="hsnet", save_path=str(tmp_path / "exp"), layers=18, backbone_width=0.25,
+               reduce_dim=8, pretrained="", ppm_scales=[1.0, 0.5], memory_size=8, num_negatives=4, workers=0,
+               batch_size=2, epochs=1, epoch_size=4, tb_images=0)
+    trainer = Trainer.from_cfg(cfg, DistInfo())
+    assert trainer.loader.dataset.split.classes == list(range(1, 21))
+    metrics = trainer.train()
+    assert metrics["episodes"] == 6 and set(metrics["class_iou"]) == {"eel", "fox"}
+    state = torch.load(tmp_path / "exp" / "model" / "best.pth", weights_only=True)
+    assert state["architecture"]["bank_classes"] == 20
+    assert state["model"]["memory_bank.prototypes"].shape == (21, 8, 8)
