@@ -57,3 +57,27 @@ def test_hsnet_scoring_is_on_the_resized_label_the_logits_already_match():
     assert preds[0].tolist() == [[1, 1, 0, 0]] * 4
     # 14 scored pixels (two 255). fg: predicted 6, labelled 7, both 4 -> U 9; bg: 8, 7, both 5 -> U 10
     assert inter.tolist() == [[5.0, 4.0]] and union.tolist() == [[10.0, 9.0]]
+
+
+def test_pooling_is_hsnets_class_iou_and_fb_iou():
+    """HSNet's evaluator (kept by PATNet): per class, ΣI / max(ΣU, 1) of background and foreground
+    rows; class mIoU the mean of the foreground row over the classes of interest (one with no
+    episode counts 0); FB-IoU the mean over bg/fg of ΣI / ΣU summed over those classes. With
+    integer pixel counts IoUAccumulator gives the same figures."""
+    rng = torch.Generator().manual_seed(0)
+    classes = [3, 5, 8, 9]                                   # 9 gets no episode
+    ids = torch.tensor([3, 5, 8, 3, 5, 3, 8, 5, 3, 8])
+    union = torch.randint(1, 400, (10, 2), generator=rng).double()
+    inter = torch.floor(union * torch.rand(10, 2, generator=rng).double())
+    inter[2, 1] = 0                                          # a missed target
+    acc = IoUAccumulator(classes)
+    acc.update(ids, inter, union)
+    r = acc.result()
+    i_buf, u_buf = torch.zeros(2, 10, dtype=torch.float64), torch.zeros(2, 10, dtype=torch.float64)
+    i_buf.index_add_(1, ids, inter.T)
+    u_buf.index_add_(1, ids, union.T)
+    iou = (i_buf / torch.maximum(u_buf, torch.ones_like(u_buf)))[:, classes]
+    miou = 100 * iou[1].mean().item()
+    fbiou = 100 * (i_buf[:, classes].sum(1) / u_buf[:, classes].sum(1)).mean().item()
+    assert r.class_iou["9"] == 0.0
+    assert r.miou == pytest.approx(miou, rel=1e-12) and r.fbiou == pytest.approx(fbiou, rel=1e-12)
