@@ -41,14 +41,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.image import Episode, EpisodeSampler, read_image, shard
-from dataset.transform import HSNET_SIZE, PROTOCOLS, Compose, SquareResize, hue_rotate, protocol_transform
+from dataset.transform import HSNET_SIZE, PROTOCOLS, Compose, hue_rotate, protocol_transform
 from util.errors import DataError, DataFileMissing
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask"
 EPISODE_RULES = ("per_image", "balanced")
-__all__ = ["HSNET_SIZE", "PROTOCOLS", "SquareResize", "FolderIndex", "FolderEvalDataset", "FolderTrainDataset",
-           "hsnet_episodes", "balanced_episodes", "folder_eval_transform", "read_class_list", "read_mask"]
 
 
 # ----------------------------------------------------------------------------- reading

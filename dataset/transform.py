@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from util.config import HSNET_SIZE, PROTOCOLS
 # ImageNet statistics on the 0–255 scale (RGB).
 from util.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD"]
-
-PROTOCOLS = ("hsnet", "pfenet")   # the scoring protocols (util/config.py eval_protocol)
-HSNET_SIZE = 400                  # HSNet's evaluation side
 
 
 class Compose:

@@ -25,7 +25,8 @@ log = logging.getLogger("ntrenetpp")
 IMAGE, VIDEO = "image", "video"
 TASKS = (IMAGE, VIDEO)
 PFENET, HSNET = "pfenet", "hsnet"
-PROTOCOLS = (PFENET, HSNET)
+PROTOCOLS = (PFENET, HSNET)    # the scoring protocols (docs/data.md section 11)
+HSNET_SIZE = 400               # HSNet's evaluation side
 LIST_DATASETS = ("pascal", "coco", "synthetic")    # images named by list files, classes by fold
 
 # What the 'auto' evaluation keys of an image config resolve to, per dataset family: the protocol
@@ -33,12 +34,12 @@ LIST_DATASETS = ("pascal", "coco", "synthetic")    # images named by list files,
 # test_num 0: one episode per image of the evaluation classes (class-folder datasets).
 AUTO_EVAL = {
     #             lineage  pfenet       hsnet
-    "pascal":    (PFENET, (473, 1000), (400, 1000)),
-    "coco":      (PFENET, (641, 4000), (400, 1000)),
-    "synthetic": (PFENET, (473, 1000), (400, 1000)),
-    "fss1000":   (HSNET,  (473, 0),    (400, 0)),
-    "cdfss":     (HSNET,  (473, 600),  (400, 600)),
-    "folder":    (HSNET,  (473, 0),    (400, 0)),
+    "pascal":    (PFENET, (473, 1000), (HSNET_SIZE, 1000)),
+    "coco":      (PFENET, (641, 4000), (HSNET_SIZE, 1000)),
+    "synthetic": (PFENET, (473, 1000), (HSNET_SIZE, 1000)),
+    "fss1000":   (HSNET,  (473, 0),    (HSNET_SIZE, 0)),
+    "cdfss":     (HSNET,  (473, 600),  (HSNET_SIZE, 600)),
+    "folder":    (HSNET,  (473, 0),    (HSNET_SIZE, 0)),
 }
 
 
