@@ -37,19 +37,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.image import Episode, EpisodeSampler, read_image, shard
-from dataset.transform import Compose, EvalResize, ToTensorNormalize, hue_rotate
+from dataset.transform import HSNET_SIZE, PROTOCOLS, Compose, hue_rotate, protocol_transform
 from util.errors import DataError, DataFileMissing
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask"
-PROTOCOLS = ("hsnet", "pfenet")
 EPISODE_RULES = ("per_image", "balanced")
-HSNET_SIZE = 400
 
 
 # ----------------------------------------------------------------------------- reading
@@ -282,31 +279,14 @@ def balanced_episodes(class_sizes: Sequence[int], shot: int, seed: int, num_epis
 
 # ----------------------------------------------------------------------------- transforms
 
-class SquareResize:
-    """HSNet's evaluation resize: the image to ``size × size`` bilinearly as torchvision's
-    ``Resize`` does it on a PIL image (PIL bilinear, antialiased when shrinking), the label
-    to ``size × size`` with ``torch.nn.functional.interpolate(mode='nearest')``."""
-
-    def __init__(self, size: int = HSNET_SIZE):
-        self.size = size
-
-    def __call__(self, image, label, rng=None):
-        pil = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
-        image = np.asarray(pil.resize((self.size, self.size), Image.BILINEAR), np.float32)
-        lab = torch.from_numpy(np.ascontiguousarray(label))[None, None].float()
-        label = F.interpolate(lab, size=(self.size, self.size), mode="nearest")[0, 0].to(torch.uint8).numpy()
-        return image, label
-
-
 def folder_eval_transform(protocol: str = "hsnet", image_size: int = HSNET_SIZE, val_size: int = 473,
                           ignore_label: int = 255) -> Compose:
-    """``hsnet``: :class:`SquareResize` to ``image_size``; ``pfenet``: the repository's
-    evaluation resize (longer side ``val_size`` on a square canvas, dataset/transform.py)."""
-    if protocol == "hsnet":
-        return Compose([SquareResize(image_size), ToTensorNormalize()])
-    if protocol == "pfenet":
-        return Compose([EvalResize(val_size, ignore_label), ToTensorNormalize()])
-    raise DataError(f"unknown evaluation protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}")
+    """``hsnet``: :class:`~dataset.transform.SquareResize` to ``image_size``; ``pfenet``: the
+    repository's evaluation resize (longer side ``val_size`` on a square canvas); both
+    :func:`dataset.transform.protocol_transform`."""
+    if protocol not in PROTOCOLS:
+        raise DataError(f"unknown evaluation protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}")
+    return protocol_transform(protocol, image_size if protocol == "hsnet" else val_size, ignore_label)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -321,7 +301,8 @@ class FolderEvalDataset(Dataset):
     ``rank``/``world_size`` keep a disjoint shard of the list (``episode_id`` stays global).
     Items: query_img 3×S×S float, query_mask S×S long, query_mask_ori H×W long,
     support_imgs K×3×S×S, support_masks K×S×S long, class_id (1-based), episode_id,
-    query_label_path.
+    query_label_path. ``class_ids``, ``class_names`` (id → folder name) and ``root`` are what
+    a scorer needs, as on :class:`dataset.image.FewShotEvalDataset`.
     """
 
     def __init__(self, root: str, class_list: str | Sequence[str], shot: int = 1, seed: int = 0,
@@ -347,7 +328,7 @@ class FolderEvalDataset(Dataset):
         else:
             raise DataError(f"unknown episode_rule '{episode_rule}'; use one of {', '.join(EPISODE_RULES)}")
         self.episodes = shard(self.all_episodes, rank, world_size)
-        self.class_ids, self.class_names = self.index.class_ids, self.index.class_names
+        self.class_ids, self.class_names, self.root = self.index.class_ids, self.index.class_names, self.index.root
 
     def __len__(self) -> int:
         return len(self.episodes)

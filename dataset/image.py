@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset.class_index import ClassIndex, build_class_index, load_area_table
-from util.classes import NUM_CLASSES, fold_classes
+from util.classes import NUM_CLASSES, class_name, fold_classes
 from util.distributed import barrier, is_main_process
 from util.errors import DataError, DataFileMissing
 from util.fileio import read_list
-from dataset.transform import eval_transform, hue_rotate, train_transform
+from dataset.transform import hue_rotate, protocol_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -280,21 +280,29 @@ def shard(episodes: Sequence[Episode], rank: int, world_size: int) -> list[Episo
 class FewShotEvalDataset(Dataset):
     """A fixed, seeded list of exactly ``num_episodes`` evaluation episodes.
 
-    Items carry the query and supports at the evaluation size (``val_size²`` canvas), the
-    query's binary label on that canvas, its binary label at the original size, and the
-    episode's identity (id, class, query label path) for scoring and saving predictions.
+    Items carry the query and supports at the evaluation size, the query's binary label at
+    that size, the label it is scored on (``query_mask_ori``), and the episode's identity (id,
+    class, query label path) for scoring and saving predictions. ``protocol``: ``pfenet``
+    (``val_size²`` canvas; scored on the label at its original size) or ``hsnet`` (image and
+    label resized to ``val_size × val_size``, scored on that resized label; HSNet's 400).
+    ``class_ids`` (the held-out classes), ``class_names`` (id → name) and ``root`` (what the
+    label paths are relative to) are what a scorer needs.
     """
 
     def __init__(self, cfg, seed: int, num_episodes: int | None = None, shot: int | None = None,
-                 split: SplitData | None = None, rank: int = 0, world_size: int = 1):
+                 split: SplitData | None = None, rank: int = 0, world_size: int = 1, protocol: str = "pfenet"):
         self.split = split or load_split(cfg, train=False)
         self.shot = shot or cfg.shot
         self.ignore_label = cfg.ignore_label
-        self.transform = eval_transform(cfg)
+        self.protocol = protocol
+        self.transform = protocol_transform(protocol, cfg.val_size, cfg.ignore_label)
         _check_enough_images(self.split, self.shot, cfg.val_list)
         num_episodes = num_episodes or cfg.test_num
         self.all_episodes = draw_episodes(self.split.index, num_episodes, self.shot, seed)
         self.episodes = shard(self.all_episodes, rank, world_size)
+        self.class_ids = list(self.split.classes)
+        self.class_names = {c: class_name(cfg.dataset, c) for c in self.class_ids}
+        self.root = cfg.data_root
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -309,9 +317,11 @@ class FewShotEvalDataset(Dataset):
         ep = self.episodes[i]
         q_img, q_lab, q_ori = self._load(ep.query, ep.class_id)
         s = [self._load(j, ep.class_id)[:2] for j in ep.supports]
+        # PFENet scores on the label at its own size, HSNet on the resized one
+        ori = q_lab.clone() if self.protocol == "hsnet" else torch.from_numpy(q_ori).long()
         return {
             "query_img": q_img, "query_mask": q_lab,
-            "query_mask_ori": torch.from_numpy(q_ori).long(),
+            "query_mask_ori": ori,
             "support_imgs": torch.stack([im for im, _ in s]),
             "support_masks": torch.stack([m for _, m in s]),
             "class_id": ep.class_id, "episode_id": ep.episode_id,

@@ -40,23 +40,17 @@ def to_original_size(maps: torch.Tensor, height: int, width: int, mode: str = "b
     return F.interpolate(maps.float(), size=(side, side), mode=mode, **kwargs)[:, :, :height, :width]
 
 
-def score_episodes(logits: torch.Tensor, batch: dict, ignore: int = 255, ori_resize: bool = True,
-                   fixed_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, list]:
+def score_episodes(logits: torch.Tensor, batch: dict, ignore: int = 255,
+                   ori_resize: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Intersection and union (B×2) of a batch of episodes, and the predictions scored.
 
-    Scoring modes: ``ori_resize`` (default, PFENet) — logits upsampled bilinearly
-    (align_corners=True) to the original label padded to a square of its longer side;
-    ``fixed_size > 0`` (HSNet-style) — logits and the evaluation-size label resized to
-    a fixed square; otherwise the label on the evaluation canvas. Pixels labelled ``ignore``
-    are not scored. Returns predictions at the scored size (ori mode: cropped to the
-    original label size).
+    Scoring modes: ``ori_resize`` (default) — logits upsampled bilinearly (align_corners=True)
+    to the scored label (``query_mask_ori``) padded to a square of its longer side, then
+    cropped: PFENet's original-size scoring; under the hsnet protocol that label is the
+    square-resized one, of the logits' own size, so this leaves the logits as they are.
+    Otherwise the label on the evaluation canvas. Pixels labelled ``ignore`` are not scored.
+    Returns predictions at the scored size (ori mode: cropped to the label's size).
     """
-    if fixed_size > 0:
-        size = (fixed_size, fixed_size)
-        target = F.interpolate(batch["query_mask"][:, None].float(), size=size, mode="nearest")[:, 0].long()
-        pred = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True).argmax(1)
-        inter, union = intersection_union(pred, target.to(pred.device), ignore)
-        return inter, union, list(pred)
     if not ori_resize:
         target = batch["query_mask"].to(logits.device)
         if logits.shape[-2:] != target.shape[-2:]:

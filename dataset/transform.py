@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import cv2
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+from util.config import HSNET_SIZE, PROTOCOLS
 # ImageNet statistics on the 0–255 scale (RGB).
 from util.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -165,6 +168,23 @@ class ToTensorNormalize:
                 torch.from_numpy(np.ascontiguousarray(label)).long())
 
 
+class SquareResize:
+    """HSNet's evaluation resize: the image to ``size × size`` bilinearly as torchvision's
+    ``Resize`` does it on a PIL image (PIL bilinear, antialiased when shrinking), the label
+    to ``size × size`` with ``torch.nn.functional.interpolate(mode='nearest')`` (ignore
+    values kept)."""
+
+    def __init__(self, size: int = HSNET_SIZE):
+        self.size = size
+
+    def __call__(self, image, label, rng=None):
+        pil = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+        image = np.asarray(pil.resize((self.size, self.size), Image.BILINEAR), np.float32)
+        lab = torch.from_numpy(np.ascontiguousarray(label))[None, None].float()
+        label = F.interpolate(lab, size=(self.size, self.size), mode="nearest")[0, 0].to(torch.uint8).numpy()
+        return image, label
+
+
 def train_transform(cfg) -> Compose:
     """The training augmentation of docs/method.md §8, from config keys."""
     return Compose([
@@ -177,5 +197,17 @@ def train_transform(cfg) -> Compose:
     ])
 
 
+def protocol_transform(protocol: str, size: int, ignore_label: int = 255) -> Compose:
+    """The evaluation preprocessing of a scoring protocol (docs/data.md): ``pfenet`` pastes the
+    image, longer side resized to ``size``, on a ``size²`` canvas (:class:`EvalResize`);
+    ``hsnet`` resizes image and label to ``size × size`` (:class:`SquareResize`)."""
+    if protocol == "pfenet":
+        return Compose([EvalResize(size, ignore_label), ToTensorNormalize()])
+    if protocol == "hsnet":
+        return Compose([SquareResize(size), ToTensorNormalize()])
+    raise ValueError(f"unknown evaluation protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}")
+
+
 def eval_transform(cfg) -> Compose:
-    return Compose([EvalResize(cfg.val_size, cfg.ignore_label), ToTensorNormalize()])
+    """PFENet's evaluation preprocessing at ``val_size`` (the pfenet protocol, and predict.py's)."""
+    return protocol_transform("pfenet", cfg.val_size, cfg.ignore_label)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from engine.checkpoint import build_model_from_checkpoint
 from util.amp import AMP_MODES, autocast, check_amp, to_device
+from util.config import resolved
 from dataset.image import binarize
 from util.distributed import pick_device
 from util.errors import PredictInputError
@@ -257,7 +258,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, cfg, device: str | torch.device = "cpu", amp: str = "none"):
         self.device = resolve_device(device, amp)
-        self.cfg = cfg
+        self.cfg = cfg = resolved(cfg)           # val_size 'auto' is the protocol's
         self.amp = amp
         self.model = to_device(model, self.device, cfg.channels_last).eval()
         self.transform = eval_transform(cfg)

@@ -1,6 +1,6 @@
 """The test loop behind test.py, for images and videos alike: ``test_seeds`` runs (seeds) over
 the task's evaluation list, each logged, then mean ± std over runs (sample std), written to
-``<save_path>/result/test_<timestamp>.json``."""
+``<save_path>/result/test_<timestamp>.json``. The JSON names the scoring protocol."""
 from __future__ import annotations
 
 import logging
@@ -10,15 +10,17 @@ from engine.checkpoint import build_model_from_checkpoint, resolve_weight, saved
 from engine.evaluate import evaluate, write_test_result
 from engine.tasks import task_for
 from util.amp import to_device
-from util.config import validate
+from util.config import HSNET, validate
 from util.distributed import DistInfo
 
 log = logging.getLogger("ntrenetpp")
 
 
 def test_seeds(cfg) -> list[int]:
-    """Evaluation seeds derived from ``manual_seed`` (training validates on other episodes)."""
-    return [cfg.manual_seed + i for i in range(cfg.test_seeds)]
+    """Evaluation seeds: ``manual_seed + i`` (training validates on other episodes); under the
+    hsnet protocol ``i`` itself, so that the first run is HSNet's and PATNet's one, seed 0."""
+    first = 0 if cfg.eval_protocol == HSNET else cfg.manual_seed
+    return [first + i for i in range(cfg.test_seeds)]
 
 
 def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:

@@ -122,7 +122,7 @@ def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys):
     assert rows["prototype matcher (its backbone)"]["miou_mean"] == pytest.approx(again["miou_mean"], abs=1e-9)
     out = capsys.readouterr().out
     assert "prototype matcher (its backbone)" in out and "all-foreground" in out
-    assert "(1-shot, 2 seed(s) x 6 episodes; the same episodes for every row)" in out
+    assert "(1-shot, 2 seed(s) x 6 episodes, pfenet protocol; the same episodes for every row)" in out
 
 
 def test_pfenet_and_ntrenetpp_results_side_by_side_on_identical_episodes(tiny_run, capsys):

@@ -54,3 +54,11 @@ def test_ytvis_folds_interleave_the_40_classes():
     assert fold_classes("synthetic_video", 1)[1] == [2, 6, 10, 14, 18]
     with pytest.raises(ValueError, match="unknown dataset 'davis'; expected one of pascal, coco, synthetic, ytvis"):
         class_names("davis")
+
+
+def test_fold_all_trains_every_class_and_holds_out_none():
+    assert fold_classes("pascal", "all") == (list(range(1, 21)), [])
+    assert fold_classes("coco", "all", False) == (list(range(1, 81)), [])
+    for bad in (4, "4", True):
+        with pytest.raises(ValueError, match=r"split must be 0, 1, 2, 3 or 'all', got"):
+            fold_classes("pascal", bad)

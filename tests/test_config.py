@@ -2,7 +2,9 @@ import glob
 
 import pytest
 
-from util.config import ConfigError, KEYS, load_cfg, load_cfg_from_yaml, merge_cfg_from_list
+from util.classes import FOLDER_DATASETS
+from util.config import (ARCH_KEYS, AUTO_EVAL, ConfigError, KEYS, defaults, load_cfg, load_cfg_from_yaml,
+                         merge_cfg_from_list, validate)
 
 
 def write(tmp_path, text):
@@ -69,7 +71,12 @@ def test_every_shipped_config_loads(path):
     cfg = load_cfg(path)
     dataset = path.split("/")[1]
     assert cfg.dataset == dataset
-    assert f"split{cfg.split}" in path
+    if dataset in FOLDER_DATASETS:                   # class lists decide, not folds
+        assert "split" not in cfg.explicit and "split" not in path
+    elif cfg.split == "all":
+        assert path == f"config/{dataset}/{dataset}_all_resnet50.yaml"
+    else:
+        assert f"split{cfg.split}" in path
 
 
 def test_yaml_float_strings_and_count_bounds(tmp_path):
@@ -89,3 +96,98 @@ def test_channels_last_takes_a_bool_or_auto(tmp_path):
     assert load_cfg(str(path), ["channels_last", "False"]).channels_last is False
     with pytest.raises(ConfigError, match="channels_last.*True, False or 'auto'"):
         load_cfg(str(path), ["channels_last", "yes"])
+
+
+@pytest.mark.parametrize("dataset, protocol, size, episodes", [
+    ("pascal", "pfenet", 473, 1000), ("coco", "pfenet", 641, 4000), ("synthetic", "pfenet", 473, 1000),
+    ("fss1000", "hsnet", 400, 0), ("cdfss", "hsnet", 400, 600), ("folder", "hsnet", 400, 0)])
+def test_auto_evaluation_keys_resolve_to_the_datasets_protocol(dataset, protocol, size, episodes):
+    """eval_protocol 'auto' is the lineage of the dataset's published numbers; val_size and
+    test_num 'auto' are that protocol's (test_num 0: one episode per image)."""
+    cfg = defaults()
+    cfg.dataset = dataset
+    assert (cfg.eval_protocol, cfg.val_size, cfg.test_num) == ("auto", "auto", "auto")
+    validate(cfg)
+    assert (cfg.eval_protocol, cfg.val_size, cfg.test_num) == (protocol, size, episodes)
+    assert AUTO_EVAL[dataset][0] == protocol
+
+
+def test_the_other_protocol_brings_its_own_size_and_count_and_explicit_values_win(tmp_path):
+    coco = "config/coco/coco_split0_resnet50.yaml"
+    assert (load_cfg(coco).val_size, load_cfg(coco).test_num) == (641, 4000)
+    cfg = load_cfg(coco, ["eval_protocol", "hsnet"])
+    assert (cfg.eval_protocol, cfg.val_size, cfg.test_num) == ("hsnet", 400, 1000)
+    cfg = load_cfg(coco, ["eval_protocol", "hsnet", "test_num", "20", "val_size", "41"])
+    assert (cfg.val_size, cfg.test_num) == (41, 20)
+    cfg = load_cfg(write(tmp_path, "DATA:\n  dataset: fss1000\nTEST:\n  eval_protocol: pfenet\n"))
+    assert (cfg.val_size, cfg.test_num) == (473, 0)
+    with pytest.raises(ConfigError, match=r"key 'test_num' has value 'many' \(str\); expected an int or 'auto'"):
+        load_cfg(coco, ["test_num", "many"])
+    with pytest.raises(ConfigError, match=r"key 'eval_protocol' has value 'ifa'; expected one of"):
+        load_cfg(coco, ["eval_protocol", "ifa"])
+    with pytest.raises(ConfigError) as e:
+        load_cfg(coco, ["test_num", "0"])
+    assert str(e.value) == "key 'test_num' is 0; it must be at least 1"
+    with pytest.raises(ConfigError) as e:
+        load_cfg(write(tmp_path, "DATA:\n  dataset: cdfss\nTEST:\n  test_num: -1\n"))
+    assert str(e.value) == "key 'test_num' is -1; it must be at least 1 (0: one episode per image of the test classes)"
+
+
+def test_split_all_needs_a_validation_dataset(tmp_path):
+    """'all' (YAML or command line) trains every class; with nothing held out, validation must name
+    class folders to use, or be off."""
+    path = write(tmp_path, "DATA:\n  split: all\n  val_dataset: fss1000\n  val_root: data/fss1000\n"
+                           "  val_classes: lists/fss1000/val.txt\n")
+    assert load_cfg(path).split == "all"
+    assert load_cfg("config/pascal/pascal_split0_resnet50.yaml", ["split", "all", "evaluate", "False"]).split == "all"
+    with pytest.raises(ConfigError) as e:
+        load_cfg("config/pascal/pascal_split0_resnet50.yaml", ["split", "all"])
+    assert str(e.value) == ("split 'all' trains on every pascal class, so none is left to validate on: set val_dataset "
+                            "fss1000 val_root data/fss1000 val_classes lists/fss1000/val.txt (as "
+                            "config/pascal/pascal_all_resnet50.yaml does), or evaluate False")
+    with pytest.raises(ConfigError, match=r"key 'split' has value 'every' \(str\); expected a fold 0, 1, 2, 3 or "):
+        load_cfg(path, ["split", "every"])
+    with pytest.raises(ConfigError) as e:
+        load_cfg(path, ["val_root", ""])
+    assert str(e.value) == ("val_dataset fss1000 validates on class folders: set val_root (their root, e.g. "
+                            "data/fss1000) and val_classes (a class list, e.g. lists/fss1000/val.txt)")
+    with pytest.raises(ConfigError, match=r"dataset fss1000 is class folders already: it validates on val_classes"):
+        load_cfg(path, ["dataset", "fss1000"])
+    with pytest.raises(ConfigError, match=r"key 'split' is 'all', which holds out no class; the video task"):
+        load_cfg(write(tmp_path, "DATA:\n  dataset: ytvis\n  split: all\nTRAIN:\n  shot: 5\n"))
+
+
+def test_bank_classes_of_a_class_folder_dataset_is_its_training_class_count(tmp_path):
+    classes = tmp_path / "train.txt"
+    classes.write_bytes("\ufeffbus\r\n\r\n  hotel_slipper \r\nowl".encode("utf-8"))
+    path = write(tmp_path, f"DATA:\n  dataset: folder\n  train_classes: {classes}\n")
+    assert load_cfg(path).bank_classes == 3
+    assert load_cfg(path, ["bank_classes", "7"]).bank_classes == 7
+    assert load_cfg("config/fss1000/fss1000_resnet50.yaml").bank_classes == 520
+    # an evaluation-only config names no training classes: the checkpoint's bank is used
+    assert load_cfg(path, ["train_classes", ""]).bank_classes == 0
+    assert load_cfg("config/pascal/pascal_split0_resnet50.yaml").bank_classes == 20
+
+
+def test_keys_of_another_kind_of_dataset_are_named_in_a_warning(tmp_path, caplog):
+    path = write(tmp_path, "DATA:\n  dataset: fss1000\n  split: 2\n  train_list: x.txt\n")
+    with caplog.at_level("WARNING"):
+        load_cfg(path)
+    assert "split, train_list do not apply to dataset fss1000 and are ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_cfg("config/pascal/pascal_split0_resnet50.yaml", ["test_classes", "t.txt"])
+    assert "test_classes does not apply to dataset pascal and is ignored" in caplog.text
+
+
+@pytest.mark.parametrize("target", ["deepglobe", "isic", "chest", "fss1000"])
+def test_the_cross_domain_configs_describe_the_network_pascal_all_trains(target):
+    """A cdfss config evaluates the PASCAL-all model: its architecture keys are that model's, so the
+    checkpoint's network is rebuilt without a warning (bank_classes: derived, the checkpoint's)."""
+    trained = load_cfg("config/pascal/pascal_all_resnet50.yaml")
+    cfg = load_cfg(f"config/cdfss/cdfss_{target}_resnet50.yaml")
+    assert {k: cfg[k] for k in ARCH_KEYS if k != "bank_classes"} == \
+        {k: trained[k] for k in ARCH_KEYS if k != "bank_classes"}
+    assert (trained.split, trained.bank_classes, trained.eval_protocol, trained.val_size) == ("all", 20, "hsnet", 400)
+    assert cfg.weight == "exp/pascal/all_resnet50/model/best.pth" and cfg.test_seeds == 1
+    assert (cfg.eval_protocol, cfg.val_size, cfg.test_num) == ("hsnet", 400, 0 if target == "fss1000" else 600)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset.folder import (FolderEvalDataset, FolderIndex, FolderTrainDataset, SquareResize, balanced_episodes,
-                            hsnet_episodes, pair_files, read_class_list, read_mask)
+from dataset.folder import (FolderEvalDataset, FolderIndex, FolderTrainDataset, balanced_episodes, hsnet_episodes,
+                            pair_files, read_class_list, read_mask)
 from dataset.image import Episode, EpisodeSampler, eval_collate
 from dataset.metrics import IoUAccumulator, score_episodes
-from dataset.transform import Compose, IMAGENET_MEAN, IMAGENET_STD, RandomCrop, ToTensorNormalize
+from dataset.transform import Compose, IMAGENET_MEAN, IMAGENET_STD, RandomCrop, SquareResize, ToTensorNormalize
 from util.errors import DataError, UserError
 
 H, W = 12, 10
@@ -344,7 +344,7 @@ def test_balanced_rule_shards_and_argument_errors(tree):
         FolderEvalDataset(root, lst, num_episodes=5)
     with pytest.raises(DataError, match="unknown episode_rule 'random'"):
         FolderEvalDataset(root, lst, episode_rule="random")
-    with pytest.raises(DataError, match="unknown evaluation protocol 'voc'; use one of hsnet, pfenet"):
+    with pytest.raises(DataError, match="unknown evaluation protocol 'voc'; use one of pfenet, hsnet"):
         FolderEvalDataset(root, lst, protocol="voc")
 
 
@@ -398,11 +398,11 @@ def test_items_score_through_the_existing_scoring(tree):
     the hsnet protocol the scored label is the 400x400 (here 16x16) one, so logits that are that
     label score exactly 100, and all-background logits the hand-computed pooled IoUs."""
     root, lst = tree
-    cfg = SimpleNamespace(ignore_label=255, ori_resize=True, fixed_eval_size=0)
+    cfg = SimpleNamespace(ignore_label=255, ori_resize=True)
 
     def score(ds, logits_of):
         batch = eval_collate([ds[i] for i in range(len(ds))])
-        inter, union, preds = score_episodes(logits_of(batch), batch, cfg)
+        inter, union, preds = score_episodes(logits_of(batch), batch, cfg.ignore_label, cfg.ori_resize)
         acc = IoUAccumulator(ds.class_ids)
         acc.update(batch["class_id"], inter, union)
         return batch, preds, acc.result(ds.class_names)

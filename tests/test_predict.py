@@ -112,7 +112,7 @@ def test_prediction_equals_the_evaluation_pipeline_and_ori_resize_scoring(files)
     with torch.no_grad():
         logits = model.eval()(query[None], support[None, None], support_mask[None, None])
     label = torch.zeros(64, 40, dtype=torch.long)
-    _, _, [scored] = score_episodes(logits, {"query_mask_ori": [label]}, cfg.ignore_label, cfg.ori_resize, cfg.fixed_eval_size)
+    _, _, [scored] = score_episodes(logits, {"query_mask_ori": [label]}, cfg.ignore_label, cfg.ori_resize)
     assert np.array_equal(pred.mask, scored.numpy())
     expected = to_original_size(logits, 64, 40).softmax(1)[0, 1].numpy()
     assert np.array_equal(pred.probability, expected)

@@ -1,8 +1,8 @@
 """Build the cross-domain few-shot benchmark's target datasets in the class-folder layout.
 
-    python tools/prepare_cdfss.py deepglobe --src <DeepGlobe land-cover train/> --out data/deepglobe
-    python tools/prepare_cdfss.py isic --src <folder with the ISIC 2018 Task 1 training folders> --out data/isic
-    python tools/prepare_cdfss.py chest --src <folder with CXR_png/ and masks/> --out data/chest
+    python tools/prepare_cdfss.py deepglobe --src <DeepGlobe land-cover train/> --out data/cdfss/deepglobe
+    python tools/prepare_cdfss.py isic --src <folder with the ISIC 2018 Task 1 training folders> --out data/cdfss/isic
+    python tools/prepare_cdfss.py chest --src <folder with CXR_png/ and masks/> --out data/cdfss/chest
 
 Each writes ``<out>/<class>/<stem>.<ext>`` images with 0/1 grayscale PNG masks (the layout
 dataset/folder.py reads) and, last and only when nothing failed, ``<out>/classes.txt``,
@@ -317,7 +317,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", choices=sorted(CLASSES), help="which target dataset")
     p.add_argument("--src", required=True, help="the untouched download (see the module doc)")
-    p.add_argument("--out", required=True, help="folder to write, e.g. data/deepglobe")
+    p.add_argument("--out", required=True,
+                   help="folder to write, e.g. data/cdfss/deepglobe (where config/cdfss/ looks)")
     p.add_argument("--classes", default=os.path.join("lists", "cdfss", "isic_class_id.csv"),
                    help="isic: the image → diagnosis list (default: lists/cdfss/isic_class_id.csv)")
     p.add_argument("--link", action="store_true", help="isic, chest: symlink the images instead of copying them")

@@ -4,6 +4,9 @@ Class ids are the label values on disk: 1..20 (PASCAL, synthetic), 1..80 (COCO, 
 in ascending COCO category-id order). 0 is background, 255 ignore. The video datasets
 (``ytvis``, ``synthetic_video``; docs/video.md) use their annotation file's category ids:
 1..40 (YouTube-VIS 2019) and 1..20 (the synthetic video set, the synthetic image classes).
+
+The class-folder datasets (``folder``, ``fss1000``, ``cdfss``; docs/data.md) have no fixed
+classes and no folds: their class lists name the classes (dataset/folder.py).
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ _CLASSES = {"pascal": PASCAL_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHET
             "ytvis": YTVIS_CLASSES, "synthetic_video": SYNTHETIC_VIDEO_CLASSES}
 NUM_CLASSES = {name: len(classes) for name, classes in _CLASSES.items()}
 VIDEO_DATASETS = ("ytvis", "synthetic_video")
+# images in class folders, the classes named by class-list files: no class table, no folds
+FOLDER_DATASETS = ("folder", "fss1000", "cdfss")
+ALL_CLASSES = "all"      # the fold that holds out nothing: training on every class (PATNet's fold 4)
 # folds interleaved like COCO-20i (i+1, i+5, ...): always for the video datasets
 _INTERLEAVED = ("ytvis", "synthetic_video")
 
@@ -72,21 +78,25 @@ def class_name(dataset: str, class_id: int) -> str:
     return class_names(dataset)[class_id - 1]
 
 
-def fold_classes(dataset: str, split: int, use_split_coco: bool = True) -> tuple[list[int], list[int]]:
+def fold_classes(dataset: str, split: int | str, use_split_coco: bool = True) -> tuple[list[int], list[int]]:
     """(training class ids, held-out class ids) of fold ``split``, each ascending.
 
+    ``split`` 'all' holds out nothing: every class trains (the cross-domain benchmark's
+    PASCAL training, PATNet's ``--fold 4``), and the held-out list is empty.
     PASCAL-5i and synthetic: fold i holds out 5i+1..5i+5.
     COCO-20i interleaved (``use_split_coco``): fold i holds out i+1, i+5, ..., i+77.
     COCO-20i sequential: fold i holds out 20i+1..20i+20.
     YouTube-VIS (always interleaved): fold i holds out i+1, i+5, ..., i+37; the synthetic
     video set likewise i+1, ..., i+17 (``use_split_coco`` does not apply to either).
     """
-    if split not in (0, 1, 2, 3):
-        raise ValueError(f"split must be 0, 1, 2 or 3, got {split}")
+    if split not in (0, 1, 2, 3, ALL_CLASSES) or isinstance(split, bool):
+        raise ValueError(f"split must be 0, 1, 2, 3 or '{ALL_CLASSES}', got {split!r}")
     n = NUM_CLASSES.get(dataset)
     if n is None:
         raise _unknown(dataset)
     all_ids = list(range(1, n + 1))
+    if split == ALL_CLASSES:
+        return all_ids, []
     if dataset in _INTERLEAVED or (dataset == "coco" and use_split_coco):
         val = list(range(split + 1, n + 1, 4))
     else:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from util.classes import NUM_CLASSES, VIDEO_DATASETS
+from util.classes import ALL_CLASSES, FOLDER_DATASETS, NUM_CLASSES, VIDEO_DATASETS
 from util.errors import ConfigError
 
 log = logging.getLogger("ntrenetpp")
@@ -24,6 +24,23 @@ log = logging.getLogger("ntrenetpp")
 
 IMAGE, VIDEO = "image", "video"
 TASKS = (IMAGE, VIDEO)
+PFENET, HSNET = "pfenet", "hsnet"
+PROTOCOLS = (PFENET, HSNET)    # the scoring protocols (docs/data.md section 11)
+HSNET_SIZE = 400               # HSNet's evaluation side
+LIST_DATASETS = ("pascal", "coco", "synthetic")    # images named by list files, classes by fold
+
+# What the 'auto' evaluation keys of an image config resolve to, per dataset family: the protocol
+# its published numbers use (its lineage), then (val_size, test_num) under each protocol.
+# test_num 0: one episode per image of the evaluation classes (class-folder datasets).
+AUTO_EVAL = {
+    #             lineage  pfenet       hsnet
+    "pascal":    (PFENET, (473, 1000), (HSNET_SIZE, 1000)),
+    "coco":      (PFENET, (641, 4000), (HSNET_SIZE, 1000)),
+    "synthetic": (PFENET, (473, 1000), (HSNET_SIZE, 1000)),
+    "fss1000":   (HSNET,  (473, 0),    (HSNET_SIZE, 0)),
+    "cdfss":     (HSNET,  (473, 600),  (HSNET_SIZE, 600)),
+    "folder":    (HSNET,  (473, 0),    (HSNET_SIZE, 0)),
+}
 
 
 @dataclass(frozen=True)
@@ -32,17 +49,20 @@ class Key:
     shapes the network (``arch``: a checkpoint records it and is rebuilt with it), and the
     task(s) it applies to."""
     name: str
-    type: str          # 'int' | 'float' | 'bool' | 'auto' (True, False or 'auto') | 'str' | 'list'
+    # 'int' | 'float' | 'bool' | 'auto' (True, False or 'auto') | 'int_auto' (an int or 'auto') |
+    # 'fold' (0..3 or 'all') | 'str' | 'list'
+    type: str
     default: Any
     help: str
     choices: tuple = ()
     section: str = ""
     arch: bool = False
     tasks: tuple = TASKS
+    datasets: tuple = ()   # the dataset families it applies to (empty: every one of its tasks)
 
 
-def _k(name, type_, default, help_, choices=(), *, arch=False, tasks=TASKS):
-    return Key(name, type_, default, help_, tuple(choices), arch=arch, tasks=tuple(tasks))
+def _k(name, type_, default, help_, choices=(), *, arch=False, tasks=TASKS, datasets=()):
+    return Key(name, type_, default, help_, tuple(choices), arch=arch, tasks=tuple(tasks), datasets=tuple(datasets))
 
 
 def _section(name: str, *keys: Key) -> tuple[Key, ...]:
@@ -50,29 +70,52 @@ def _section(name: str, *keys: Key) -> tuple[Key, ...]:
 
 
 _IMG, _VID = (IMAGE,), (VIDEO,)
+_LISTS, _FOLDERS = LIST_DATASETS, FOLDER_DATASETS
 
 # --------------------------------------------------------------------------------------
 # The schema. PFENet's key names are kept wherever PFENet has one.
 # --------------------------------------------------------------------------------------
 SCHEMA: tuple[Key, ...] = _section(
     "DATA",
-    _k("dataset", "str", "pascal", "dataset family: class names and fold splits; it decides the task",
-       ("pascal", "coco", "synthetic", "ytvis", "synthetic_video")),
+    _k("dataset", "str", "pascal", "dataset family: where images and classes come from (list files and folds: "
+       "pascal, coco, synthetic; class folders named by class lists: folder, fss1000, cdfss; videos: ytvis, "
+       "synthetic_video); it decides the task", LIST_DATASETS + FOLDER_DATASETS + VIDEO_DATASETS),
     _k("task", "str", "auto", "image or video few-shot segmentation; 'auto' (the only value a config needs): "
        "the dataset's task", ("auto",) + TASKS, arch=True),
-    _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/ (images), or the "
-       "prepared tree of tools/prepare_ytvis.py (videos)"),
-    _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line", tasks=_IMG),
-    _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line", tasks=_IMG),
-    _k("split", "int", 0, "fold: held-out classes of fold i (0..3)"),
+    _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/ (pascal, coco, "
+       "synthetic), the class folders (folder, fss1000, cdfss), or the prepared tree of tools/prepare_ytvis.py "
+       "(videos)"),
+    _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line", tasks=_IMG,
+       datasets=_LISTS),
+    _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line", tasks=_IMG,
+       datasets=_LISTS),
+    _k("train_classes", "str", "", "class-folder datasets: text file naming the training classes' folders under "
+       "data_root, one per line (dataset/folder.py)", tasks=_IMG, datasets=_FOLDERS),
+    _k("val_classes", "str", "", "text file naming the validation classes' folders under val_root (or data_root): "
+       "class-folder datasets ('': validate on the test classes, with a warning) and val_dataset", tasks=_IMG),
+    _k("test_classes", "str", "", "class-folder datasets: text file naming the test classes' folders under "
+       "data_root", tasks=_IMG, datasets=_FOLDERS),
+    _k("split", "fold", 0, f"fold: held-out classes of fold i (0..3), or '{ALL_CLASSES}': every class trains and "
+       f"none is held out (validation then needs val_dataset); class-folder datasets have no folds",
+       datasets=_LISTS + VIDEO_DATASETS),
     _k("use_split_coco", "bool", True,
-       "COCO folds interleaved (i+1, i+5, ..., i+77) when True, sequential (20i+1..) when False", tasks=_IMG),
+       "COCO folds interleaved (i+1, i+5, ..., i+77) when True, sequential (20i+1..) when False", tasks=_IMG,
+       datasets=_LISTS),
     _k("min_class_pixels", "int", 2048, "an image serves class c if it has at least this many c pixels (2*32*32)",
-       tasks=_IMG),
+       tasks=_IMG, datasets=_LISTS),
     _k("exclude_novel_images", "bool", False,
-       "drop training images containing any held-out class (BAM convention; not PFENet-comparable)", tasks=_IMG),
-    _k("class_index_workers", "int", 0, "processes building the class index (0: all cores)", tasks=_IMG),
-    _k("check_files", "bool", True, "verify that every file named by a list exists before use", tasks=_IMG),
+       "drop training images containing any held-out class (BAM convention; not PFENet-comparable)", tasks=_IMG,
+       datasets=_LISTS),
+    _k("class_index_workers", "int", 0, "processes building the class index (0: all cores)", tasks=_IMG,
+       datasets=_LISTS),
+    _k("check_files", "bool", True, "verify that every file named by a list exists before use", tasks=_IMG,
+       datasets=_LISTS),
+    _k("val_dataset", "str", "", "validate on class folders instead of the fold's held-out classes: a "
+       "class-folder family, read from val_root with val_classes ('fss1000': the cross-domain benchmark's "
+       "validation, as PATNet's); '': the held-out classes", ("",) + FOLDER_DATASETS, tasks=_IMG,
+       datasets=_LISTS),
+    _k("val_root", "str", "", "root of the validation class folders: val_dataset's; for class-folder datasets "
+       "'' is data_root", tasks=_IMG),
     _k("workers", "int", 8, "data loader processes per training process"),
 ) + _section(
     "VIDEO",   # docs/video.md
@@ -185,7 +228,8 @@ SCHEMA: tuple[Key, ...] = _section(
     _k("print_freq", "int", 10, "iterations between log lines"),
     _k("val_freq", "int", 1, "epochs between validations"),
     _k("evaluate", "bool", True, "validate during training"),
-    _k("val_num", "int", 0, "episodes per validation during training (0: test_num)", tasks=_IMG),
+    _k("val_num", "int", 0, "episodes per validation during training (0: test_num; with val_dataset, that "
+       "family's count); class-folder validation: N class-balanced episodes", tasks=_IMG),
     _k("stop_iter", "int", 0, "stop after this global iteration, saving last.pth (0: run all epochs)"),
     _k("ckpt_freq_iters", "int", 0, "also write last.pth every N iterations (0: once per epoch)"),
     _k("resume", "str", "", "checkpoint to resume from: '' (none), 'auto' (last.pth) or a path"),
@@ -194,14 +238,23 @@ SCHEMA: tuple[Key, ...] = _section(
     _k("tb_images", "int", 4, "episodes logged to TensorBoard as images per validation"),
 ) + _section(
     "TEST",
-    _k("val_size", "int", 473, "evaluation canvas side; longer image side resized to it", tasks=_IMG),
+    _k("eval_protocol", "str", "auto", "scoring protocol (docs/data.md): 'pfenet' (inputs on a val_size canvas, "
+       "labels scored at their original size) or 'hsnet' (inputs and labels resized to val_size x val_size); "
+       "'auto': the one the dataset's published numbers use (pascal, coco, synthetic: pfenet; fss1000, "
+       "cdfss, folder: hsnet)", ("auto",) + PROTOCOLS, tasks=_IMG),
+    _k("val_size", "int_auto", "auto", "evaluation input side: pfenet resizes the longer image side to it and "
+       "pastes the image on a square canvas, hsnet resizes image and label to a square of it; 'auto': the "
+       "protocol's (pfenet 473, COCO 641; hsnet 400)", tasks=_IMG),
     _k("batch_size_val", "int", 1, "episodes per evaluation forward pass"),
     _k("weight", "str", "best", "checkpoint to evaluate: 'best', 'last' or a path"),
-    _k("test_num", "int", 1000, "evaluation episodes per seed (exactly this many)", tasks=_IMG),
-    _k("test_seeds", "int", 5, "number of evaluation seeds (runs), derived from manual_seed"),
-    _k("ori_resize", "bool", True, "score on the original-size label (PFENet default)", tasks=_IMG),
-    _k("fixed_eval_size", "int", 0, "score at a fixed square resolution instead (HSNet-style; 0: off)",
-       tasks=_IMG),
+    _k("test_num", "int_auto", "auto", "evaluation episodes per seed (exactly this many); class-folder datasets: "
+       "0 = one per image of the test classes (HSNet's FSS-1000 rule), N = N class-balanced episodes "
+       "(PATNet's); 'auto': the protocol's (pfenet 1000, COCO 4000; hsnet 1000 on pascal/coco; fss1000 and "
+       "folder one per image, cdfss 600)", tasks=_IMG),
+    _k("test_seeds", "int", 5, "number of evaluation seeds (runs): manual_seed + i under pfenet, i under hsnet "
+       "(seed 0 is HSNet's one run)"),
+    _k("ori_resize", "bool", True, "pfenet: score on the original-size label (PFENet default); False: on the "
+       "val_size canvas", tasks=_IMG),
     _k("save_pred", "bool", False, "write predicted masks and an index of them per seed"),
     _k("vis", "int", 0, "visualisation panels saved per seed"),
     _k("device", "str", "auto", "'auto', 'cpu' or 'cuda'", ("auto", "cpu", "cuda")),
@@ -267,6 +320,12 @@ def check_value(name: str, value: Any, where: str = "config") -> Any:
     elif t == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an int")
+    elif t == "int_auto":
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad("an int or 'auto'")
+    elif t == "fold":
+        if value != ALL_CLASSES and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(f"a fold 0, 1, 2, 3 or '{ALL_CLASSES}'")
     elif t == "float":
         if isinstance(value, str):   # YAML 1.1 reads PFENet's `weight_decay: 1e-4` as a string
             try:
@@ -362,19 +421,78 @@ def datasets_of(task: str) -> list[str]:
     return [name for name in KEYS["dataset"].choices if task_of(name) == task]
 
 
+def class_list_size(path: str) -> int:
+    """How many classes a class-list file names (its non-blank lines; dataset/folder.py reads and
+    checks the names themselves); 0 when ``path`` is empty or no file."""
+    if not path or not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8-sig") as f:
+        return sum(1 for line in f.read().splitlines() if line.strip())
+
+
+def training_classes(cfg: CfgNode) -> int:
+    """The number of classes a config trains on, the DO memory bank's rows: the dataset's class
+    count, or for class-folder datasets the length of ``train_classes`` (0 when it names no
+    file: an evaluation-only config, whose network is the checkpoint's)."""
+    if cfg.dataset in FOLDER_DATASETS:
+        return class_list_size(cfg.train_classes)
+    return NUM_CLASSES[cfg.dataset]
+
+
+def resolve_evaluation(cfg: CfgNode) -> None:
+    """An image config's 'auto' evaluation keys: ``eval_protocol`` (the dataset's lineage), then
+    ``val_size`` and ``test_num`` (that protocol's, :data:`AUTO_EVAL`)."""
+    lineage, pfenet, hsnet = AUTO_EVAL[cfg.dataset]
+    if cfg.eval_protocol == "auto":
+        cfg.eval_protocol = lineage
+    size, episodes = pfenet if cfg.eval_protocol == PFENET else hsnet
+    if cfg.val_size == "auto":
+        cfg.val_size = size
+    if cfg.test_num == "auto":
+        cfg.test_num = episodes
+
+
 def validate(cfg: CfgNode) -> None:
     """Every cross-key check, in one place, and the keys derived from others: ``task`` from the
-    dataset, ``bank_classes`` from its class count. The network builders and data classes get
-    values this has checked."""
+    dataset, ``bank_classes`` from its class count, and an image config's evaluation keys left
+    at 'auto' (:func:`resolve_evaluation`). The network builders and data classes get values
+    this has checked."""
     task = task_of(cfg.dataset)
     if cfg.task not in ("auto", task):
         raise ConfigError(f"key 'task' is {cfg.task!r} but dataset {cfg.dataset!r} is a {task} dataset; "
                           f"leave task at 'auto'")
     cfg.task = task
+    folders = cfg.dataset in FOLDER_DATASETS
     if cfg.bank_classes == 0:
-        cfg.bank_classes = NUM_CLASSES[cfg.dataset]
-    if not 0 <= cfg.split <= 3:
-        raise ConfigError(f"key 'split' is {cfg.split}; folds are 0, 1, 2 or 3")
+        cfg.bank_classes = training_classes(cfg)
+    if cfg.split == ALL_CLASSES:
+        if task == VIDEO:
+            raise ConfigError(f"key 'split' is '{ALL_CLASSES}', which holds out no class; the video task "
+                              f"evaluates on a fold's held-out classes: use split 0, 1, 2 or 3")
+    elif not 0 <= cfg.split <= 3:
+        raise ConfigError(f"key 'split' is {cfg.split}; folds are 0, 1, 2 or 3, or '{ALL_CLASSES}' "
+                          f"(every class trains)")
+    if task == IMAGE:
+        resolve_evaluation(cfg)
+        if cfg.val_dataset:
+            if folders:
+                raise ConfigError(f"key 'val_dataset' is {cfg.val_dataset!r}, but dataset {cfg.dataset} is class "
+                                  f"folders already: it validates on val_classes (under val_root, or data_root); "
+                                  f"leave val_dataset ''")
+            if not cfg.val_root or not cfg.val_classes:
+                raise ConfigError(f"val_dataset {cfg.val_dataset} validates on class folders: set val_root (their "
+                                  f"root, e.g. data/fss1000) and val_classes (a class list, e.g. "
+                                  f"lists/fss1000/val.txt)")
+        elif cfg.split == ALL_CLASSES and cfg.evaluate and not folders:
+            raise ConfigError(f"split '{ALL_CLASSES}' trains on every {cfg.dataset} class, so none is left to "
+                              f"validate on: set val_dataset fss1000 val_root data/fss1000 val_classes "
+                              f"lists/fss1000/val.txt (as config/pascal/pascal_all_resnet50.yaml does), or "
+                              f"evaluate False")
+        if cfg.val_size < 1:
+            raise ConfigError(f"key 'val_size' is {cfg.val_size}; it must be at least 1")
+        if cfg.test_num < (0 if folders else 1):
+            raise ConfigError(f"key 'test_num' is {cfg.test_num}; it must be at least 1"
+                              + (" (0: one episode per image of the test classes)" if folders else ""))
     if cfg.shot < 1:
         raise ConfigError(f"key 'shot' is {cfg.shot}; it must be at least 1")
     if cfg.base_lr <= 0:
@@ -388,13 +506,13 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"scale_min ({cfg.scale_min}) is larger than scale_max ({cfg.scale_max})")
     if cfg.rotate_min > cfg.rotate_max:
         raise ConfigError(f"rotate_min ({cfg.rotate_min}) is larger than rotate_max ({cfg.rotate_max})")
-    for name in ("train_h", "train_w", "val_size", "batch_size", "batch_size_val", "test_num", "test_seeds",
-                 "reduce_dim", "memory_size", "epochs", "print_freq", "val_freq", "bank_classes",
-                 "clip_len", "samples_per_class", "val_samples_per_class"):
+    for name in ("train_h", "train_w", "batch_size", "batch_size_val", "test_seeds",
+                 "reduce_dim", "memory_size", "epochs", "print_freq", "val_freq",
+                 "clip_len", "samples_per_class", "val_samples_per_class") + (() if folders else ("bank_classes",)):
         if cfg[name] < 1:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must be at least 1")
     for name in ("workers", "class_index_workers", "epoch_size", "stop_iter", "ckpt_freq_iters", "warmup_iters",
-                 "num_negatives", "val_num", "vis", "tb_images", "fixed_eval_size"):
+                 "num_negatives", "val_num", "vis", "tb_images", "bank_classes"):
         if cfg[name] < 0:
             raise ConfigError(f"key '{name}' is {cfg[name]}; it must not be negative")
     if not cfg.ppm_scales or any(not isinstance(s, (int, float)) or s <= 0 for s in cfg.ppm_scales):
@@ -421,12 +539,15 @@ def resolved(cfg: CfgNode) -> CfgNode:
 
 def warn_inapplicable(cfg: CfgNode) -> None:
     """A warning naming the keys the YAML file or command line set, to other than their default,
-    that the config's task does not use (image augmentation in a video config, for example)."""
-    ignored = sorted(k for k in cfg.explicit
-                     if k in KEYS and cfg.task not in KEYS[k].tasks and cfg[k] != KEYS[k].default)
-    if ignored:
-        log.warning("%s do%s not apply to %s experiments and %s ignored", ", ".join(ignored),
-                    "es" if len(ignored) == 1 else "", cfg.task, "is" if len(ignored) == 1 else "are")
+    that the config's task does not use (image augmentation in a video config, for example), and
+    one naming those its dataset does not use (folds and list files of a class-folder dataset)."""
+    set_keys = [k for k in sorted(cfg.explicit) if k in KEYS and cfg[k] != KEYS[k].default]
+    by_task = [k for k in set_keys if cfg.task not in KEYS[k].tasks]
+    by_dataset = [k for k in set_keys if k not in by_task and KEYS[k].datasets and cfg.dataset not in KEYS[k].datasets]
+    for ignored, what in ((by_task, f"{cfg.task} experiments"), (by_dataset, f"dataset {cfg.dataset}")):
+        if ignored:
+            log.warning("%s do%s not apply to %s and %s ignored", ", ".join(ignored),
+                        "es" if len(ignored) == 1 else "", what, "is" if len(ignored) == 1 else "are")
 
 
 def dump_cfg(cfg: CfgNode) -> str:

@@ -1,5 +1,7 @@
-"""Few-shot segmentation of images (PASCAL-5i, COCO-20i, the synthetic set): episodes of a
-query image and K annotated supports, scored by class mIoU and FB-IoU (docs/protocol.md)."""
+"""Few-shot segmentation of images (PASCAL-5i, COCO-20i, the synthetic set, class folders:
+your own, FSS-1000, the cross-domain benchmark): episodes of a query image and K annotated
+supports, scored by class mIoU and FB-IoU under the pfenet or hsnet protocol (docs/protocol.md,
+docs/data.md). Which datasets a config's family builds is dataset/sources.py's table."""
 from __future__ import annotations
 
 import logging
@@ -7,31 +9,39 @@ import os
 
 import torch
 
-from dataset.image import FewShotEvalDataset, FewShotTrainDataset, eval_collate, load_split_rank0_first
+from torch.utils.data import Dataset
+
+from dataset import sources
+from dataset.image import eval_collate
 from dataset.metrics import IoUAccumulator, score_episodes
 from engine.predictor import Predictor
 from engine.tasks.base import Scorer, Task, mean_std
-from util.classes import class_name
+from util.classes import FOLDER_DATASETS
+from util.config import HSNET
 from util.fileio import atomic_write_image, atomic_write_json
 from util.vis import panel_image, save_panel
 
 log = logging.getLogger("ntrenetpp")
 
+LISTED_CLASSES = 20   # more classes than this (FSS-1000's 240) are not listed one per log line
+
 
 class ImageScorer(Scorer):
     """Intersection and union per episode, pooled per class (class mIoU) and over all
-    episodes (FB-IoU); predictions written as 0/1 PNGs at the scored size."""
+    episodes (FB-IoU), as HSNet's evaluator pools them too; predictions written as 0/1 PNGs at
+    the scored size. The classes, their names and the root label paths are relative to come
+    from the dataset (``class_ids``, ``class_names``, ``root``)."""
 
-    def __init__(self, dataset: FewShotEvalDataset, cfg, device: torch.device):
+    def __init__(self, dataset: Dataset, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.acc = IoUAccumulator(dataset.split.classes, device)
-        self.names = {c: class_name(cfg.dataset, c) for c in dataset.split.classes}
+        self.acc = IoUAccumulator(dataset.class_ids, device)
+        self.names = dict(dataset.class_names)
+        self.root = dataset.root
         self.units = max(len(dataset), 1)
         self.episode_iou = None
 
     def update(self, batch: dict, logits: torch.Tensor) -> list:
-        inter, union, preds = score_episodes(logits, batch, self.cfg.ignore_label, self.cfg.ori_resize,
-                                             self.cfg.fixed_eval_size)
+        inter, union, preds = score_episodes(logits, batch, self.cfg.ignore_label, self.cfg.ori_resize)
         self.acc.update(batch["class_id"].to(self.device), inter, union)
         self.episode_iou = inter[:, 1] / (union[:, 1] + 1e-10) * 100
         return preds
@@ -43,7 +53,7 @@ class ImageScorer(Scorer):
             name = f"ep{episode:06d}.png"
             atomic_write_image(os.path.join(pred_dir, name), pred.to(torch.uint8).cpu().numpy())
             records.append({"episode": episode, "class": class_id, "class_name": self.names[class_id],
-                            "query_label": os.path.relpath(batch["query_label_path"][i], self.cfg.data_root),
+                            "query_label": os.path.relpath(batch["query_label_path"][i], self.root),
                             "prediction": name})
         return records
 
@@ -69,8 +79,7 @@ class ImageScorer(Scorer):
 
     def write_index(self, pred_dir: str, records: list[dict]) -> None:
         records.sort(key=lambda r: r["episode"])
-        atomic_write_json(os.path.join(pred_dir, "episodes.json"), {"data_root": self.cfg.data_root,
-                                                                     "episodes": records})
+        atomic_write_json(os.path.join(pred_dir, "episodes.json"), {"data_root": self.root, "episodes": records})
 
 
 class ImageTask(Task):
@@ -87,18 +96,18 @@ class ImageTask(Task):
         return (cfg.train_h, cfg.train_w) if train else (cfg.val_size, cfg.val_size)
 
     def train_dataset(self, cfg, info):
-        return FewShotTrainDataset(cfg, split=load_split_rank0_first(cfg, True))
+        return sources.train_dataset(cfg, info)
 
     def val_dataset(self, cfg, info, seed):
-        return FewShotEvalDataset(cfg, seed=seed, num_episodes=cfg.val_num or cfg.test_num,
-                                  split=load_split_rank0_first(cfg, False), rank=info.rank,
-                                  world_size=info.world_size)
+        es, make = sources.eval_datasets(cfg, info, "val")
+        log.info("validation: %s", es.describe())
+        return make(seed)
 
     def test_datasets(self, cfg, info, seeds):
-        split = load_split_rank0_first(cfg, train=False)
+        es, make = sources.eval_datasets(cfg, info, "test")
+        log.info("test: %s", es.describe())
         for seed in seeds:
-            yield seed, FewShotEvalDataset(cfg, seed=seed, num_episodes=cfg.test_num, split=split,
-                                           rank=info.rank, world_size=info.world_size)
+            yield seed, make(seed)
 
     def scorer(self, dataset, cfg, device):
         return ImageScorer(dataset, cfg, device)
@@ -107,7 +116,8 @@ class ImageTask(Task):
         r = out.result
         log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",
                  epoch, r.miou, r.fbiou, r.episodes, out.ms_per_unit)
-        log.info("  " + "  ".join(f"{k}: {v:.2f}" for k, v in r.class_iou.items()))
+        if len(r.class_iou) <= LISTED_CLASSES:
+            log.info("  " + "  ".join(f"{k}: {v:.2f}" for k, v in r.class_iou.items()))
         if writer is not None:
             writer.add_scalar("val/miou", r.miou, step)
             writer.add_scalar("val/fbiou", r.fbiou, step)
@@ -116,17 +126,22 @@ class ImageTask(Task):
         return {"miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou, "episodes": r.episodes}
 
     def describe_test(self, cfg):
-        return f"{cfg.shot}-shot, {cfg.test_seeds} seed(s) x {cfg.test_num} episodes"
+        count = "one episode per image" if cfg.test_num == 0 else f"{cfg.test_num} episodes"
+        return f"{cfg.shot}-shot, {cfg.test_seeds} seed(s) x {count}, {cfg.eval_protocol} protocol"
 
     def result_episodes(self, result):
-        return {"test_num": result["episodes"], "test_seeds": result["seeds"], "shot": result["shot"],
-                **({"manual_seed": result["manual_seed"]} if "manual_seed" in result else {})}
+        return {"test_num": result.get("test_num", result["episodes"]), "test_seeds": result["seeds"],
+                "shot": result["shot"],
+                **{k: result[k] for k in ("manual_seed", "eval_protocol", "val_size") if k in result}}
 
     def run_record(self, seed, out, dataset, cfg):
         r = out.result
         lines = [f"seed {seed}: class mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}  "
                  f"({r.episodes} episodes, {out.ms_per_unit:.1f} ms/episode)"]
-        lines += [f"    {name:<18s} {iou:6.2f}" for name, iou in r.class_iou.items()]
+        if len(r.class_iou) <= LISTED_CLASSES:
+            lines += [f"    {name:<18s} {iou:6.2f}" for name, iou in r.class_iou.items()]
+        else:
+            lines.append(f"    (the IoU of each of the {len(r.class_iou)} classes is in the result JSON)")
         log.info("\n".join(lines))
         return {"seed": seed, "miou": r.miou, "fbiou": r.fbiou, "class_iou": r.class_iou,
                 "episodes": r.episodes, "ms_per_episode": out.ms_per_unit}
@@ -134,16 +149,21 @@ class ImageTask(Task):
     def summary(self, cfg, runs):
         (miou_mean, miou_std), (fbiou_mean, fbiou_std) = mean_std(r["miou"] for r in runs), \
             mean_std(r["fbiou"] for r in runs)
+        if cfg.eval_protocol == HSNET:
+            scoring = f"{cfg.val_size}x{cfg.val_size} resized label"
+        else:
+            scoring = "ori_resize" if cfg.ori_resize else "val_size canvas"
+        folders = ({"data_root": cfg.data_root, "test_classes": cfg.test_classes}
+                   if cfg.dataset in FOLDER_DATASETS else {})
         return {"miou_mean": miou_mean, "miou_std": miou_std, "fbiou_mean": fbiou_mean, "fbiou_std": fbiou_std,
-                "episodes": cfg.test_num, "seeds": len(runs), "use_split_coco": cfg.use_split_coco,
-                "val_list": cfg.val_list,
-                "scoring": ("fixed %d" % cfg.fixed_eval_size) if cfg.fixed_eval_size else
-                           ("ori_resize" if cfg.ori_resize else "val_size canvas"),
+                "episodes": runs[0]["episodes"] if runs else 0, "seeds": len(runs),
+                "use_split_coco": cfg.use_split_coco, "val_list": cfg.val_list, "scoring": scoring,
+                "eval_protocol": cfg.eval_protocol, "val_size": cfg.val_size, "test_num": cfg.test_num, **folders,
                 "ms_per_episode": mean_std(r["ms_per_episode"] for r in runs)[0], "per_seed": runs}
 
     def format_summary(self, cfg, s):
-        return (f"{cfg.shot}-shot over {s['seeds']} seed(s) x {s['episodes']} episodes, checkpoint {s['weight']}: "
-                f"class mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, "
+        return (f"{cfg.shot}-shot over {s['seeds']} seed(s) x {s['episodes']} episodes ({s['eval_protocol']} "
+                f"protocol), checkpoint {s['weight']}: class mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, "
                 f"FB-IoU {s['fbiou_mean']:.2f} ± {s['fbiou_std']:.2f}")
 
     def save_visuals(self, samples, folder, rank):
