@@ -1,4 +1,5 @@
 """Shared fixtures: tiny VOC-layout trees with exactly known class areas."""
+import logging
 import os
 
 import cv2
@@ -92,3 +93,18 @@ def tiny_cfg(root, save_path, **over):
                val_list=os.path.join(root, "val.txt"), save_path=str(save_path))
     cfg.update(over)
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """An entry point's setup_logger gives the root logger a console handler on the sys.stdout of
+    its test (pytest's capture, closed after it): removed after each test, so a later test's log
+    lines are not written to a closed stream."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in before and type(handler) in (logging.StreamHandler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)

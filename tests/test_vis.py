@@ -155,8 +155,8 @@ def test_test_py_vis_saves_n_panels_per_seed(synthetic_cfg, tmp_path):
         folder = tmp_path / "result" / f"vis_seed{seed}"
         assert sorted(os.listdir(folder)) == ["rank0_panel000.png", "rank0_panel001.png"]
         for name in os.listdir(folder):
-            # 1 support, query, ground truth, prediction, mined BG, mined DO
-            assert cv2.imread(str(folder / name)).shape == (TITLE_H + TILE, 6 * TILE, 3)
+            # 1 support, query, ground truth, prediction, mined BG, mined DO, prior
+            assert cv2.imread(str(folder / name)).shape == (TITLE_H + TILE, 7 * TILE, 3)
 
 
 def test_validation_logs_panels_to_tensorboard(synthetic_cfg, tmp_path):
@@ -179,6 +179,6 @@ def test_validation_logs_panels_to_tensorboard(synthetic_cfg, tmp_path):
     Trainer.from_cfg(cfg, DistInfo(), writer).validation.validate()
     assert sorted(writer.images) == ["val/episode_0", "val/episode_1"]
     for image, step, dataformats in writer.images.values():
-        assert image.shape == (TITLE_H + TILE, 6 * TILE, 3) and image.dtype == np.uint8
+        assert image.shape == (TITLE_H + TILE, 7 * TILE, 3) and image.dtype == np.uint8   # with the prior
         assert step == 0 and dataformats == "HWC"
     assert set(writer.scalars) == {"val/miou", "val/fbiou"}
