@@ -462,7 +462,6 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"key 'task' is {cfg.task!r} but dataset {cfg.dataset!r} is a {task} dataset; "
                           f"leave task at 'auto'")
     cfg.task = task
-    folders = cfg.dataset in FOLDER_DATASETS
     if cfg.bank_classes == 0:
         cfg.bank_classes = training_classes(cfg)
     if cfg.split == ALL_CLASSES:
@@ -473,26 +472,46 @@ def validate(cfg: CfgNode) -> None:
         raise ConfigError(f"key 'split' is {cfg.split}; folds are 0, 1, 2 or 3, or '{ALL_CLASSES}' "
                           f"(every class trains)")
     if task == IMAGE:
-        resolve_evaluation(cfg)
-        if cfg.val_dataset:
-            if folders:
-                raise ConfigError(f"key 'val_dataset' is {cfg.val_dataset!r}, but dataset {cfg.dataset} is class "
-                                  f"folders already: it validates on val_classes (under val_root, or data_root); "
-                                  f"leave val_dataset ''")
-            if not cfg.val_root or not cfg.val_classes:
-                raise ConfigError(f"val_dataset {cfg.val_dataset} validates on class folders: set val_root (their "
-                                  f"root, e.g. data/fss1000) and val_classes (a class list, e.g. "
-                                  f"lists/fss1000/val.txt)")
-        elif cfg.split == ALL_CLASSES and cfg.evaluate and not folders:
-            raise ConfigError(f"split '{ALL_CLASSES}' trains on every {cfg.dataset} class, so none is left to "
-                              f"validate on: set val_dataset fss1000 val_root data/fss1000 val_classes "
-                              f"lists/fss1000/val.txt (as config/pascal/pascal_all_resnet50.yaml does), or "
-                              f"evaluate False")
-        if cfg.val_size < 1:
-            raise ConfigError(f"key 'val_size' is {cfg.val_size}; it must be at least 1")
-        if cfg.test_num < (0 if folders else 1):
-            raise ConfigError(f"key 'test_num' is {cfg.test_num}; it must be at least 1"
-                              + (" (0: one episode per image of the test classes)" if folders else ""))
+        _validate_image_evaluation(cfg)
+    _validate_bounds(cfg)
+    if task == VIDEO:
+        if cfg.arch != "ntrenetpp":
+            raise ConfigError(f"key 'arch' is {cfg.arch!r}; the video task has one network, NTRENet++'s video "
+                              f"network: leave arch at 'ntrenetpp'")
+        if cfg.support_mode == "paired" and cfg.shot != cfg.clip_len:
+            raise ConfigError(f"support_mode 'paired' pairs query frame t with support t, so 'shot' ({cfg.shot}) "
+                              f"must equal 'clip_len' ({cfg.clip_len}); set both, or use 'support_mode mean'")
+
+
+def _validate_image_evaluation(cfg: CfgNode) -> None:
+    """validate()'s part for an image config: the evaluation keys left at 'auto' resolved, and the
+    validation set of a run that holds out no class."""
+    folders = cfg.dataset in FOLDER_DATASETS
+    resolve_evaluation(cfg)
+    if cfg.val_dataset:
+        if folders:
+            raise ConfigError(f"key 'val_dataset' is {cfg.val_dataset!r}, but dataset {cfg.dataset} is class "
+                              f"folders already: it validates on val_classes (under val_root, or data_root); "
+                              f"leave val_dataset ''")
+        if not cfg.val_root or not cfg.val_classes:
+            raise ConfigError(f"val_dataset {cfg.val_dataset} validates on class folders: set val_root (their "
+                              f"root, e.g. data/fss1000) and val_classes (a class list, e.g. "
+                              f"lists/fss1000/val.txt)")
+    elif cfg.split == ALL_CLASSES and cfg.evaluate and not folders:
+        raise ConfigError(f"split '{ALL_CLASSES}' trains on every {cfg.dataset} class, so none is left to "
+                          f"validate on: set val_dataset fss1000 val_root data/fss1000 val_classes "
+                          f"lists/fss1000/val.txt (as config/pascal/pascal_all_resnet50.yaml does), or "
+                          f"evaluate False")
+    if cfg.val_size < 1:
+        raise ConfigError(f"key 'val_size' is {cfg.val_size}; it must be at least 1")
+    if cfg.test_num < (0 if folders else 1):
+        raise ConfigError(f"key 'test_num' is {cfg.test_num}; it must be at least 1"
+                          + (" (0: one episode per image of the test classes)" if folders else ""))
+
+
+def _validate_bounds(cfg: CfgNode) -> None:
+    """validate()'s single-key bounds and pairwise orders."""
+    folders = cfg.dataset in FOLDER_DATASETS
     if cfg.shot < 1:
         raise ConfigError(f"key 'shot' is {cfg.shot}; it must be at least 1")
     if cfg.base_lr <= 0:
@@ -521,13 +540,6 @@ def validate(cfg: CfgNode) -> None:
     for name in ("video_h", "video_w"):
         if cfg[name] < 8:
             raise ConfigError(f"key '{name}' is {cfg[name]}; the video canvas must be at least 8 pixels")
-    if task == VIDEO:
-        if cfg.arch != "ntrenetpp":
-            raise ConfigError(f"key 'arch' is {cfg.arch!r}; the video task has one network, NTRENet++'s video "
-                              f"network: leave arch at 'ntrenetpp'")
-        if cfg.support_mode == "paired" and cfg.shot != cfg.clip_len:
-            raise ConfigError(f"support_mode 'paired' pairs query frame t with support t, so 'shot' ({cfg.shot}) "
-                              f"must equal 'clip_len' ({cfg.clip_len}); set both, or use 'support_mode mean'")
 
 
 def resolved(cfg: CfgNode) -> CfgNode:
