@@ -38,7 +38,7 @@ OUT = os.path.join(ROOT, "out", "mutation")
 MODULES = {
     "image": ("dataset/image.py", ["tests/test_dataset.py", "tests/test_transform.py", "tests/test_episodes.py"]),
     "class_index": ("dataset/class_index.py", ["tests/test_class_index.py", "tests/test_dataset.py",
-                                               "tests/test_episodes.py"]),
+                                               "tests/test_episodes.py", "tests/test_errors.py"]),
     "transform": ("dataset/transform.py", ["tests/test_transform.py", "tests/test_dataset.py"]),
     "metrics": ("dataset/metrics.py", ["tests/test_metrics.py"]),
     "video_metrics": ("dataset/video_metrics.py", ["tests/test_video_metrics.py"]),
