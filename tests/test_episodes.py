@@ -218,6 +218,13 @@ def test_rank0_builds_the_class_index_before_the_others_read_it(novel_tree, monk
     monkeypatch.setattr(image_module, "is_main_process", lambda: False)   # another rank: reads after rank 0
     split = load_split_rank0_first(cfg, train=False)
     assert seen == [False] and split.index.images == [0, 1, 2, 3, 4, 5, 6]
+    assert load_split_rank0_first(cfg, train=True).classes == list(range(6, 21))
+
+
+def test_load_split_without_the_cache_neither_reads_nor_writes_it(novel_tree):
+    cfg = novel_tree
+    split = load_split(cfg, train=False, use_cache=False)
+    assert split.index.images == [0, 1, 2, 3, 4, 5, 6] and not os.path.exists(cache_path_for(cfg.val_list))
 
 
 def test_too_few_images_lists_every_short_class(tiny_pascal):
@@ -250,19 +257,26 @@ def test_eval_items_binarize_query_and_supports_for_the_episode_class(tiny_pasca
 def test_a_training_item_is_its_seed_applied_to_the_written_draws(tiny_pascal):
     """Item (position, seed): the generator seeded ``seed`` draws the episode, then (only when the
     jitters are on) the hue angle and the tint, then each image's augmentation in turn. An
-    int key k is (k, k)."""
+    int key k is (k, k). Here the augmentation is a flip (p 0.5) and a 48² crop of the 64² image."""
     cfg, _ = tiny_pascal
-    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.0, train_h=64, train_w=64)
+    cfg.update(scale_min=1.0, scale_max=1.0, rotate_p=0.0, blur_p=0.0, flip_p=0.5, train_h=48, train_w=48)
     ds = FewShotTrainDataset(cfg, shot=2)
     sampler = ds.sampler()
     assert (sampler.num_images, sampler.epoch_size, sampler.seed, sampler.num_replicas, sampler.rank) == (
         len(ds), len(ds), 0, 1, 0)
+    sampler = ds.sampler(10, 4, 2, 1)
+    assert (sampler.epoch_size, sampler.seed, sampler.num_replicas, sampler.rank) == (10, 4, 2, 1)
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
 
-    def tensor(image):
-        return torch.from_numpy(((image - mean) / std).transpose(2, 0, 1).copy())
+    def augmented(image, label, rng):
+        rng.uniform(1.0, 1.0), rng.random(), rng.random()             # scale 1; rotation and blur off
+        if rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        y, x = int(rng.integers(0, 17)), int(rng.integers(0, 17))
+        image, label = image[y:y + 48, x:x + 48], label[y:y + 48, x:x + 48]
+        return torch.from_numpy(((image - mean) / std).transpose(2, 0, 1).copy()), label
 
-    for key, hue, tint in (((3, 77), 0.0, 0.0), ((3, 77), 40.0, 0.5), ((5, 5), 0.0, 0.0)):
+    for key, hue, tint in (((3, 77), 0.0, 0.0), ((3, 77), 40.0, 0.5), ((5, 5), 0.0, 0.0), ((0, 8), 0.0, 0.0)):
         cfg.update(hue_jitter=hue, tint_jitter=tint)
         ds = FewShotTrainDataset(cfg, shot=2)
         item = ds[key[0]] if key[0] == key[1] else ds[key]
@@ -276,11 +290,29 @@ def test_a_training_item_is_its_seed_applied_to_the_written_draws(tiny_pascal):
             image, label = read_pair(*ds.split.pairs[pos])
             if hue:
                 image = np.clip(image.reshape(-1, 3) @ hue_rotation_matrix(angle).T, 0, 255).reshape(image.shape)
-            image = image * gains
-            # each image's augmentation draws: scale, rotate?, blur?, flip?, the crop's y and x
-            rng.uniform(1.0, 1.0), rng.random(), rng.random(), rng.random(), rng.integers(0, 1), rng.integers(0, 1)
-            assert torch.allclose(img, tensor(image.astype(np.float32)), atol=1e-5)
-            assert mask.tolist() == binarize(label, class_id).tolist() and (mask == 1).any()
+            expected, label = augmented((image * gains).astype(np.float32), binarize(label, class_id), rng)
+            assert torch.allclose(img, expected, atol=1e-5)
+            assert mask.tolist() == label.tolist()
+    # loading one image without a hue turn or a tint: the plain image, augmented
+    image, label = read_pair(*ds.split.pairs[query])
+    img, mask = ds.load(query, class_id, np.random.default_rng(1))
+    expected, label = augmented(image, binarize(label, class_id), np.random.default_rng(1))
+    assert torch.allclose(img, expected, atol=1e-5) and mask.tolist() == label.tolist() and (mask == 1).any()
+
+
+def test_the_configured_ignore_label_reaches_the_episode_labels(tiny_pascal):
+    """ignore_label 7: pixels labelled 7 are ignored (kept 7), the 255 band is just another class (0)."""
+    cfg, _ = tiny_pascal
+    cfg.update(ignore_label=7, scale_min=1.0, scale_max=1.0, rotate_p=0.0, flip_p=0.0, train_h=64, train_w=64)
+    item = FewShotEvalDataset(cfg, seed=0, num_episodes=1)[0]
+    label = read_label(item["query_label_path"])
+    assert item["query_mask_ori"].tolist() == binarize(label, item["class_id"], 7).tolist()
+    assert (item["query_mask_ori"][label == 255] == 0).all()
+    ds = FewShotTrainDataset(cfg, shot=1)
+    position = ds.split.index.images.index(45)                  # an image of class 16 with a 7-free label
+    train_item = ds[(position, 0)]
+    label = read_label(ds.split.pairs[45][1])
+    assert train_item["query_mask"].tolist() == binarize(label, 16, 7).tolist()
 
 
 def test_collation_stacks_tensors_and_keeps_the_named_keys_as_lists():
