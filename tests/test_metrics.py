@@ -78,6 +78,8 @@ def test_to_original_size_upsamples_the_longer_sides_square_and_crops_top_left()
     assert to_original_size(maps, 3, 3).tolist() == [[full]]
     assert to_original_size(maps, 2, 3).tolist() == [[full[:2]]]                       # wide: rows cropped
     assert to_original_size(maps, 3, 2).tolist() == [[[row[:2] for row in full]]]     # tall: columns cropped
+    # 2 -> 4 with align_corners: samples at 0, 1/3, 2/3, 1 (without it: 0, 1/4, 3/4, 1)
+    assert to_original_size(maps, 4, 4)[0, 0, 0].tolist() == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0])
     # nearest (no align_corners): 2 -> 4 repeats each value twice
     assert to_original_size(maps, 4, 4, mode="nearest")[0, 0, 0].tolist() == [0.0, 0.0, 2.0, 2.0]
 
@@ -118,6 +120,23 @@ def test_canvas_scoring_resizes_the_logits_to_the_label_when_they_differ():
     assert same[0].tolist() == [[5.0, 3.0]] and same[1].tolist() == [[5.0, 3.0]]   # a perfect prediction
 
 
+def test_upsampled_scoring_aligns_corners():
+    """A foreground margin of 1 and -2.5 across two columns, upsampled to four: with
+    align_corners the second column samples 1/3 of the way (margin -1/6: background), without
+    it 1/4 of the way (+1/8: foreground). Both the fixed-size and the canvas modes align corners."""
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1] = torch.tensor([1.0, -2.5])
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[:, :, :2] = 1
+    for kwargs in ({"fixed_size": 4}, {"ori_resize": False}):
+        inter, union, preds = score_episodes(logits, {"query_mask": target}, **kwargs)
+        assert preds[0].tolist() == [[1, 0, 0, 0]] * 4, kwargs
+        assert inter.tolist() == [[8.0, 4.0]] and union.tolist() == [[12.0, 8.0]]
+    # fixed size 1: one pixel scored, the label's nearest sample
+    inter, union, preds = score_episodes(logits, {"query_mask": target}, fixed_size=1)
+    assert preds[0].shape == (1, 1) and inter.tolist() == [[0.0, 1.0]] and union.tolist() == [[0.0, 1.0]]
+
+
 def test_fixed_size_scoring_resizes_label_by_nearest_and_honours_ignore():
     logits = two_class_logits([[[1, 1], [1, 1]]])
     target = torch.tensor([[[1, 255], [0, 0]]])
@@ -151,10 +170,11 @@ def test_accumulator_slots_classes_by_id_and_sums_over_updates_exactly():
 def test_accumulator_counts_exactly_beyond_float32():
     """COCO: 4000 episodes × 473² pixels pass 2^24; the sums stay exact integers."""
     acc = IoUAccumulator([1])
-    big = float(2 ** 24 + 1)
-    acc.update(torch.tensor([1, 1]), torch.tensor([[big, big], [0.0, 1.0]], dtype=torch.float64),
-               torch.tensor([[big, big], [1.0, 1.0]], dtype=torch.float64))
-    assert acc.class_inter.item() == 2 ** 24 + 2 and acc.fb_union.tolist() == [2 ** 24 + 2, 2 ** 24 + 2]
+    big = float(2 ** 24 + 1)                     # odd sums past 2^24 have no float32 value
+    acc.update(torch.tensor([1, 1]), torch.tensor([[big, big], [2.0, 2.0]], dtype=torch.float64),
+               torch.tensor([[big, big], [2.0, 2.0]], dtype=torch.float64))
+    odd = 2 ** 24 + 3
+    assert [t.tolist() for t in acc.tensors()] == [[odd], [odd], [odd, odd], [odd, odd], 2.0]
     assert acc.result().miou == 100.0
 
 

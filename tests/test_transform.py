@@ -175,6 +175,7 @@ def test_eval_resize_is_linear_for_the_image_and_nearest_for_the_label():
     label = rng.choice(np.array([0, 1, 255], np.uint8), (16, 16))
     out_img, out_lab = EvalResize(9)(image, label)           # 16 -> 9 -> floored to 8, canvas 9
     assert out_lab.shape == (9, 9) and out_img.shape == (9, 9, 3)
+    assert out_img.dtype == np.float32 and out_lab.dtype == np.uint8   # what the next transform takes
     blocks = image.reshape(8, 2, 8, 2, 3).mean(axis=(1, 3))
     np.testing.assert_allclose(out_img[:8, :8], blocks, rtol=1e-5)
     assert (out_img[8] == 0).all() and (out_img[:, 8] == 0).all()

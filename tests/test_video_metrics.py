@@ -269,8 +269,11 @@ def test_accumulator_edge_cases():
     assert r.class_iou == pytest.approx(100 * 3 / 7)
     assert r.videos == 0 and r.queries == 1 and r.per_class["b"]["videos"] == 1
     assert r.per_episode == [{"episode_id": 1, "J": 37.5, "F": 87.5, "frames": 2}]
-    with pytest.raises((IndexError, RuntimeError)):
+    with pytest.raises((IndexError, RuntimeError)):                      # not an evaluated class
         acc.update(fs([1.0], [1.0], [1], [0], [0]), torch.tensor([3]), torch.tensor([0]))
+    gap = VideoScoreAccumulator([1, 3], num_episodes=1)
+    with pytest.raises((IndexError, RuntimeError)):                      # nor one between them
+        gap.update(fs([1.0], [1.0], [1], [0], [0]), torch.tensor([2]), torch.tensor([0]))
 
 
 def _video_reduce_worker(rank, world, port, out_dir):
