@@ -56,16 +56,20 @@ class Line(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(0.2))
         self.b = torch.nn.Parameter(torch.tensor(0.0))       # a second parameter group, half the rate
-        self.seen, self.calls, self.on_call, self.poison = [], 0, None, {}
+        self.seen, self.calls, self.on_call, self.poison, self.inputs = [], 0, None, {}, []
 
     def forward(self, q, s, m, query_mask=None, class_ids=None):
         self.calls += 1
         if self.on_call:
             self.on_call(self.calls)
+        self.inputs.append({"shapes": (tuple(s.shape), tuple(m.shape), tuple(query_mask.shape)),
+                            "autocast": torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None})
         x = q.mean((1, 2, 3))
         u = 1 + 0.01 * torch.rand(())
         self.seen.append((x.tolist(), u.item(), class_ids.tolist()))
-        loss = ((self.w * x * u - 1) ** 2).mean() + self.b ** 2
+        loss = ((self.w * x * u - 1) ** 2).mean()
+        if self.calls == 1:
+            loss = loss + self.b ** 2                          # b has a gradient in the first step only
         aux = 2 * loss
         if self.calls in self.poison:
             aux = aux * float("nan")
@@ -148,6 +152,7 @@ def load(path):
 
 # ---------------------------------------------------------------- the learning rate and the update
 def test_poly_rate_edges():
+    assert poly_lr(0.1, 1, 10, 0.9) == pytest.approx(0.1 * 0.9 ** 0.9)           # no warm-up by default
     assert poly_lr(0.1, 12, 10, 0.9) == 0.0                              # past max_iter: 0, not complex
     assert poly_lr(0.1, 3, 10, 0.9, warmup_iters=3) == pytest.approx(0.1)     # the last warm-up iteration
     assert poly_lr(0.1, 4, 10, 0.9, warmup_iters=3) == pytest.approx(0.1 * 0.6 ** 0.9)
@@ -423,8 +428,9 @@ def test_a_bad_file_stops_training_with_its_message(tmp_path):
     t = make_trainer(loop_cfg(tmp_path), dataset=Numbers(bad=4))
     with pytest.raises(DataError, match=r"^cannot read image 'img4\.jpg'"):
         t.train()
-    with pytest.raises(ValueError, match="Trainer.train needs a loader"):
+    with pytest.raises(ValueError) as e:
         Trainer(loop_cfg(tmp_path), DistInfo(), Line(), None, None).train()
+    assert str(e.value) == "Trainer.train needs a loader (Trainer.from_cfg builds one)"
 
 
 def test_train_loader_splits_the_global_batch_and_leaves_the_global_rng_alone(tmp_path):
@@ -456,3 +462,150 @@ def test_build_training_makes_the_configured_optimiser_and_scaler(tmp_path):
     assert len(group["params"]) == len(trainable) < len(list(model.parameters()))   # the frozen backbone is out
     with pytest.raises(DeviceError, match="amp fp16 needs a CUDA device"):
         build_training(loop_cfg(tmp_path, amp="fp16"), DistInfo())
+
+
+# ---------------------------------------------------------------- the step and the run's surroundings
+def test_a_parameter_without_gradient_is_left_alone(tmp_path):
+    """The half-rate weight b gets a gradient only in the first step (set_to_none: no gradient
+    is no update, even with momentum): b moves once, by -lr_1/2 · 2b, and stays."""
+    t = make_trainer(loop_cfg(tmp_path), momentum=0.9)
+    with torch.no_grad():
+        t.net.b.fill_(1.0)
+    t.train()
+    assert t.net.b.item() == pytest.approx(1.0 - 0.05 * (1 - 1 / 8) ** 0.9 * 2.0, abs=1e-7)
+
+
+def test_the_step_passes_the_batch_under_the_configured_autocast(tmp_path):
+    for amp, dtype in (("none", None), ("bf16", torch.bfloat16)):
+        t = make_trainer(loop_cfg(tmp_path / amp, amp=amp, epochs=1))
+        t.train()
+        assert {i["autocast"] for i in t.net.inputs} == {dtype}
+        assert t.net.inputs[0]["shapes"] == ((2, 1, 3, 2, 2), (2, 1, 2, 2), (2, 2, 2))
+
+
+def test_a_trainer_defaults_to_no_tensorboard_and_the_plain_network(tmp_path):
+    cfg = loop_cfg(tmp_path)
+    net, wrapped = Line(), Line()
+    t = Trainer(cfg, DistInfo(), net, None, None, None)
+    assert t.net is net and t.lr == 0.1 and not t.losses.tensorboard and t.lock is None
+    assert not t.request.requested and t.continue_cmd == "the same command with resume auto"
+    assert [type(h).__name__ for h in t.hooks] == ["ResumeHook", "LossLog", "StopOnSignal", "Validation",
+                                                   "PeriodicCheckpoint"]
+    assert all(h.trainer is t for h in t.hooks)
+    t = Trainer(cfg, DistInfo(), net, None, None, None, net=wrapped, continue_cmd="sh train.sh x y")
+    assert t.model is net and t.net is wrapped and t.continue_cmd == "sh train.sh x y"
+
+
+def test_training_holds_the_folder_lock_or_uses_the_one_given(tmp_path):
+    from util.runlock import LockedError, RunLock
+    t = make_trainer(loop_cfg(tmp_path, epochs=1))
+    t.net.on_call = lambda k: seen.append(os.path.isfile(tmp_path / "train.lock"))
+    seen = []
+    t.train()
+    assert seen == [True] * 4 and not (tmp_path / "train.lock").exists()      # held while training, then freed
+    lock = RunLock(str(tmp_path / "held"))
+    lock.acquire()
+    try:
+        t = make_trainer(loop_cfg(tmp_path / "held", epochs=1))
+        t.lock = lock                                                           # train.py took it already
+        t.train()
+        assert (tmp_path / "held" / "train.lock").exists()                     # its holder releases it
+        with pytest.raises(LockedError):
+            make_trainer(loop_cfg(tmp_path / "held", epochs=1, resume="auto")).train()
+    finally:
+        lock.release()
+
+
+def test_a_failed_save_stops_the_run_with_its_message(tmp_path, monkeypatch):
+    import engine.trainer as trainer_module
+    from engine.checkpoint import CheckpointWriteError
+
+    def full(path, *args, **kwargs):
+        raise CheckpointWriteError(f"could not write checkpoint '{path}' (No space left on device)")
+    monkeypatch.setattr(trainer_module, "save_checkpoint", full)
+    t = make_trainer(loop_cfg(tmp_path))
+    with pytest.raises(CheckpointWriteError, match=r"last\.pth' \(No space left on device\)"):
+        t.train()
+    assert t.state.iteration == 4
+
+
+def test_the_loaders_workers_are_shut_down_when_the_run_ends(tmp_path):
+    t = make_trainer(loop_cfg(tmp_path, workers=1, epochs=1))
+    assert t.loader.num_workers == 1 and t.loader.persistent_workers
+    from dataset.image import worker_init
+    assert t.loader.worker_init_fn is worker_init
+    t.train()
+    assert t.loader._iterator is None
+
+
+def test_the_progress_bar_is_rank_0s_and_counts_the_epochs_batches(tmp_path, monkeypatch):
+    import io
+    import engine.trainer as trainer_module
+    streams = []
+
+    def stream():
+        streams.append(io.StringIO())
+        return streams[-1]
+    monkeypatch.setattr(trainer_module, "progress_stream", stream)
+    make_trainer(loop_cfg(tmp_path, stop_iter=1)).train()
+    assert len(streams) == 1 and "epoch 1: " in streams[0].getvalue() and "0/4" in streams[0].getvalue()
+    assert streams[0].getvalue().endswith("\r") and "\n" not in streams[0].getvalue()   # cleared, not left
+    make_trainer(loop_cfg(tmp_path, resume="auto", epochs=1)).train()
+    assert len(streams) == 2 and "epoch 1: " in streams[1].getvalue() and "0/3" in streams[1].getvalue()
+    make_trainer(loop_cfg(tmp_path / "r1", epochs=1), info=DistInfo(rank=1)).train()
+    assert len(streams) == 2                                            # no bar on other ranks
+
+
+def test_from_cfg_builds_the_configured_run(synth_root, tmp_path):
+    from dataset.image import FewShotEvalDataset
+    from tests.conftest import tiny_cfg
+    cfg = tiny_cfg(synth_root, tmp_path, val_num=6)
+    t = Trainer.from_cfg(cfg, DistInfo(), writer=None, tensorboard=True, continue_cmd="again")
+    assert torch.initial_seed() == cfg.manual_seed
+    assert t.loader.dataset.split.classes == list(range(6, 21)) and t.loader.batch_size == 4
+    assert t.loader.sampler.seed == cfg.manual_seed and t.loader.sampler.epoch_size == 8
+    expected = FewShotEvalDataset(cfg, seed=cfg.manual_seed + 1000, num_episodes=6)
+    assert t.val_set.episodes == expected.episodes and t.val_set.split.classes == [1, 2, 3, 4, 5]
+    assert t.net is t.model and t.optimizer.param_groups[0]["lr"] == cfg.base_lr
+    assert t.losses.tensorboard and t.continue_cmd == "again" and not t.scaler.is_enabled()
+    cfg = tiny_cfg(synth_root, tmp_path, evaluate=False, manual_seed=9)
+    t = Trainer.from_cfg(cfg, DistInfo(rank=1))
+    assert t.val_set is None and torch.initial_seed() == 10                # manual_seed + rank
+
+
+def test_build_training_wraps_for_ddp_and_compile(tmp_path, caplog):
+    """One gloo process launched as by torchrun: DDP around the model, the DO bank's buffers left
+    out of its broadcasts, BatchNorm statistics broadcast unless fixed. (SyncBatchNorm under DDP
+    needs CUDA; without a process group sync_bn changes nothing.)"""
+    from torch.nn.parallel import DistributedDataParallel
+    cfg = loop_cfg(tmp_path, layers=18, pretrained="", reduce_dim=8, ppm_scales=[1.0], memory_size=4,
+                   num_negatives=2)
+    build_training(cfg, DistInfo())
+    assert "pretrained is ''" in caplog.text                           # warned by default
+    caplog.clear()
+    build_training(cfg, DistInfo(), warn_random_backbone=False)
+    assert "pretrained is ''" not in caplog.text
+    compiled_cfg = cfg.copy()
+    compiled_cfg.update(compile=True)
+    model, net, _, _ = build_training(compiled_cfg, DistInfo(), warn_random_backbone=False)
+    assert net._orig_mod is model
+    sync_cfg = cfg.copy()
+    sync_cfg.update(sync_bn=True)
+    model, _, _, _ = build_training(sync_cfg, DistInfo(), warn_random_backbone=False)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())   # one process: plain BN
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        info = DistInfo(launched=True)
+        for fix_bn in (True, False):
+            fixed = cfg.copy()
+            fixed.update(fix_bn=fix_bn)
+            model, net, _, _ = build_training(fixed, info, warn_random_backbone=False)
+            assert isinstance(net, DistributedDataParallel) and net.module is model
+            assert net.broadcast_buffers is (not fix_bn) and net.device_ids is None
+            bank = {n for n, _ in model.named_buffers() if n.startswith("memory_bank.")}
+            assert bank and set(model._ddp_params_and_buffers_to_ignore) == bank
+            assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        t = Trainer(cfg, info, model, None, None, None)
+        assert t.stop.distributed
+    finally:
+        torch.distributed.destroy_process_group()
