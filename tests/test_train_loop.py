@@ -138,7 +138,8 @@ def scripted(monkeypatch):
         calls = []
 
         def fake_evaluate(model, dataset, cfg, device, pred_dir="", keep_samples=0, progress=None, task=None):
-            calls.append({"dataset": dataset, "keep_samples": keep_samples, "iteration": None})
+            calls.append({"dataset": dataset, "keep_samples": keep_samples, "model": model, "cfg": cfg,
+                          "device": device, "task": task})
             m = mious[len(calls) - 1]
             return EvalOutput(IoUResult(m, m / 2, {"a": m}, 8), 1.5, 2.0)
         monkeypatch.setattr(hooks, "evaluate", fake_evaluate)
@@ -607,5 +608,135 @@ def test_build_training_wraps_for_ddp_and_compile(tmp_path, caplog):
             assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
         t = Trainer(cfg, info, model, None, None, None)
         assert t.stop.distributed
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- hooks: what the second mutation run left
+def test_validation_evaluates_the_plain_model_and_keeps_panels_only_for_a_writer(tmp_path, scripted, caplog):
+    import logging
+    calls = scripted([20.0, 30.0])
+    caplog.set_level(logging.INFO, logger="ntrenetpp")
+    t = make_trainer(loop_cfg(tmp_path, evaluate=True, tb_images=2))
+    t.train()
+    assert [c["keep_samples"] for c in calls] == [0, 0]                  # no writer: no panels kept
+    assert all(c["model"] is t.model and c["cfg"] is t.cfg and c["device"] == torch.device("cpu")
+               and c["task"] is t.task for c in calls)
+    assert "validation after epoch 1: class mIoU 20.00" in caplog.text
+    assert "validation after epoch 2: class mIoU 30.00" in caplog.text
+
+
+def strip(path, *keys):
+    """Rewrite a checkpoint without ``keys`` (dotted), as an older or hand-made one would be (no checksum)."""
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum")
+    for key in keys:
+        *parents, last = key.split(".")
+        node = state
+        for p in parents:
+            node = node[p]
+        node.pop(last)
+    torch.save(state, path)
+
+
+def test_resume_refuses_another_shot_or_epoch_length_naming_the_checkpoint(tmp_path):
+    from util.errors import CheckpointError
+    make_trainer(loop_cfg(tmp_path, stop_iter=3)).train()
+    last = tmp_path / "model" / "last.pth"
+    with pytest.raises(CheckpointError) as e:
+        make_trainer(loop_cfg(tmp_path, resume="auto", shot=2)).train()
+    assert str(e.value) == (f"{last} was trained with shot 1, this run has shot 2: resume with shot 1, or train the "
+                            f"2-shot model into its own folder (sh train.sh <dataset> <exp_name> shot 2 uses "
+                            f"exp/<dataset>/<exp_name>_shot2)")
+    with pytest.raises(CheckpointError) as e:
+        make_trainer(loop_cfg(tmp_path, resume="auto", epoch_size=6)).train()
+    assert str(e.value) == (f"{last} was trained with 4 iterations per epoch, this run has 3: resume with the same "
+                            f"batch_size, epoch_size and process count, or start a new experiment")
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{last}' was trained with a different network: layers"):
+        make_trainer(loop_cfg(tmp_path, resume="auto", layers=101)).train()
+
+
+def test_a_checkpoint_without_shot_iteration_length_or_tensorboard_folder_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks.time, "strftime", lambda fmt, real=hooks.time.strftime: real(fmt, hooks.time.gmtime(0)))
+    make_trainer(loop_cfg(tmp_path, stop_iter=3), tensorboard=True).train()
+    assert load(tmp_path / "model" / "last.pth")["run"] == {"tb": "19700101-000000"}
+    strip(tmp_path / "model" / "last.pth", "config.shot", "metrics.iters_per_epoch", "run.tb")
+    t = make_trainer(loop_cfg(tmp_path, resume="auto"), tensorboard=True)
+    t.train()
+    assert t.state.iteration == 8 and t.run == {"tb": "19700101-000000-2"} and t.writer.purge_step is None
+
+
+def test_the_tensorboard_folder_of_a_run_resumed_after_one_iteration(tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks.time, "strftime", lambda fmt, real=hooks.time.strftime: real(fmt, hooks.time.gmtime(0)))
+    make_trainer(loop_cfg(tmp_path, stop_iter=1)).train()
+    t = make_trainer(loop_cfg(tmp_path, resume="auto"), tensorboard=True)
+    t.train()
+    assert t.run == {"tb": "19700101-000000"} and t.writer.purge_step == 2
+    assert not hooks.LossLog().tensorboard                                  # off unless asked
+
+
+def test_a_non_finite_loss_on_another_process_stops_this_one(tmp_path, monkeypatch):
+    t = make_trainer(loop_cfg(tmp_path, print_freq=2))
+    t.info = DistInfo(world_size=2)                                          # as rank 0 of two, after set-up
+    reduced = []
+
+    def other_rank_saw_nan(tensor, op=None):
+        reduced.append(op)
+        tensor.fill_(1.0)
+    monkeypatch.setattr(torch.distributed, "all_reduce", other_rank_saw_nan)
+    with pytest.raises(hooks.NonFiniteLossError) as e:
+        t.train()
+    assert str(e.value).startswith("non-finite loss on another process. Training stopped; the last good checkpoint "
+                                   "(none written yet) is intact.")
+    assert reduced == [torch.distributed.ReduceOp.MAX]
+
+
+def test_a_stop_signalled_to_another_process_stops_this_one_with_its_status(tmp_path):
+    t = make_trainer(loop_cfg(tmp_path))
+    told = []
+
+    def agreed_max(local):                           # rank 1 got SIGTERM during iteration 2
+        if t.state.iteration == 2 and not told:
+            told.append(local)
+            return 143
+        return local
+    t.stop.agreed_max = agreed_max
+    with pytest.raises(TrainingInterrupted) as e:
+        t.train()
+    assert e.value.exit_status == 143
+    assert str(e.value).startswith("stopped by a signal to another process after iteration 2 of 8 (in epoch 1, ")
+
+
+def test_the_loss_log_line_names_its_window_mean_speed_and_eta(tmp_path, monkeypatch, caplog):
+    import logging
+    from util.logger import format_eta
+    caplog.set_level(logging.INFO, logger="ntrenetpp")
+    now = [100.0]
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: now[0])
+    t = make_trainer(loop_cfg(tmp_path, print_freq=3))
+    losses = []
+    forward = t.net.forward
+
+    def timed(*args, **kwargs):
+        now[0] += 2.0                                                       # every iteration takes 2 s
+        out = forward(*args, **kwargs)
+        losses.append(out[1]["total"].item())
+        return out
+    t.net.forward = timed
+    t.train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    mean = sum(losses[:3]) / 3
+    assert lines[0] == (f"epoch 1/2 iter 3/8 | mean of iter 1-3: total {mean:.4f} aux {2 * mean:.4f} | "
+                        f"lr {0.1 * (5 / 8) ** 0.9:.5f} | 2.000 s/it over 3 iter | eta {format_eta(10.0)}")
+    assert lines[1].startswith(f"epoch 1/2 iter 4/8 | mean of iter 4: total {losses[3]:.4f} ")
+    assert lines[1].endswith("| 2.000 s/it over 4 iter | eta 0:00:08")
+
+
+def test_loss_read_back_is_all_reduced_under_a_process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        t = make_trainer(loop_cfg(tmp_path / "run", epochs=1), info=DistInfo(launched=True))
+        t.train()
+        assert t.state.iteration == 4
     finally:
         torch.distributed.destroy_process_group()
