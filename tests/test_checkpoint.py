@@ -320,3 +320,135 @@ def test_a_model_is_built_from_its_checkpoint_without_the_imagenet_file(synth_ro
     rebuilt, state = build_model_from_checkpoint(path, other)
     assert state["iteration"] == 3 and state["architecture"]["reduce_dim"] == 8
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+
+
+def test_read_errors_say_what_was_refused_and_what_to_do(tmp_path):
+    refused = tmp_path / "payload.pth"
+    torch.save({"model": {}, "call": os.getcwd}, refused)              # a reference to a function: not a tensor
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(refused))
+    message = str(e.value)
+    assert message.startswith(f"checkpoint '{refused}' is refused: it holds objects other than tensors and plain "
+                              f"values (")
+    assert message.endswith("). A crafted file could run code when loaded, so nothing beyond tensors is read; this "
+                            "project's checkpoints (format v2) never hold more. Use a checkpoint you trust, written "
+                            "by this version")
+    assert "numpy" not in message
+    old = tmp_path / "v1.pth"
+    torch.save({"model": {}, "rng": np.random.get_state()}, old)      # format v1 kept numpy's state
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(old))
+    assert ("; checkpoints of this project before format v2 stored numpy RNG states and are not read). A crafted"
+            in str(e.value))
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(cut))
+    assert str(e.value).startswith(f"checkpoint '{cut}' is unreadable or corrupt, truncated perhaps (")
+    assert str(e.value).endswith("); re-download or re-train it")
+
+
+def test_pick_resume_uses_the_previous_checkpoint_when_last_is_missing(tmp_path, caplog):
+    path = str(tmp_path / "last.pth")
+    save_checkpoint(path, small_net(), small_cfg(), iteration=4)
+    os.replace(path, previous_path(path))                               # a crash between the two renames
+    picked, state = pick_resume(path)
+    assert picked == previous_path(path) and state["iteration"] == 4
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # nothing was skipped
+
+
+def test_pick_resume_names_both_damaged_checkpoints_exactly(tmp_path, caplog):
+    path = str(tmp_path / "last.pth")
+    for p in (path, previous_path(path)):
+        with open(p, "wb") as f:
+            f.write(b"garbage")
+    problems = []
+    for p in (path, previous_path(path)):
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(p)
+        problems.append(str(e.value))
+    with pytest.raises(CheckpointError) as e:
+        pick_resume(path)
+    assert str(e.value) == "resume auto found no valid checkpoint: " + problems[0] + " / " + problems[1]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"resume auto: skipping {problems[0]}", f"resume auto: skipping {problems[1]}"]
+    save_checkpoint(previous_path(path), small_net(), small_cfg(), iteration=6)
+    caplog.clear()
+    pick_resume(path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"resume auto: skipping {problems[0]}", f"resume auto: falling back to {previous_path(path)} (iteration 6)"]
+
+
+def test_messages_name_the_checkpoint_and_the_folder(tmp_path, monkeypatch, caplog):
+    import engine.checkpoint as checkpoint
+    state = {"architecture": dict(saved_architecture({"config": {"dataset": "synthetic", "layers": 50,
+                                                                 "reduce_dim": 16}}))}
+    adopt_architecture(state, small_cfg(), "w.pth")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "the config has layers 18, checkpoint w.pth was trained with 50: using the checkpoint's"]
+    monkeypatch.chdir(tmp_path)
+
+    def full(state, p, previous=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"Free space or make \. writable, then continue"):
+        save_checkpoint("last.pth", small_net(), small_cfg())
+    assert saved_architecture({"config": {"dataset": "mystery"}})["bank_classes"] == defaults().bank_classes
+
+
+def test_load_errors_name_the_checkpoint(tmp_path):
+    cfg = small_cfg()
+    path = str(tmp_path / "w.pth")
+    save_checkpoint(path, small_net(), cfg)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, small_net(), small_cfg(layers=34))
+    assert str(e.value).startswith(f"checkpoint '{path}' was trained with a different network: layers: checkpoint 18")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1)), cfg)
+    assert str(e.value).startswith(f"checkpoint '{path}' does not fit the model: 0 missing key(s) [], 5 unexpected")
+
+
+@pytest.mark.parametrize("n, listed", [(6, "1.weight, 1.bias, 2.weight, 2.bias, 3.weight, 3.bias"),
+                                       (7, "1.weight, 1.bias, 2.weight, 2.bias, 3.weight, 3.bias (+1 more)")])
+def test_up_to_six_keys_are_listed(n, listed):
+    from engine.checkpoint import load_model_weights
+    extra = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(5)]).state_dict()
+    extra = dict(list(extra.items())[:n + 2])                           # 0.* fit, then n unexpected
+    with pytest.raises(CheckpointError) as e:
+        load_model_weights(torch.nn.Sequential(torch.nn.Linear(1, 1)), {"model": extra}, "w.pth")
+    assert str(e.value) == (f"checkpoint 'w.pth' does not fit the model: 0 missing key(s) [], {n} unexpected key(s) "
+                            f"[{listed}]")
+
+
+def test_adam_state_keeps_its_step_count_and_this_runs_implementation_flags():
+    def setup(layout, foreach):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(4, 6, 3).to(memory_format=layout)
+        return conv, torch.optim.Adam(conv.parameters(), lr=0.1, foreach=foreach)
+    conv, opt = setup(torch.contiguous_format, True)
+    conv(torch.randn(1, 4, 5, 5)).sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other, other_opt = setup(torch.channels_last, False)
+    load_optimizer_state(other_opt, saved)
+    state = other_opt.state[other.weight]
+    assert state["step"].shape == () and state["step"].item() == 1.0
+    assert state["exp_avg"].stride() == other.weight.stride()
+    assert other_opt.param_groups[0]["foreach"] is False                # as this run built it
+
+
+def test_building_from_a_checkpoint_warns_of_no_random_backbone_and_names_the_file(synth_root, tmp_path, caplog):
+    from engine.checkpoint import build_model_from_checkpoint
+    cfg = tiny_cfg(synth_root, tmp_path, reduce_dim=8)
+    path = str(tmp_path / "w.pth")
+    save_checkpoint(path, build_model(cfg, warn_random_backbone=False), cfg)
+    caplog.clear()
+    build_model_from_checkpoint(path, cfg)
+    assert "randomly initialised" not in caplog.text                    # its backbone is the checkpoint's
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' is a image model; this is a video config"):
+        build_model_from_checkpoint(path, small_cfg(dataset="synthetic_video", support_mode="mean"))
+    state = torch.load(path, weights_only=True)
+    del state["checksum"], state["model"][next(iter(state["model"]))]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' does not fit the model: 1 missing key"):
+        build_model_from_checkpoint(path, cfg)

@@ -112,27 +112,30 @@ class Pyramid(BackboneNetwork):
 
 
 def test_the_pyramid_wires_each_scale_and_merges_at_the_image_size():
+    """A 4×6 query: the bins follow its height (1.0 -> 4, 0.5 -> 2), each scale pools the query to
+    its bin, gets the prior and BG logits resized to it and the previous scale's output."""
     net = Pyramid([1.0, 0.5])
-    query = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).view(2, 2, 4, 4)
+    query = torch.arange(2 * 2 * 4 * 6, dtype=torch.float32).view(2, 2, 4, 6)
     prototype = torch.ones(2, 2, 1, 1)
-    prior = torch.rand(2, 1, 4, 4, dtype=torch.float64)
-    bg_logits = torch.rand(2, 2, 4, 4)
+    prior = torch.rand(2, 1, 4, 6, dtype=torch.float64)
+    bg_logits = torch.rand(2, 2, 4, 6)
     logits, outputs = net.pyramid(query, prototype, prior, bg_logits, (8, 6), frames=3)
     first, second = net.log
-    assert torch.equal(first["x"], query) and first["previous"] is None              # bin 4: the query itself
-    assert torch.equal(second["x"], F.avg_pool2d(query, 2))                          # bin 2
+
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    x1, x2 = F.adaptive_avg_pool2d(query, 4), F.avg_pool2d(query, (2, 3))
+    assert torch.equal(first["x"], x1) and first["previous"] is None
+    assert torch.equal(second["x"], x2)
     assert first["bg"] is net.bgmm.bg_prototype and second["proto"] is prototype
     assert first["prior"].dtype == torch.float32                                     # the query's dtype
-    assert torch.allclose(second["prior"], F.interpolate(prior.float(), size=(2, 2), mode="bilinear",
-                                                          align_corners=True))
-    assert torch.allclose(second["bg_logits"], F.interpolate(bg_logits, size=(2, 2), mode="bilinear",
-                                                             align_corners=True))
-    assert torch.equal(second["previous"], query)                                     # the first scale's output
+    assert torch.allclose(second["prior"], up(prior.float(), (2, 2)))
+    assert torch.allclose(first["bg_logits"], up(bg_logits, (4, 4)))
+    assert torch.allclose(second["bg_logits"], up(bg_logits, (2, 2)))
+    level1 = up(x1, (4, 6))                                                          # back at h×w
+    assert torch.allclose(second["previous"], level1)                                # the first scale's output
     assert first["frames"] == second["frames"] == 3
     assert outputs == [{"size": 4}, {"size": 2}]
-    level2 = F.interpolate(F.avg_pool2d(query, 2) + F.interpolate(query, size=(2, 2), mode="bilinear",
-                                                                 align_corners=True),
-                           size=(4, 4), mode="bilinear", align_corners=True)         # back at h×w
-    merged = torch.cat([query, level2], 1)
+    merged = torch.cat([level1, up(x2 + up(level1, (2, 2)), (4, 6))], 1)            # every level at h×w
     assert logits.shape == (2, 4, 8, 6)
-    assert torch.allclose(logits, F.interpolate(merged, size=(8, 6), mode="bilinear", align_corners=True))
+    assert torch.allclose(logits, up(merged, (8, 6)))
