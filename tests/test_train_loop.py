@@ -740,3 +740,34 @@ def test_loss_read_back_is_all_reduced_under_a_process_group(tmp_path):
         assert t.state.iteration == 4
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_from_cfg_defaults_and_what_it_hands_the_trainer(synth_root, tmp_path):
+    from tests.conftest import tiny_cfg
+    cfg = tiny_cfg(synth_root, tmp_path, compile=True, evaluate=False)
+    t = Trainer.from_cfg(cfg, DistInfo())
+    assert not t.losses.tensorboard and t.continue_cmd == "the same command with resume auto"
+    assert t.net is not t.model and t.net._orig_mod is t.model            # compiled lazily: nothing runs here
+    writer = Recorder()
+    assert Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, evaluate=False), DistInfo(), writer).writer is writer
+
+
+def test_a_resumed_runs_log_lines_count_its_own_iterations(tmp_path, monkeypatch, caplog):
+    import logging
+    make_trainer(loop_cfg(tmp_path, stop_iter=3)).train()
+    caplog.set_level(logging.INFO, logger="ntrenetpp")
+    now = [100.0]
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: now[0])
+    t = make_trainer(loop_cfg(tmp_path, resume="auto", print_freq=2))
+    forward = t.net.forward
+
+    def timed(*args, **kwargs):
+        now[0] += 2.0
+        return forward(*args, **kwargs)
+    t.net.forward = timed
+    t.train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert lines[0].startswith("epoch 1/2 iter 4/8 | mean of iter 4: ")
+    assert lines[0].endswith("| 2.000 s/it over 1 iter | eta 0:00:08")          # since the resume, not since 0
+    assert lines[1].startswith("epoch 2/2 iter 6/8 | mean of iter 5-6: ")
+    assert lines[1].endswith("| 2.000 s/it over 3 iter | eta 0:00:04")
