@@ -81,7 +81,7 @@ def write_setup_cfg(folder: str, source: str, tests: list[str]) -> None:
 def prepare(name: str, keep: bool) -> str:
     """The scratch folder of a module's run: links to the checkout, its setup.cfg."""
     source, tests = MODULES[name]
-    missing = [t for t in tests if not os.path.isfile(os.path.join(ROOT, t))]
+    missing = [t for t in tests if not os.path.isfile(os.path.join(ROOT, t.split("::")[0]))]
     tests = [t for t in tests if t not in missing]
     if missing:
         print(f"[{name}] no {', '.join(missing)} in this checkout: left out of the selection")
@@ -155,7 +155,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--functions", nargs="*", default=[], help="mutant name globs: a sample of a module")
     parser.add_argument("--tests", nargs="*", default=None,
-                        help="test files instead of the module's own (e.g. the suite before its targeted tests)")
+                        help="test files or node ids instead of the module's own (e.g. the suite before its "
+                             "targeted tests)")
     parser.add_argument("--keep", action="store_true", help="continue the previous run instead of starting afresh")
     parser.add_argument("--list", action="store_true", help="print the modules and their tests")
     args = parser.parse_args(argv)
