@@ -209,3 +209,17 @@ def test_the_sums_of_two_processes_reduce_to_the_whole(tmp_path):
     for rank in range(2):
         reduced = torch.load(tmp_path / f"rank{rank}.pt")
         assert [t.tolist() for t in reduced] == [t.tolist() for t in whole.tensors()]
+
+
+def test_scoring_runs_on_the_logits_device_and_sums_stay_on_the_accumulators():
+    """'meta' stands in for a GPU: labels come from the CPU loader, logits and sums live on the
+    device given (a label left on the CPU would meet the logits in one operation and fail)."""
+    acc = IoUAccumulator([1, 2], device="meta")
+    assert acc.slot.device.type == "meta" and all(t.device.type == "meta" for t in acc.tensors())
+    logits = torch.zeros(2, 2, 4, 4, device="meta")
+    batch = {"query_mask": torch.zeros(2, 4, 4, dtype=torch.long),
+             "query_mask_ori": [torch.zeros(3, 5, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)]}
+    for kwargs in ({}, {"ori_resize": False}, {"fixed_size": 3}):
+        inter, union, preds = score_episodes(logits, batch, **kwargs)
+        assert inter.device.type == union.device.type == "meta" and all(p.device.type == "meta" for p in preds)
+        acc.update(torch.tensor([1, 2]), inter, union)

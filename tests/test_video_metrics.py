@@ -315,3 +315,15 @@ def test_the_sums_of_two_processes_reduce_to_the_whole(tmp_path):
         reduced = torch.load(tmp_path / f"rank{rank}.pt")
         for mine, theirs in zip(reduced, [whole.by_class, whole.by_episode, whole.episode_class, whole.episode_video]):
             assert mine.tolist() == theirs.tolist()
+
+
+def test_frames_are_scored_and_pooled_on_their_device():
+    """'meta' stands in for a GPU: the disk, the dilation and the sums follow the masks' device."""
+    pred = torch.zeros(2, 10, 10, dtype=torch.bool, device="meta")
+    s = score_frames(pred, pred.clone())
+    assert all(v.device.type == "meta" for v in (s.j, s.f, s.tp, s.fp, s.fn))
+    acc = VideoScoreAccumulator([1, 2], num_episodes=2, device="meta")
+    assert all(t.device.type == "meta" for t in (acc.slot, acc.by_class, acc.by_episode, acc.episode_class,
+                                                 acc.episode_video))
+    acc.update(s, torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 3]))     # ids from the CPU
+    assert acc.by_class.device.type == "meta"
