@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo-video gpu-check clean
+.PHONY: install test mutation demo demo-video gpu-check clean
 
 install: $(STAMP)
 
@@ -18,6 +18,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Mutation testing of the core modules (not part of `make test`): mutmut, one module at a time
+# with that module's own test files, niced. Scores and survivors: out/mutation/; docs/testing.md.
+# MODULES=metrics (see tools/measure/mutation.py --list), JOBS=1 on a busy machine.
+MODULES ?=
+JOBS ?= 2
+mutation: $(STAMP)
+	nice -n 10 $(PY) tools/measure/mutation.py $(MODULES) --jobs $(JOBS)
 
 # The no-download demo: synthetic data, train fold 0 (1-shot), evaluate, compare with a
 # training-free prototype matcher and the all-foreground prediction on the same episodes.

@@ -25,8 +25,15 @@ def test_run_reports_every_field_with_sane_values(monkeypatch):
                 "achieved_gflops", "peak_mem_mib"):
         assert res[key] > 0, key
     assert res["step_gflop"] > res["backbone_gflop"] > 0
-    assert 0 < res["efficiency"] < 1.5
-    assert res["params_trainable"] > 0 and res["params_frozen"] > 0
+    # the derived figures, by their documented formulas
+    assert res["achieved_gflops"] == pytest.approx(res["step_gflop"] / (res["train_step_ms"] / 1000), rel=1e-12)
+    assert res["efficiency"] == pytest.approx(res["achieved_gflops"] / res["peak_gflops"], rel=1e-12)
+    assert res["loader_vs_step"] == pytest.approx(
+        res["loader_episodes_per_s"] / (cfg.batch_size / (res["train_step_ms"] / 1000)), rel=1e-12)
+    from engine.networks import build_model
+    model = build_model(cfg, warn_random_backbone=False)
+    assert res["params_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert res["params_frozen"] == sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert all(v == v and abs(v) < 1e4 for v in res["losses"].values())   # finite
     table = benchmark.format_table(res)
     assert "training step" in table and "GFLOP/s" in table
@@ -74,6 +81,14 @@ def test_every_config_family_runs_with_its_own_settings(config, monkeypatch):
     assert res["train_step_ms"] > 0 and res["loader_episodes_per_s"] > 0
     assert res["config"]["dataset"] == config.split("/")[0]
     assert res["config"]["vgg"] == ("vgg" in config) and res["config"]["train_h"] == 33
+
+
+def test_flops_are_counted_two_per_multiply_add():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    conv = 2 * (2 * 8 * 8) * 4 * (3 * 3 * 3)                           # outputs × multiply-adds each
+    assert benchmark.count_gflop(lambda: torch.nn.functional.conv2d(x, w, padding=1)) == pytest.approx(conv / 1e9)
+    a, b = torch.randn(5, 6), torch.randn(6, 7)
+    assert benchmark.count_gflop(lambda: a @ b) == pytest.approx(2 * 5 * 6 * 7 / 1e9)
 
 
 def test_random_masks_look_like_labels():

@@ -115,3 +115,370 @@ def test_optimizer_state_follows_the_parameter_layout_on_resume(saved_layout, re
     step(resumed, opt, 2)
     assert torch.allclose(resumed.weight, reference.weight, atol=1e-6)
     assert torch.allclose(resumed.bias, reference.bias, atol=1e-6)
+
+
+# ---------------------------------------------------------------- with stand-in parts (fast)
+import os  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from engine.checkpoint import (adopt_architecture, check_compatible, pick_resume, previous_path,  # noqa: E402
+                               read_checkpoint, resolve_weight, rng_state, saved_architecture, set_rng_state,
+                               unwrap)
+from util.config import defaults  # noqa: E402
+
+
+def small_cfg(**over):
+    cfg = defaults()
+    cfg.update(dataset="synthetic", layers=18, reduce_dim=16)
+    cfg.update(over)
+    return cfg
+
+
+def small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+
+
+def test_unwrap_reaches_the_module_under_ddp_and_compile_wrappers():
+    net = small_net()
+    ddp_like, compiled_like = torch.nn.Module(), torch.nn.Module()
+    ddp_like.module = net
+    compiled_like._orig_mod = ddp_like
+    assert unwrap(compiled_like) is net and unwrap(ddp_like) is net and unwrap(net) is net
+
+
+def test_rng_states_round_trip_every_generator():
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    np.random.standard_normal()                     # numpy now caches the second gaussian of a pair
+    state = rng_state()
+    assert state["numpy"]["has_gauss"] == 1 and state["numpy"]["keys"].dtype == torch.int64
+    drawn = (torch.rand(3), random.random(), np.random.standard_normal(), np.random.rand())
+    set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.standard_normal(), np.random.rand())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
+
+
+def test_previous_path_names():
+    assert previous_path("exp/model/last.pth") == "exp/model/last.prev.pth"
+    assert previous_path("exp/model/weights") == "exp/model/weights.prev.pth"
+
+
+def test_a_checkpoint_holds_what_a_resume_needs(tmp_path):
+    net = small_net()
+    wrapper = torch.nn.Module()
+    wrapper.module = net
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, enabled=True)
+    cfg = small_cfg()
+    path = str(tmp_path / "last.pth")
+    save_checkpoint(path, wrapper, cfg, opt, scaler, epoch=2, iteration=7, best_miou=12.5, metrics={"miou": 3.0},
+                    run={"tb": "x"})
+    state = read_checkpoint(path)
+    assert state["format"] == "ntrenetpp-checkpoint-v2" and "checksum" not in state
+    assert set(state["model"]) == set(net.state_dict())
+    assert (state["epoch"], state["iteration"], state["best_miou"]) == (2, 7, 12.5)
+    assert state["metrics"] == {"miou": 3.0} and state["run"] == {"tb": "x"}
+    assert state["scaler"]["scale"] == 4.0 and state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert state["config"]["layers"] == 18 and state["architecture"]["task"] == "image"
+    assert state["architecture"]["bank_classes"] == 20 and set(state["architecture"]) == set(ARCH_KEYS)
+    save_checkpoint(path, net, cfg)                 # no optimiser, scaler, position: their defaults
+    bare = read_checkpoint(path)
+    assert (bare["optimizer"], bare["scaler"], bare["epoch"], bare["iteration"], bare["best_miou"]) == (
+        None, None, 0, 0, -1.0)
+    assert bare["metrics"] == {} and bare["run"] == {} and not os.path.exists(previous_path(path))
+    save_checkpoint(path, net, cfg, iteration=9, keep_previous=True)
+    assert read_checkpoint(previous_path(path))["iteration"] == 0 and read_checkpoint(path)["iteration"] == 9
+
+
+def test_loading_restores_optimiser_scaler_and_rng_only_when_asked(tmp_path):
+    net = small_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 2, 3, 3)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, enabled=True)
+    cfg = small_cfg()
+    path = str(tmp_path / "c.pth")
+    torch.manual_seed(5)
+    save_checkpoint(path, net, cfg, opt, scaler)
+    expected = torch.rand(2)
+    other = small_net()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    other_scaler = torch.amp.GradScaler("cpu", init_scale=2.0, enabled=True)
+    torch.manual_seed(6)
+    load_checkpoint(path, other, cfg)                                 # weights only
+    assert torch.equal(other[0].weight, net[0].weight) and other_opt.state_dict()["state"] == {}
+    assert not torch.equal(torch.rand(2), expected)
+    load_checkpoint(path, other, cfg, other_opt, other_scaler, restore_rng=True)
+    assert torch.equal(torch.rand(2), expected)
+    assert other_scaler.get_scale() == 64.0
+    assert torch.equal(other_opt.state_dict()["state"][0]["momentum_buffer"],
+                       opt.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_missing_checkpoints_say_what_the_folder_holds(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(tmp_path / "model" / "best.pth"))
+    assert str(e.value) == (f"checkpoint '{tmp_path}/model/best.pth' does not exist; train first (sh train.sh ...). "
+                            f"best.pth is written only when validation runs (evaluate True); choose with "
+                            f"'weight best|last|PATH'")
+    os.makedirs(tmp_path / "model")
+    for name in ("last.pth", "a.pth", "notes.txt"):
+        (tmp_path / "model" / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"does not exist; {tmp_path}/model holds a\.pth, last\.pth\. best"):
+        read_checkpoint(str(tmp_path / "model" / "best.pth"))
+    torch.save({"weights": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(tmp_path / "other.pth"))
+    assert str(e.value) == f"'{tmp_path}/other.pth' is not a checkpoint of this project (no 'model' entry)"
+
+
+def test_pick_resume_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+    path = str(tmp_path / "last.pth")
+    assert pick_resume(path) is None
+    cfg = small_cfg()
+    save_checkpoint(path, small_net(), cfg, iteration=4)
+    save_checkpoint(path, small_net(), cfg, iteration=8, keep_previous=True)
+    picked, state = pick_resume(path)
+    assert picked == path and state["iteration"] == 8 and "resume auto" not in caplog.text
+    with open(path, "r+b") as f:
+        f.seek(200)
+        f.write(b"\0" * 64)
+    picked, state = pick_resume(path)
+    assert picked == previous_path(path) and state["iteration"] == 4
+    assert f"resume auto: falling back to {previous_path(path)} (iteration 4)" in caplog.text
+    with open(previous_path(path), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(CheckpointError) as e:
+        pick_resume(path)
+    message = str(e.value)
+    assert message.startswith("resume auto found no valid checkpoint: checkpoint '" + path)
+    assert message.count(" / ") == 1 and previous_path(path) in message.split(" / ")[1]
+
+
+def test_the_architecture_of_a_checkpoint_older_than_the_record(tmp_path):
+    state = {"config": {"dataset": "coco", "layers": 101}}
+    arch = saved_architecture(state)
+    declared = defaults()
+    assert arch["layers"] == 101 and arch["task"] == "image" and arch["bank_classes"] == 80
+    assert all(arch[k] == declared[k] for k in ARCH_KEYS if k not in ("layers", "task", "bank_classes"))
+    assert saved_architecture({"config": {"dataset": "ytvis"}})["task"] == "video"
+    assert saved_architecture({"architecture": {"layers": 50}}) == {"layers": 50}
+    bare = saved_architecture({})
+    assert bare["bank_classes"] == 20 and bare["task"] == "image"      # the default dataset, PASCAL
+
+
+def test_adopting_the_checkpoints_architecture(tmp_path, caplog):
+    state = {"architecture": dict(saved_architecture({"config": {"dataset": "synthetic", "layers": 50,
+                                                                   "reduce_dim": 32}}))}
+    cfg = small_cfg(dataset="pascal")
+    adopted = adopt_architecture(state, cfg, "w.pth")
+    assert adopted.layers == 50 and adopted.reduce_dim == 32 and cfg.layers == 18
+    assert "the config has layers 18, checkpoint w.pth was trained with 50: using the checkpoint's" in caplog.text
+    assert "bank_classes" not in caplog.text                              # derived from the dataset: quietly
+    cfg.mark(overridden=["layers", "reduce_dim"])
+    with pytest.raises(CheckpointError) as e:
+        adopt_architecture(state, cfg, "w.pth")
+    assert str(e.value) == ("checkpoint 'w.pth' was trained with layers 50, reduce_dim 32; the command line sets "
+                            "layers 18, reduce_dim 16: drop the override (the network is the checkpoint's)")
+    video = small_cfg(dataset="synthetic_video", support_mode="mean")
+    with pytest.raises(CheckpointError) as e:
+        adopt_architecture(state, video, "w.pth")
+    assert str(e.value) == ("checkpoint 'w.pth' is a image model; this is a video config (dataset synthetic_video): "
+                            "use a config of the checkpoint's task")
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(state, cfg, "w.pth")
+    assert str(e.value) == ("checkpoint 'w.pth' was trained with a different network: layers: checkpoint 50, "
+                            "config 18; reduce_dim: checkpoint 32, config 16. Use the config it was trained with, "
+                            "or override these keys.")
+
+
+def test_weights_that_do_not_fit_are_listed(tmp_path):
+    from engine.checkpoint import load_model_weights
+    big = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(5)])
+    with pytest.raises(CheckpointError) as e:
+        load_model_weights(torch.nn.Sequential(torch.nn.Linear(1, 1)), {"model": big.state_dict()}, "w.pth")
+    assert str(e.value) == ("checkpoint 'w.pth' does not fit the model: 0 missing key(s) [], 8 unexpected key(s) "
+                            "[1.weight, 1.bias, 2.weight, 2.bias, 3.weight, 3.bias (+2 more)]")
+    with pytest.raises(CheckpointError) as e:
+        load_model_weights(big, {"model": {"0.weight": torch.zeros(1, 1)}}, "w.pth")
+    assert str(e.value).startswith("checkpoint 'w.pth' does not fit the model: 9 missing key(s) [0.bias, 1.weight")
+    with pytest.raises(CheckpointError, match=r"^checkpoint 'w\.pth' does not fit the model: Error"):
+        load_model_weights(torch.nn.Linear(1, 1), {"model": torch.nn.Linear(2, 1).state_dict()}, "w.pth")
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import engine.checkpoint as checkpoint
+    path = str(tmp_path / "last.pth")
+
+    def full(state, p, previous=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        save_checkpoint(path, small_net(), small_cfg())
+    assert str(e.value) == (f"could not write checkpoint '{path}' (No space left on device); no earlier checkpoint "
+                            f"was there. Free space or make {tmp_path} writable, then continue with resume auto")
+    (tmp_path / "last.pth").write_bytes(b"old")
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"\(No space left on device\); the previous last\.pth "
+                                                              r"is intact\. Free space"):
+        save_checkpoint(path, small_net(), small_cfg())
+
+
+def test_weight_names_resolve_in_the_experiment_folder():
+    assert resolve_weight("best", "exp/a") == "exp/a/model/best.pth"
+    assert resolve_weight("last", "exp/a") == "exp/a/model/last.pth"
+    assert resolve_weight("w/x.pth", "") == "w/x.pth"
+    with pytest.raises(CheckpointError) as e:
+        resolve_weight("best", "")
+    assert str(e.value) == ("weight 'best' needs save_path (the experiment folder); run through test.sh or pass "
+                            "save_path exp/<dataset>/<exp_name>")
+
+
+def test_a_model_is_built_from_its_checkpoint_without_the_imagenet_file(synth_root, tmp_path):
+    from engine.checkpoint import build_model_from_checkpoint
+    cfg = tiny_cfg(synth_root, tmp_path, reduce_dim=8)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = str(tmp_path / "w.pth")
+    save_checkpoint(path, model, cfg, iteration=3)
+    other = tiny_cfg(synth_root, tmp_path, pretrained="nowhere/resnet18.pth")
+    rebuilt, state = build_model_from_checkpoint(path, other)
+    assert state["iteration"] == 3 and state["architecture"]["reduce_dim"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+
+
+def test_read_errors_say_what_was_refused_and_what_to_do(tmp_path):
+    refused = tmp_path / "payload.pth"
+    torch.save({"model": {}, "call": os.getcwd}, refused)              # a reference to a function: not a tensor
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(refused))
+    message = str(e.value)
+    assert message.startswith(f"checkpoint '{refused}' is refused: it holds objects other than tensors and plain "
+                              f"values (")
+    assert message.endswith("). A crafted file could run code when loaded, so nothing beyond tensors is read; this "
+                            "project's checkpoints (format v2) never hold more. Use a checkpoint you trust, written "
+                            "by this version")
+    assert "numpy" not in message and "posix.getcwd). A crafted file" in message     # no note for other globals
+    old = tmp_path / "v1.pth"
+    torch.save({"model": {}, "rng": np.random.get_state()}, old)      # format v1 kept numpy's state
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(old))
+    assert ("; checkpoints of this project before format v2 stored numpy RNG states and are not read). A crafted"
+            in str(e.value))
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(str(cut))
+    assert str(e.value).startswith(f"checkpoint '{cut}' is unreadable or corrupt, truncated perhaps (")
+    assert str(e.value).endswith("); re-download or re-train it")
+
+
+def test_pick_resume_uses_the_previous_checkpoint_when_last_is_missing(tmp_path, caplog):
+    path = str(tmp_path / "last.pth")
+    save_checkpoint(path, small_net(), small_cfg(), iteration=4)
+    os.replace(path, previous_path(path))                               # a crash between the two renames
+    picked, state = pick_resume(path)
+    assert picked == previous_path(path) and state["iteration"] == 4
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # nothing was skipped
+
+
+def test_pick_resume_names_both_damaged_checkpoints_exactly(tmp_path, caplog):
+    path = str(tmp_path / "last.pth")
+    for p in (path, previous_path(path)):
+        with open(p, "wb") as f:
+            f.write(b"garbage")
+    problems = []
+    for p in (path, previous_path(path)):
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(p)
+        problems.append(str(e.value))
+    with pytest.raises(CheckpointError) as e:
+        pick_resume(path)
+    assert str(e.value) == "resume auto found no valid checkpoint: " + problems[0] + " / " + problems[1]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"resume auto: skipping {problems[0]}", f"resume auto: skipping {problems[1]}"]
+    save_checkpoint(previous_path(path), small_net(), small_cfg(), iteration=6)
+    caplog.clear()
+    pick_resume(path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"resume auto: skipping {problems[0]}", f"resume auto: falling back to {previous_path(path)} (iteration 6)"]
+
+
+def test_messages_name_the_checkpoint_and_the_folder(tmp_path, monkeypatch, caplog):
+    import engine.checkpoint as checkpoint
+    state = {"architecture": dict(saved_architecture({"config": {"dataset": "synthetic", "layers": 50,
+                                                                 "reduce_dim": 16}}))}
+    adopt_architecture(state, small_cfg(), "w.pth")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "the config has layers 18, checkpoint w.pth was trained with 50: using the checkpoint's"]
+    monkeypatch.chdir(tmp_path)
+
+    def full(state, p, previous=None):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"Free space or make \. writable, then continue"):
+        save_checkpoint("last.pth", small_net(), small_cfg())
+    assert saved_architecture({"config": {"dataset": "mystery"}})["bank_classes"] == defaults().bank_classes
+
+
+def test_load_errors_name_the_checkpoint(tmp_path):
+    cfg = small_cfg()
+    path = str(tmp_path / "w.pth")
+    save_checkpoint(path, small_net(), cfg)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, small_net(), small_cfg(layers=34))
+    assert str(e.value).startswith(f"checkpoint '{path}' was trained with a different network: layers: checkpoint 18")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1)), cfg)
+    assert str(e.value).startswith(f"checkpoint '{path}' does not fit the model: 0 missing key(s) [], 5 unexpected")
+
+
+@pytest.mark.parametrize("n, listed", [(6, "1.weight, 1.bias, 2.weight, 2.bias, 3.weight, 3.bias"),
+                                       (7, "1.weight, 1.bias, 2.weight, 2.bias, 3.weight, 3.bias (+1 more)")])
+def test_up_to_six_keys_are_listed(n, listed):
+    from engine.checkpoint import load_model_weights
+    extra = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(5)]).state_dict()
+    extra = dict(list(extra.items())[:n + 2])                           # 0.* fit, then n unexpected
+    with pytest.raises(CheckpointError) as e:
+        load_model_weights(torch.nn.Sequential(torch.nn.Linear(1, 1)), {"model": extra}, "w.pth")
+    assert str(e.value) == (f"checkpoint 'w.pth' does not fit the model: 0 missing key(s) [], {n} unexpected key(s) "
+                            f"[{listed}]")
+
+
+def test_adam_state_keeps_its_step_count_and_this_runs_implementation_flags():
+    def setup(layout, foreach):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(4, 6, 3).to(memory_format=layout)
+        return conv, torch.optim.Adam(conv.parameters(), lr=0.1, foreach=foreach)
+    conv, opt = setup(torch.contiguous_format, True)
+    conv(torch.randn(1, 4, 5, 5)).sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other, other_opt = setup(torch.channels_last, False)
+    load_optimizer_state(other_opt, saved)
+    state = other_opt.state[other.weight]
+    assert state["step"].shape == () and state["step"].item() == 1.0
+    assert state["exp_avg"].stride() == other.weight.stride()
+    assert other_opt.param_groups[0]["foreach"] is False                # as this run built it
+
+
+def test_building_from_a_checkpoint_warns_of_no_random_backbone_and_names_the_file(synth_root, tmp_path, caplog):
+    from engine.checkpoint import build_model_from_checkpoint
+    cfg = tiny_cfg(synth_root, tmp_path, reduce_dim=8)
+    path = str(tmp_path / "w.pth")
+    save_checkpoint(path, build_model(cfg, warn_random_backbone=False), cfg)
+    caplog.clear()
+    build_model_from_checkpoint(path, cfg)
+    assert "randomly initialised" not in caplog.text                    # its backbone is the checkpoint's
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' is a image model; this is a video config"):
+        build_model_from_checkpoint(path, small_cfg(dataset="synthetic_video", support_mode="mean"))
+    state = torch.load(path, weights_only=True)
+    del state["checksum"], state["model"][next(iter(state["model"]))]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' does not fit the model: 1 missing key"):
+        build_model_from_checkpoint(path, cfg)

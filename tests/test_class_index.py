@@ -3,6 +3,7 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from tests.conftest import label_with, write_tree
 from dataset.class_index import build_class_index, cache_path_for, load_area_table, scan_areas
@@ -103,3 +104,143 @@ def test_truncated_or_damaged_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
         assert not cached and areas_of(table, 1) == {2: 2048}
         assert "ignoring damaged class-index cache" in caplog.text and cache in caplog.text
         assert open(cache, "rb").read() == good          # rewritten whole
+
+
+# ---------------------------------------------------------------- the label check, exactly
+def test_label_check_messages_name_every_wrong_property(tmp_path):
+    from dataset.class_index import LABEL_FORMAT, label_class_areas
+    from util.errors import DataError
+    rgb16 = np.zeros((4, 5, 3), np.uint16)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16)
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((4, 5, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "grey16.png"), np.zeros((4, 5), np.uint16))
+    for name, kind in (("rgb16", "3-channel (colour or palette), 16-bit"), ("rgb", "3-channel (colour or palette)"),
+                       ("grey16", "16-bit")):
+        path = str(tmp_path / f"{name}.png")
+        with pytest.raises(DataError) as e:
+            label_class_areas(path)
+        assert str(e.value) == f"label '{path}' is a {kind} image; {LABEL_FORMAT}"
+    with pytest.raises(DataError) as e:
+        label_class_areas(str(tmp_path / "none.png"))
+    assert str(e.value) == f"cannot read label '{tmp_path}/none.png' (missing or not an image)"
+    cv2.imwrite(str(tmp_path / "ok.png"), np.array([[0, 3, 3], [7, 3, 0]], np.uint8))   # no 255 pixel at all
+    ids, counts = label_class_areas(str(tmp_path / "ok.png"))
+    assert ids.tolist() == [3, 7] and counts.tolist() == [3, 1]
+
+
+def test_class_ids_beyond_the_dataset_name_the_first_label_and_its_values(tmp_path):
+    from dataset.class_index import LABEL_FORMAT
+    from util.errors import DataError
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((8, 8), {1: 5, 20: 5}), label_with((8, 8), {1: 5, 20: 5, 21: 3}),
+                                  label_with((8, 8), {50: 4})])
+    paths = labels_of(list_path, root)
+    with pytest.raises(DataError) as e:
+        load_area_table(list_path, root, paths, workers=1, num_classes=20)
+    assert str(e.value) == (f"label '{paths[1]}' holds the values [21], outside 0..20 and 255 (2 label(s) in all); "
+                            f"{LABEL_FORMAT}")
+    with pytest.raises(DataError) as e:
+        load_area_table(list_path, root, paths, workers=1, num_classes=20, fix="Run the tool.")
+    assert str(e.value) == (f"label '{paths[1]}' holds the values [21], outside 0..20 and 255 (2 label(s) in all); "
+                            f"{LABEL_FORMAT}. Run the tool.")
+    table, _ = load_area_table(list_path, root, paths, workers=1, num_classes=50)     # all within 1..50
+    assert areas_of(table, 2) == {50: 4}
+
+
+def test_the_default_threshold_is_2048_pixels(tmp_path):
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((64, 64), {1: 2048}), label_with((64, 64), {1: 2047})])
+    table, _ = load_area_table(list_path, root, labels_of(list_path, root), workers=1, use_cache=False)
+    assert build_class_index(table, [1]).images == [0]
+
+
+def test_an_empty_list_scans_to_an_empty_int64_table():
+    table = scan_areas([], workers=1)
+    assert table.num_images == 0
+    for field in ("image", "cls", "area"):
+        assert getattr(table, field).shape == (0,) and getattr(table, field).dtype == np.int64
+    assert build_class_index(table, [1, 2]).images == [] and build_class_index(table, [1]).images_of == {1: []}
+
+
+def test_scanned_tables_hold_int64_arrays(tmp_path):
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((8, 8), {1: 5, 3: 2}), label_with((8, 8), {2: 7})])
+    table = scan_areas(labels_of(list_path, root), workers=1)
+    assert [getattr(table, f).dtype for f in ("image", "cls", "area")] == [np.int64] * 3
+    assert table.image.tolist() == [0, 0, 1] and table.cls.tolist() == [1, 3, 2] and table.area.tolist() == [5, 2, 7]
+
+
+# ---------------------------------------------------------------- the cache: what is trusted, what is not
+def cached_tree(tmp_path):
+    """Two images, the first with two classes: a valid table has a repeated image position."""
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((64, 64), {1: 2048, 2: 100}), label_with((64, 64), {2: 2048})])
+    paths = labels_of(list_path, root)
+    load_area_table(list_path, root, paths, workers=1)
+    return root, list_path, paths
+
+
+def rewrite_cache(list_path, **arrays):
+    cache = cache_path_for(list_path)
+    with np.load(cache) as z:
+        fields = {k: z[k] for k in z.files}
+    fields.update(arrays)
+    with open(cache, "wb") as f:
+        np.savez(f, **fields)
+
+
+def test_a_valid_cache_with_a_two_class_image_is_used(tmp_path):
+    root, list_path, paths = cached_tree(tmp_path)
+    table, cached = load_area_table(list_path, root, paths, workers=1)
+    assert cached and table.image.tolist() == [0, 0, 1] and areas_of(table, 0) == {1: 2048, 2: 100}
+    # use_cache False neither reads nor writes it
+    table, cached = load_area_table(list_path, root, paths, workers=1, use_cache=False)
+    assert not cached and areas_of(table, 1) == {2: 2048}
+
+
+@pytest.mark.parametrize("image, reason", [([0, 1, 0], "image positions out of range or unsorted"),
+                                           ([0, 0, 2], "image positions out of range or unsorted"),
+                                           ([-1, 0, 1], "image positions out of range or unsorted"),
+                                           ([0, 1], "arrays of different lengths")])
+def test_an_inconsistent_cache_is_rebuilt_naming_the_reason(tmp_path, caplog, image, reason):
+    root, list_path, paths = cached_tree(tmp_path)
+    rewrite_cache(list_path, image=np.array(image, np.int64))
+    caplog.clear()
+    table, cached = load_area_table(list_path, root, paths, workers=1)
+    assert not cached and table.image.tolist() == [0, 0, 1]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"ignoring damaged class-index cache {cache_path_for(list_path)} (ValueError: {reason}); rebuilding it"]
+
+
+def test_a_cache_holding_a_pickle_is_never_unpickled(tmp_path, caplog):
+    root, list_path, paths = cached_tree(tmp_path)
+    rewrite_cache(list_path, key=np.array([{"not": "an array"}], dtype=object))
+    caplog.clear()
+    table, cached = load_area_table(list_path, root, paths, workers=1)
+    assert not cached and areas_of(table, 0) == {1: 2048, 2: 100}
+    assert "ignoring damaged class-index cache" in caplog.text and "allow_pickle=False" in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_an_error(tmp_path, caplog, monkeypatch):
+    import dataset.class_index as class_index
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((64, 64), {1: 2048})])
+
+    def full_disk(path, writer):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(class_index, "atomic_write", full_disk)
+    table, cached = load_area_table(list_path, root, labels_of(list_path, root), workers=1)
+    assert not cached and areas_of(table, 0) == {1: 2048}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"could not write class-index cache {cache_path_for(list_path)} ([Errno 28] No space left on device); "
+        f"the next start will rescan"]
+
+
+def test_a_missing_label_has_its_own_cache_key(tmp_path):
+    from dataset.class_index import cache_key
+    root = str(tmp_path)
+    list_path = write_tree(root, [label_with((8, 8), {1: 5})])
+    present = labels_of(list_path, root)
+    missing = present + [os.path.join(root, "gone.png")]
+    assert cache_key(list_path, root, missing) == cache_key(list_path, root, missing)
+    assert cache_key(list_path, root, missing) != cache_key(list_path, root, present)

@@ -1,4 +1,6 @@
 import glob
+import os
+import re
 
 import pytest
 
@@ -66,7 +68,18 @@ def test_duplicate_key_and_bad_sections(tmp_path):
         load_cfg_from_yaml(str(tmp_path / "nope.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("config/*/*.yaml")))
+SHIPPED = sorted(glob.glob("config/*/*.yaml"))
+
+
+def families():
+    """Shipped configs grouped by name with the fold left out: {'config/pascal/pascal_split*_resnet50.yaml': [4 paths]}."""
+    out = {}
+    for path in SHIPPED:
+        out.setdefault(re.sub(r"split\d", "split*", path), []).append(path)
+    return out
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_every_shipped_config_loads(path):
     cfg = load_cfg(path)
     dataset = path.split("/")[1]
@@ -77,6 +90,47 @@ def test_every_shipped_config_loads(path):
         assert path == f"config/{dataset}/{dataset}_all_resnet50.yaml"
     else:
         assert f"split{cfg.split}" in path
+
+
+@pytest.mark.parametrize("family", sorted(families()))
+def test_the_folds_of_a_family_share_one_recipe(family):
+    """A family's configs differ only in the fold (and may in its lists): every fold is trained
+    and tested the same way, so one fold's edited learning rate or epoch count cannot slip in."""
+    paths = families()[family]
+    cfgs = {path: load_cfg(path) for path in paths}
+    if len(paths) > 1:                                     # a single config: a one-fold demo
+        assert sorted(c.split for c in cfgs.values()) == [0, 1, 2, 3]
+    first = cfgs[paths[0]]
+    for path, cfg in cfgs.items():
+        differing = {k for k in cfg if cfg[k] != first[k]}
+        assert differing <= {"split", "train_list", "val_list"}, (path, sorted(differing))
+
+
+@pytest.mark.parametrize("dataset", ["pascal", "coco"])
+def test_backbone_variants_differ_only_in_the_backbone(dataset):
+    """Per fold, ResNet-101 and VGG configs differ from the ResNet-50 one in the backbone keys
+    alone; a PFENet config differs from the NTRENet++ one of its backbone in the same keys
+    whatever the backbone."""
+    backbone = {"resnet101": {"layers", "pretrained"}, "vgg": {"vgg", "pretrained"}}
+    for split in range(4):
+        base = load_cfg(f"config/{dataset}/{dataset}_split{split}_resnet50.yaml")
+        pfenet_keys = set()
+        for variant in ("resnet50", "resnet101", "vgg"):
+            path = f"config/{dataset}/{dataset}_split{split}_{variant}.yaml"
+            if variant != "resnet50" and os.path.isfile(path):
+                cfg = load_cfg(path)
+                assert {k for k in cfg if cfg[k] != base[k]} == backbone[variant], path
+            pfenet_path = path.replace(".yaml", "_pfenet.yaml")
+            if os.path.isfile(pfenet_path):
+                ntrenet = load_cfg(path) if os.path.isfile(path) else load_cfg(
+                    f"config/{dataset}/{dataset}_split{split}_resnet50.yaml", [
+                        "vgg", "True", "pretrained", "initmodel/vgg16_bn.pth"])
+                pfenet = load_cfg(pfenet_path)
+                keys = {k for k in pfenet if pfenet[k] != ntrenet[k]}
+                assert pfenet.arch == "pfenet" and "arch" in keys
+                assert not pfenet_keys or keys == pfenet_keys, (pfenet_path, keys, pfenet_keys)
+                pfenet_keys = keys
+        assert pfenet_keys
 
 
 def test_yaml_float_strings_and_count_bounds(tmp_path):

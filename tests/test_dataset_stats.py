@@ -33,9 +33,14 @@ def test_stats_json_counts_and_episodes_as_evaluation_draws_them(tiny_pascal, tm
         assert got["support_images"] == [f"JPEGImages/img_{s:04d}.jpg" for s in e.supports]
 
 
-def test_stray_flag_is_rejected(tiny_pascal, tmp_path):
-    with pytest.raises(SystemExit):
+def test_stray_flag_is_rejected(tiny_pascal, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["--config", "config/pascal/pascal_split0_resnet50.yaml", "--epsiodes", "3"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[0].startswith("usage: ")
+    assert err[-1].endswith(": error: unknown option(s) ['--epsiodes']; config overrides are written KEY VALUE "
+                            "without dashes")
+    assert sum("error:" in line for line in err) == 1
 
 
 # the fixture prepares with pycocotools, whose decode trips numpy 2's __array__ deprecation

@@ -158,8 +158,12 @@ def test_different_seed_differs(dataset, tmp_path):
     assert differing == len(a)
 
 
-def test_bad_arguments_are_rejected(tmp_path):
-    with pytest.raises(SystemExit):
-        ms.main(["--out", str(tmp_path), "--train", "0", "--val", "0"])
-    with pytest.raises(SystemExit):
-        ms.main(["--out", str(tmp_path), "--seed", "-1"])
+def test_bad_arguments_are_rejected(tmp_path, capsys):
+    for argv, message in ((["--train", "0", "--val", "0"], "--train and --val must be >= 0 and not both 0"),
+                          (["--seed", "-1"], "--seed must be non-negative")):
+        with pytest.raises(SystemExit) as e:
+            ms.main(["--out", str(tmp_path), *argv])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and err[0].startswith("usage: ") and err[-1].endswith(f": error: {message}")
+        assert sum("error:" in line for line in err) == 1
+    assert not any(tmp_path.iterdir())                                   # nothing written

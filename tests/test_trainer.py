@@ -174,6 +174,48 @@ def test_two_processes_with_drifting_batchnorm_stay_in_step(synth_root, tmp_path
     assert bank and all(torch.equal(r0[k], r1[k]) for k in bank)
 
 
+def _ddp_resume_worker(rank, world, port, root, save_path, out_dir, stop_iter, resume):
+    _join_group(rank, world, port)
+    from util.distributed import cleanup, init_distributed
+    info = init_distributed("cpu")
+    try:
+        cfg = tiny_cfg(root, save_path, evaluate=False, epochs=1, epoch_size=12, stop_iter=stop_iter, resume=resume)
+        t = Trainer.from_cfg(cfg, info)
+        no_dropout(t.model)
+        t.train()
+        torch.save({"weights": weights(t.model), "iteration": t.state.iteration, "epoch": t.state.epoch},
+                   os.path.join(out_dir, f"{'resumed' if resume else 'stopped'}{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def test_two_processes_resumed_mid_epoch_end_where_one_uninterrupted_process_does(synth_root, tmp_path):
+    """3 iterations per epoch (12 episodes, global batch 4 over 2 processes): stopped after the
+    first and resumed by 2 processes, each rank skips its own first batch and the run ends with
+    the weights of one process that was never stopped."""
+    torch.set_num_threads(1)
+    single = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path / "single", evaluate=False, epochs=1, epoch_size=12),
+                              DistInfo())
+    no_dropout(single.model)
+    single.train()
+    for stop_iter, resume in ((1, ""), (0, "auto")):
+        mp.start_processes(_ddp_resume_worker, nprocs=2, start_method="fork",
+                           args=(2, _free_port(), synth_root, str(tmp_path / "ddp"), str(tmp_path), stop_iter, resume))
+    last = torch.load(tmp_path / "ddp" / "model" / "last.prev.pth", weights_only=True)
+    assert (last["iteration"], last["epoch"]) == (1, 0)                   # the stop's checkpoint, rotated
+    stopped = torch.load(tmp_path / "stopped0.pt")
+    assert (stopped["iteration"], stopped["epoch"]) == (1, 0)
+    r0, r1 = torch.load(tmp_path / "resumed0.pt"), torch.load(tmp_path / "resumed1.pt")
+    assert (r0["iteration"], r0["epoch"]) == (r1["iteration"], r1["epoch"]) == (3, 1)
+    ws = weights(single.model)
+    for k in ws:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks disagree on {k}"
+        if ws[k].is_floating_point():
+            torch.testing.assert_close(r0["weights"][k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
+        else:
+            assert torch.equal(r0["weights"][k], ws[k]), k
+
+
 def _eval_worker(rank, world, port, root, ckpt, out_dir):
     _join_group(rank, world, port)
     from util.distributed import cleanup, init_distributed

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from util.config import defaults
-from dataset.transform import (IMAGENET_MEAN, IMAGENET_STD, EvalResize, RandomCrop, RandomHorizontalFlip,
-                            RandRotate, ToTensorNormalize, eval_resized_hw, train_transform)
+from dataset.transform import (IMAGENET_MEAN, IMAGENET_STD, EvalResize, RandomCrop, RandomGaussianBlur,
+                               RandomHorizontalFlip, RandRotate, ToTensorNormalize, eval_resized_hw, eval_transform,
+                               train_transform)
 
 
 def ramp(h=20, w=30):
@@ -157,3 +158,119 @@ def test_tint_jitter_scales_each_channel_of_the_whole_episode_alike(tiny_pascal)
     with pytest.raises(ConfigError, match="tint_jitter"):
         cfg.update(tint_jitter=1.0)
         validate(cfg)
+
+
+# ---------------------------------------------------------------- geometry and defaults, by hand
+def test_eval_resize_keeps_8_pixels_for_a_very_thin_image():
+    assert eval_resized_hw(1000, 10, 473) == (472, 8)      # 10 * 473 / 1000 = 4 -> 0 -> at least 8
+    assert eval_resized_hw(10, 1000, 473) == (8, 472)
+    assert eval_resized_hw(64, 64, 41) == (40, 40)
+
+
+def test_eval_resize_is_linear_for_the_image_and_nearest_for_the_label():
+    """Halving 16 -> 8: OpenCV's linear resize samples between two source pixels (the mean of a
+    2×2 block), nearest takes the top-left one; the canvas is padded with the ignore label."""
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    label = rng.choice(np.array([0, 1, 255], np.uint8), (16, 16))
+    out_img, out_lab = EvalResize(9)(image, label)           # 16 -> 9 -> floored to 8, canvas 9
+    assert out_lab.shape == (9, 9) and out_img.shape == (9, 9, 3)
+    assert out_img.dtype == np.float32 and out_lab.dtype == np.uint8   # what the next transform takes
+    blocks = image.reshape(8, 2, 8, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(out_img[:8, :8], blocks, rtol=1e-5)
+    assert (out_img[8] == 0).all() and (out_img[:, 8] == 0).all()
+    assert out_lab[:8, :8].tolist() == label[::2, ::2].tolist()
+    assert (out_lab[8] == 255).all() and (out_lab[:, 8] == 255).all()
+    _, seven = EvalResize(9, ignore_label=7)(image, label)
+    assert (seven[8] == 7).all()
+
+
+def test_the_configured_ignore_label_pads_every_transform():
+    cfg = defaults()
+    cfg.update(ignore_label=7, val_size=9, train_h=12, train_w=12, scale_min=1.0, scale_max=1.0, rotate_p=1.0,
+               rotate_min=45, rotate_max=45, blur_p=0.0, flip_p=0.0)
+    image = np.full((16, 8, 3), 100.0, np.float32)
+    label = np.ones((16, 8), np.uint8)
+    _, lab = eval_transform(cfg)(image, label)
+    assert lab[:, 8:].unique().tolist() == [7] and lab[8:].unique().tolist() == [7] and lab[:8, :8].unique().tolist() == [1]
+    _, lab = train_transform(cfg)(image, label, np.random.default_rng(0))
+    assert set(lab.unique().tolist()) == {1, 7}                # rotation corners and crop padding: 7, never 255
+
+
+def rotated_by_hand(label, fill):
+    """90° counter-clockwise about (w/2, h/2), as cv2.getRotationMatrix2D defines it: the pixel
+    at (x', y') comes from (x, y) = (cx + cy - y', x' - cx + cy), an integer position here."""
+    h, w = label.shape
+    cx, cy = w / 2, h / 2
+    out = np.full_like(label, fill)
+    for yp in range(h):
+        for xp in range(w):
+            x, y = int(cx + cy - yp), int(xp - cx + cy)
+            if 0 <= x < w and 0 <= y < h:
+                out[yp, xp] = label[y, x]
+    return out
+
+
+def test_rotation_turns_about_the_image_centre():
+    label = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    image = np.repeat(label[..., None].astype(np.float32), 3, axis=2)
+    out_img, out_lab = RandRotate(90, 90, IMAGENET_MEAN, 255, p=1.0)(image, label, np.random.default_rng(0))
+    expected = rotated_by_hand(label, 255)
+    assert out_lab.tolist() == expected.tolist()
+    inside = expected != 255
+    np.testing.assert_allclose(out_img[..., 0][inside], expected[inside], atol=1e-4)
+
+
+def test_default_probabilities_and_ignore_labels():
+    """The transforms default to p = 0.5 and ignore 255: a generator whose first draw is 0.64
+    leaves the input alone, one whose first draw is 0.26 applies the transform."""
+    image = np.arange(48, dtype=np.float32).reshape(4, 4, 3)
+    label = np.ones((4, 4), np.uint8)
+    keep, act = 0, 2                                         # default_rng(0).random() = 0.64, (2) = 0.26
+    for t in (RandomHorizontalFlip(), RandomGaussianBlur(), RandRotate(30, 30)):
+        out, lab = t(image, label, np.random.default_rng(keep))
+        assert np.array_equal(out, image) and np.array_equal(lab, label)
+        out, _ = t(image, label, np.random.default_rng(act))
+        assert not np.array_equal(out, image)
+    _, lab = RandRotate(30, 30)(image, label, np.random.default_rng(act))
+    assert lab[0, 0] == 255
+    _, lab = RandomCrop(6, 6)(image, label, np.random.default_rng(0))
+    assert lab[0, 0] == 255 and lab[1:5, 1:5].tolist() == label.tolist()
+
+
+def test_blur_is_opencvs_fixed_5_tap_gaussian():
+    """sigma 0 at ksize 5: OpenCV's fixed binomial kernel [1 4 6 4 1] / 16 along each axis,
+    borders reflected without repeating the edge (scipy's 'mirror')."""
+    from scipy import ndimage
+    image = np.random.default_rng(1).uniform(0, 255, (9, 11, 3)).astype(np.float32)
+    out, _ = RandomGaussianBlur(p=1.0)(image, np.zeros((9, 11), np.uint8), np.random.default_rng(0))
+    kernel = np.array([1, 4, 6, 4, 1]) / 16
+    expected = ndimage.correlate1d(ndimage.correlate1d(image.astype(np.float64), kernel, axis=0, mode="mirror"),
+                                   kernel, axis=1, mode="mirror")
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+def test_scale_resizes_both_sides_by_the_drawn_factor():
+    from dataset.transform import RandScale
+    image = np.zeros((5, 7, 3), np.float32)
+    out, lab = RandScale(2.0, 2.0)(image, np.zeros((5, 7), np.uint8), np.random.default_rng(0))
+    assert out.shape == (10, 14, 3) and lab.shape == (10, 14)
+
+
+def test_crop_pads_both_sides_centred():
+    image = np.full((3, 4, 3), 5.0, np.float32)
+    label = np.zeros((3, 4), np.uint8)
+    out_img, out_lab = RandomCrop(7, 9, IMAGENET_MEAN, 255)(image, label, np.random.default_rng(0))
+    # 4 rows: 2 above, 2 below; 5 columns: 2 left, 3 right
+    assert (out_lab[2:5, 2:6] == 0).all() and (out_lab == 0).sum() == 12
+    assert (out_lab[:2] == 255).all() and (out_lab[5:] == 255).all()
+    assert (out_lab[:, :2] == 255).all() and (out_lab[:, 6:] == 255).all()
+    assert (out_img[2:5, 2:6] == 5.0).all()
+    np.testing.assert_allclose(out_img[0, 8], IMAGENET_MEAN, rtol=1e-6)
+
+
+def test_normalisation_returns_float32_whatever_the_input_float():
+    image = np.zeros((2, 2, 3), np.float64)
+    img, lab = ToTensorNormalize()(image, np.zeros((2, 2), np.uint8))
+    assert img.dtype == torch.float32 and lab.dtype == torch.int64
+    torch.testing.assert_close(img[:, 0, 0], -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))

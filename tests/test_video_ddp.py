@@ -1,9 +1,11 @@
 """The video network under DDP and with the reference's train-mode BatchNorm: two processes
 train exactly as one with the same global batch, and ``fix_bn False`` makes the reference's
-separate backbone passes (query frames, then supports)."""
+separate backbone passes (query frames, then supports); two processes evaluate exactly as one."""
 import copy
+import json
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -97,3 +99,46 @@ def test_video_fix_bn_false_makes_the_reference_separate_backbone_passes():
     with torch.no_grad():
         _, together = copy.deepcopy(model.backbone).mid_level(torch.cat([query.flatten(0, 1), supports.flatten(0, 1)]))
     assert not torch.allclose(together, layer3, atol=1e-3)
+
+
+def _video_eval_worker(rank, world, port, root, ckpt, out_dir):
+    _join_group(rank, world, port)
+    from util.distributed import cleanup, init_distributed
+    from engine.tester import run_test
+    info = init_distributed("cpu")
+    try:
+        summary = run_test(tiny_video_cfg(root, out_dir, weight=ckpt, save_pred=True, test_seeds=1, batch_size_val=2),
+                           info)
+        if rank == 0:
+            torch.save(summary, os.path.join(out_dir, "summary.pt"))
+    finally:
+        cleanup()
+
+
+def test_sharded_video_evaluation_equals_one_process(synthetic_video_tree, tmp_path):  # noqa: F811
+    """Two processes each score half of the evaluation chunks: every figure of the result (per
+    class, per video) and the saved predictions' index equal one process's."""
+    from engine.checkpoint import save_checkpoint
+    from engine.tester import run_test
+    _, root = synthetic_video_tree
+    torch.set_num_threads(1)
+    cfg = tiny_video_cfg(root, tmp_path / "one")
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "w.pth")
+    save_checkpoint(ckpt, build_model(cfg), cfg)
+    one = run_test(tiny_video_cfg(root, tmp_path / "one", weight=ckpt, save_pred=True, test_seeds=1, batch_size_val=2),
+                   DistInfo())
+    mp.start_processes(_video_eval_worker, args=(2, _free_port(), root, ckpt, str(tmp_path / "two")), nprocs=2,
+                       start_method="fork")
+    two = torch.load(tmp_path / "two" / "summary.pt", weights_only=False)
+    [a], [b] = one["runs"], two["runs"]
+    assert a["frames"] == b["frames"] > 0 and a["videos"] == b["videos"] and a["queries"] == b["queries"]
+    for key in ("J", "F", "JF", "class_iou"):
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    assert a["per_class"].keys() == b["per_class"].keys()
+    for name in a["per_class"]:
+        assert a["per_class"][name] == pytest.approx(b["per_class"][name], abs=1e-9), name
+    assert [(v["video"], v["episode_id"]) for v in a["per_video"]] == [(v["video"], v["episode_id"]) for v in b["per_video"]]
+    assert all(x == pytest.approx(y, abs=1e-9) for x, y in zip(a["per_video"], b["per_video"]))
+    index = [json.loads((tmp_path / d / "result" / "pred_seed11" / "predictions.json").read_text()) for d in ("one", "two")]
+    assert index[0] == index[1] and len(index[0]["episodes"]) == a["queries"]

@@ -1,6 +1,8 @@
-"""J, F and their pooling (dataset/video_metrics.py) on hand-made masks with values worked out by hand."""
+"""J, F and their pooling (dataset/video_metrics.py) on hand-made masks with values worked out by hand,
+and against DAVIS's own evaluation code (transcribed below in numpy) on varied masks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +152,178 @@ def test_accumulator_sums_of_shards_equal_the_whole():
     for name, row in a.per_class.items():
         assert row == pytest.approx(b.per_class[name], rel=1e-12)
     assert a.per_class["1"]["videos"] == 3 and a.per_class["2"]["videos"] == 2 and a.per_class["1"]["frames"] == 6
+
+
+# ---------------------------------------------------------------- DAVIS's code, as a second implementation
+def davis_seg2bmap(seg):
+    """seg2bmap of the DAVIS 2017 evaluation (davis2017/metrics.py, full size), in numpy."""
+    seg = np.asarray(seg, bool)
+    e, s, se = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
+    e[:, :-1] = seg[:, 1:]
+    s[:-1, :] = seg[1:, :]
+    se[:-1, :-1] = seg[1:, 1:]
+    b = seg ^ e | seg ^ s | seg ^ se
+    b[-1, :] = seg[-1, :] ^ e[-1, :]
+    b[:, -1] = seg[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def davis_f(pred, gt, bound_th=0.008):
+    """f_measure of the DAVIS 2017 evaluation: boundaries matched within a disk of radius
+    ``bound_th`` (>= 1) or ceil(bound_th · diagonal), scipy's binary dilation for skimage's."""
+    from scipy import ndimage
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * np.linalg.norm(pred.shape))
+    y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    disk_ = x * x + y * y <= radius * radius
+    fg, gb = davis_seg2bmap(pred), davis_seg2bmap(gt)
+    fg_dil, gt_dil = ndimage.binary_dilation(fg, disk_), ndimage.binary_dilation(gb, disk_)
+    n_fg, n_gt = fg.sum(), gb.sum()
+    if n_fg == 0 and n_gt > 0:
+        precision, recall = 1.0, 0.0
+    elif n_fg > 0 and n_gt == 0:
+        precision, recall = 0.0, 1.0
+    elif n_fg == 0 and n_gt == 0:
+        precision, recall = 1.0, 1.0
+    else:
+        precision, recall = (fg & gt_dil).sum() / n_fg, (gb & fg_dil).sum() / n_gt
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def davis_j(pred, gt):
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    union = (pred | gt).sum()
+    return 1.0 if union == 0 else (pred & gt).sum() / union
+
+
+def blobs(n, h, w, seed):
+    """n random masks of a few rectangles each (some empty, some full)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, h, w), bool)
+    for m in masks:
+        for _ in range(rng.integers(0, 4)):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            m[y:y + rng.integers(1, h), x:x + rng.integers(1, w)] ^= True
+    masks[0] = False
+    masks[1] = True
+    return masks
+
+
+@pytest.mark.parametrize("bound_th", [0.008, 1, 2])
+def test_a_batch_of_frames_scores_like_davis_frame_by_frame(bound_th):
+    pred, gt = blobs(24, 12, 15, 0), blobs(24, 12, 15, 1)
+    pred[2:5] = gt[2:5]                                   # some exact matches too
+    s = score_frames(torch.from_numpy(pred), torch.from_numpy(gt), bound_th=bound_th)
+    for i in range(24):
+        assert torch.equal(seg2bmap(torch.from_numpy(pred[i])), torch.from_numpy(davis_seg2bmap(pred[i])))
+        assert s.f[i].item() == pytest.approx(davis_f(pred[i], gt[i], bound_th), abs=1e-12), i
+        assert s.j[i].item() == pytest.approx(davis_j(pred[i], gt[i]), abs=1e-12), i
+        assert s.tp[i].item() == (pred[i] & gt[i]).sum() and s.fp[i].item() == (pred[i] & ~gt[i]).sum()
+        assert s.fn[i].item() == (~pred[i] & gt[i]).sum()
+    assert {round(v, 6) for v in s.f.tolist()} & {0.0, 1.0} and len(set(s.f.tolist())) > 5   # varied cases
+
+
+def test_single_boundary_pixels_and_single_pixel_unions():
+    """A lone foreground pixel at the top-left has exactly one boundary pixel (itself)."""
+    one = torch.zeros(1, 10, 10, dtype=torch.bool)
+    one[0, 0, 0] = True
+    assert seg2bmap(one).sum() == 1
+    assert boundary_f(one, one).item() == 1.0 and region_similarity(one, one).item() == 1.0
+    shifted = torch.zeros(1, 10, 10, dtype=torch.bool)
+    shifted[0, 5, 5] = True
+    assert boundary_f(one, shifted).item() == 0.0 and region_similarity(one, shifted).item() == 0.0
+
+
+def test_seg2bmap_last_column_compares_south_only():
+    last = torch.zeros(4, 5, dtype=torch.bool)
+    last[:, -1] = True
+    expected = torch.zeros(4, 5, dtype=torch.bool)
+    expected[:, -2] = True                                 # the column west of it differs from its east
+    assert torch.equal(seg2bmap(last), expected)
+
+
+def test_radius_uses_the_diagonal():
+    assert boundary_radius(300, 10) == 3                   # ceil(0.008 * 300.17) = ceil(2.40)
+    assert boundary_radius(10, 300) == 3
+    assert boundary_radius(100, 100, bound_th=2.5) == 2
+
+
+def test_score_frames_passes_the_tolerance_on():
+    target = rows(5)[None]
+    pred = rows(7)[None]                                   # boundaries two rows apart
+    assert score_frames(pred, target).f.item() == 0.0      # default: 1 px at 10×10
+    assert score_frames(pred, target, bound_th=2).f.item() == 1.0
+
+
+def test_accumulator_edge_cases():
+    acc = VideoScoreAccumulator([1, 2], num_episodes=3)
+    r = acc.result()
+    assert math.isnan(r.mean_j) and math.isnan(r.mean_f) and math.isnan(r.jf) and math.isnan(r.class_iou)
+    assert (r.frames, r.queries, r.videos, r.per_class, r.per_episode) == (0, 0, 0, {}, [])
+    # only the second class scored, no video ids given: one class in the means, no videos counted
+    acc.update(fs([0.5, 0.25], [0.75, 1.0], [1, 2], [3, 0], [0, 1]), torch.tensor([2, 2]), torch.tensor([1, 1]))
+    r = acc.result({1: "a", 2: "b"})
+    assert list(r.per_class) == ["b"] and r.per_class["b"]["J"] == pytest.approx(37.5)
+    assert r.mean_j == pytest.approx(37.5) and r.mean_f == pytest.approx(87.5)
+    assert r.class_iou == pytest.approx(100 * 3 / 7)
+    assert r.videos == 0 and r.queries == 1 and r.per_class["b"]["videos"] == 1
+    assert r.per_episode == [{"episode_id": 1, "J": 37.5, "F": 87.5, "frames": 2}]
+    with pytest.raises((IndexError, RuntimeError)):                      # not an evaluated class
+        acc.update(fs([1.0], [1.0], [1], [0], [0]), torch.tensor([3]), torch.tensor([0]))
+    gap = VideoScoreAccumulator([1, 3], num_episodes=1)
+    with pytest.raises((IndexError, RuntimeError)):                      # nor one between them
+        gap.update(fs([1.0], [1.0], [1], [0], [0]), torch.tensor([2]), torch.tensor([0]))
+
+
+def _video_reduce_worker(rank, world, port, out_dir):
+    from tests.test_trainer import _join_group
+    _join_group(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    try:
+        acc = VideoScoreAccumulator([1, 2], num_episodes=4)
+        scores, classes, episodes, videos = SHARDED_FRAMES
+        sel = slice(rank, None, world)
+        acc.update(FrameScores(*(v[sel] for v in scores)), classes[sel], episodes[sel], videos[sel])
+        acc.all_reduce()
+        torch.save([acc.by_class, acc.by_episode, acc.episode_class, acc.episode_video], f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# 6 frames: episode 0 (class 1, video 0) frames 0, 2; episode 1 (class 2, video 0) frame 1;
+# episode 3 (class 1, video 4) frames 3, 4, 5 — each episode split over both processes or on one
+SHARDED_FRAMES = ((torch.tensor([1.0, 0.5, 0.0, 0.25, 1.0, 0.5], dtype=torch.float64),
+                   torch.tensor([0.5, 1.0, 0.0, 0.75, 1.0, 0.0], dtype=torch.float64),
+                   torch.tensor([3.0, 1.0, 0.0, 2.0, 5.0, 0.0], dtype=torch.float64),
+                   torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 3.0], dtype=torch.float64),
+                   torch.tensor([1.0, 0.0, 4.0, 0.0, 0.0, 1.0], dtype=torch.float64)),
+                  torch.tensor([1, 2, 1, 1, 1, 1]), torch.tensor([0, 1, 0, 3, 3, 3]), torch.tensor([0, 0, 0, 4, 4, 4]))
+
+
+def test_the_sums_of_two_processes_reduce_to_the_whole(tmp_path):
+    import torch.multiprocessing as mp
+    from tests.test_trainer import _free_port
+    scores, classes, episodes, videos = SHARDED_FRAMES
+    whole = VideoScoreAccumulator([1, 2], num_episodes=4)
+    whole.update(FrameScores(*scores), classes, episodes, videos)
+    whole.all_reduce()                                   # no process group here: a no-op
+    r = whole.result()
+    assert (r.frames, r.queries, r.videos) == (6, 3, 2) and r.per_class["1"]["videos"] == 2
+    mp.start_processes(_video_reduce_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in range(2):
+        reduced = torch.load(tmp_path / f"rank{rank}.pt")
+        for mine, theirs in zip(reduced, [whole.by_class, whole.by_episode, whole.episode_class, whole.episode_video]):
+            assert mine.tolist() == theirs.tolist()
+
+
+def test_frames_are_scored_and_pooled_on_their_device():
+    """'meta' stands in for a GPU: the disk, the dilation and the sums follow the masks' device."""
+    pred = torch.zeros(2, 10, 10, dtype=torch.bool, device="meta")
+    s = score_frames(pred, pred.clone())
+    assert all(v.device.type == "meta" for v in (s.j, s.f, s.tp, s.fp, s.fn))
+    acc = VideoScoreAccumulator([1, 2], num_episodes=2, device="meta")
+    assert all(t.device.type == "meta" for t in (acc.slot, acc.by_class, acc.by_episode, acc.episode_class,
+                                                 acc.episode_video))
+    acc.update(s, torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 3]))     # ids from the CPU
+    assert acc.by_class.device.type == "meta"
