@@ -289,7 +289,7 @@ def test_adopting_the_checkpoints_architecture(tmp_path, caplog):
     video = small_cfg(dataset="synthetic_video", support_mode="mean")
     with pytest.raises(CheckpointError) as e:
         adopt_architecture(state, video, "w.pth")
-    assert str(e.value) == ("checkpoint 'w.pth' is a image model; this is a video config (dataset synthetic_video): "
+    assert str(e.value) == ("checkpoint 'w.pth' holds a model of the image task; this config (dataset synthetic_video) is of the video task: "
                             "use a config of the checkpoint's task")
     with pytest.raises(CheckpointError) as e:
         check_compatible(state, cfg, "w.pth")
@@ -475,7 +475,7 @@ def test_building_from_a_checkpoint_warns_of_no_random_backbone_and_names_the_fi
     caplog.clear()
     build_model_from_checkpoint(path, cfg)
     assert "randomly initialised" not in caplog.text                    # its backbone is the checkpoint's
-    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' is a image model; this is a video config"):
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' holds a model of the image task; this config \(dataset synthetic_video\) is of the video task"):
         build_model_from_checkpoint(path, small_cfg(dataset="synthetic_video", support_mode="mean"))
     state = torch.load(path, weights_only=True)
     del state["checksum"], state["model"][next(iter(state["model"]))]
