@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset.image import Episode, EpisodeSampler, read_image, shard
+from dataset.image import Episode, EpisodeSampler, episode_colour, read_image, shard
 from dataset.transform import HSNET_SIZE, PROTOCOLS, Compose, hue_rotate, protocol_transform
 from util.errors import DataError, DataFileMissing
 
@@ -399,8 +399,7 @@ class FolderTrainDataset(Dataset):
         position, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
         query, class_id, supports = self.draw(position, rng)
-        hue = rng.uniform(-self.hue_jitter, self.hue_jitter) if self.hue_jitter else 0.0
-        tint = rng.uniform(1.0 - self.tint_jitter, 1.0, 3).astype(np.float32) if self.tint_jitter else None
+        hue, tint = episode_colour(rng, self.hue_jitter, self.tint_jitter)
         q_img, q_lab = self._load(query, rng, hue, tint)
         s = [self._load(i, rng, hue, tint) for i in supports]
         return {

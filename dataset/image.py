@@ -218,11 +218,7 @@ class FewShotTrainDataset(Dataset):
         position, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
         query, class_id, supports = self.draw(position, rng)
-        # one hue turn for the whole episode: the target keeps the support's colour, but which
-        # colour that is varies, so matching the support pays and memorising classes does not
-        hue = rng.uniform(-self.hue_jitter, self.hue_jitter) if self.hue_jitter else 0.0
-        # and one tint (a gain per RGB channel), which a hue turn cannot give white, grey or black
-        tint = rng.uniform(1.0 - self.tint_jitter, 1.0, 3).astype(np.float32) if self.tint_jitter else None
+        hue, tint = episode_colour(rng, self.hue_jitter, self.tint_jitter)
         q_img, q_lab = self.load(query, class_id, rng, hue, tint)
         s = [self.load(i, class_id, rng, hue, tint) for i in supports]
         return {
@@ -231,6 +227,16 @@ class FewShotTrainDataset(Dataset):
             "support_masks": torch.stack([m for _, m in s]),
             "class_id": class_id,
         }
+
+
+def episode_colour(rng: np.random.Generator, hue_jitter: float, tint_jitter: float):
+    """``(hue, tint)`` of one training episode, drawn in this order from ``rng``. One hue turn for
+    the whole episode: the target keeps the support's colour, but which colour that is varies, so
+    matching the support pays and memorising classes does not; and one tint (a gain per RGB
+    channel), which a hue turn cannot give white, grey or black. 0 / None when off."""
+    hue = rng.uniform(-hue_jitter, hue_jitter) if hue_jitter else 0.0
+    tint = rng.uniform(1.0 - tint_jitter, 1.0, 3).astype(np.float32) if tint_jitter else None
+    return hue, tint
 
 
 def draw_class_and_supports(index: ClassIndex, query: int, shot: int,
