@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from engine.checkpoint import read_checkpoint
-from model import build_model
+from engine.networks import build_model
 from model.pfenet import build_pfenet
 from tools.convert_checkpoint import main
 from util.cli import run

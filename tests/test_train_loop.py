@@ -756,6 +756,7 @@ def test_a_resumed_runs_log_lines_count_its_own_iterations(tmp_path, monkeypatch
     import logging
     make_trainer(loop_cfg(tmp_path, stop_iter=3)).train()
     caplog.set_level(logging.INFO, logger="ntrenetpp")
+    caplog.clear()      # the first run's lines, captured when another test left INFO enabled
     now = [100.0]
     monkeypatch.setattr(hooks.time, "perf_counter", lambda: now[0])
     t = make_trainer(loop_cfg(tmp_path, resume="auto", print_freq=2))
