@@ -1,4 +1,5 @@
-"""tools/baseline.py: the prototype matcher's arithmetic and the comparison on shared episodes."""
+"""tools/baseline.py: the prototype matcher's arithmetic, and the comparison on shared episodes with
+its rows scored again independently."""
 import logging
 import os
 
@@ -9,6 +10,7 @@ import yaml
 from engine.checkpoint import save_checkpoint
 from engine.tester import run_test
 from engine.networks import build_model
+from tests.test_rescore import FOLD0, image_sums, pooled, read_gray
 from tools import baseline
 from util.config import defaults
 from util.distributed import DistInfo
@@ -106,7 +108,7 @@ def tiny_run(tmp_path_factory):
     return config_path, res, model, cfg
 
 
-def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys):
+def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys, tmp_path):
     config_path, res, model, cfg = tiny_run
     rows = baseline.main(["--config", config_path, "--compare", res["json_path"]])
     names = list(rows)
@@ -116,10 +118,27 @@ def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys):
         r = rows[name]
         assert r["episodes"] == res["episodes"] == 6 and r["seeds"] == res["seeds"] == 2
         assert [p["episodes"] for p in r["per_seed"]] == [p["episodes"] for p in res["per_seed"]]
-    # the matcher row is the checkpoint's backbone matched by hand on the same evaluation
-    matcher = baseline.PrototypeMatcher(model.backbone)
-    again = run_test(cfg, DistInfo(), model=matcher, write_json=False)
-    assert rows["prototype matcher (its backbone)"]["miou_mean"] == pytest.approx(again["miou_mean"], abs=1e-9)
+    # the rows, scored again here (tests/test_rescore.py's scoring, not dataset/metrics.py): the
+    # matcher's saved predictions, and all-foreground's exact value, sum fg / sum valid per class
+    saved = cfg.copy()
+    saved.update(save_pred=True, save_path=str(tmp_path))
+    run_test(saved, DistInfo(), model=baseline.PrototypeMatcher(model.backbone), write_json=False)
+    for k, seed in enumerate((5, 6)):
+        index, sums = image_sums(str(tmp_path / "result" / f"pred_seed{seed}"))
+        class_iou, miou, fbiou = pooled(sums)
+        row = rows["prototype matcher (its backbone)"]["per_seed"][k]
+        assert row["seed"] == seed and row["miou"] == pytest.approx(miou, abs=1e-6)
+        assert row["fbiou"] == pytest.approx(fbiou, abs=1e-6)
+        assert row["class_iou"] == pytest.approx(class_iou, abs=1e-6)
+        fg, valid = dict.fromkeys(FOLD0, 0), dict.fromkeys(FOLD0, 0)
+        for e in index["episodes"]:
+            label = read_gray(os.path.join(index["data_root"], e["query_label"]))
+            fg[e["class_name"]] += int((label == e["class"]).sum())
+            valid[e["class_name"]] += int((label != 255).sum())
+        expected = {name: 100 * fg[name] / valid[name] if valid[name] else 0.0 for name in FOLD0}
+        row = rows["all-foreground"]["per_seed"][k]
+        assert row["class_iou"] == pytest.approx(expected, abs=1e-9)
+        assert row["fbiou"] == pytest.approx(50 * sum(fg.values()) / sum(valid.values()), abs=1e-9)
     out = capsys.readouterr().out
     assert "prototype matcher (its backbone)" in out and "all-foreground" in out
     assert "(1-shot, 2 seed(s) x 6 episodes, pfenet protocol; the same episodes for every row)" in out
