@@ -108,3 +108,14 @@ def restore_root_logging():
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+
+
+def assert_ranks_equal_one_process(rank0: dict, rank1: dict, single: dict) -> None:
+    """Two DDP ranks' weights are identical, and equal one process's with the same global batch
+    (floats to reduction-order rounding, integer buffers exactly)."""
+    for k in single:
+        assert torch.equal(rank0[k], rank1[k]), f"ranks disagree on {k}"
+        if single[k].is_floating_point():
+            torch.testing.assert_close(rank0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
+        else:
+            assert torch.equal(rank0[k], single[k]), k

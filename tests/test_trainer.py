@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from engine.checkpoint import save_checkpoint
 from engine.trainer import NonFiniteLossError, Trainer, poly_lr
-from tests.conftest import tiny_cfg
+from tests.conftest import assert_ranks_equal_one_process, tiny_cfg
 from util.distributed import DistInfo
 from util.errors import CheckpointError
 
@@ -208,12 +208,7 @@ def test_two_processes_resumed_mid_epoch_end_where_one_uninterrupted_process_doe
     r0, r1 = torch.load(tmp_path / "resumed0.pt"), torch.load(tmp_path / "resumed1.pt")
     assert (r0["iteration"], r0["epoch"]) == (r1["iteration"], r1["epoch"]) == (3, 1)
     ws = weights(single.model)
-    for k in ws:
-        assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks disagree on {k}"
-        if ws[k].is_floating_point():
-            torch.testing.assert_close(r0["weights"][k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
-        else:
-            assert torch.equal(r0["weights"][k], ws[k]), k
+    assert_ranks_equal_one_process(r0["weights"], r1["weights"], ws)
 
 
 def _eval_worker(rank, world, port, root, ckpt, out_dir):

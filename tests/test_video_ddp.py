@@ -13,6 +13,7 @@ from engine.trainer import Trainer
 from engine.networks import build_model
 from model.modules import prior_mask
 from model.ops import resize
+from tests.conftest import assert_ranks_equal_one_process
 from tests.test_trainer import _free_port, _join_group, no_dropout, weights
 from tests.test_video_model import clip_episode, video_cfg
 from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
@@ -56,12 +57,7 @@ def test_two_video_processes_match_one_with_the_same_global_batch(synthetic_vide
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     ws = weights(single.model)
     assert any("agent" in k for k in ws), "the cross-frame attention should be trained here"
-    for k in ws:
-        assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks disagree on {k}"
-        if ws[k].is_floating_point():
-            torch.testing.assert_close(r0["weights"][k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
-        else:
-            assert torch.equal(r0["weights"][k], ws[k]), k
+    assert_ranks_equal_one_process(r0["weights"], r1["weights"], ws)
     one = single.optimizer.state_dict()
     for part in ("sgd", "adam"):
         mine, theirs = r0["optimizer"][part]["state"], one[part]["state"]
