@@ -66,11 +66,11 @@ class BackboneNetwork(nn.Module):
         network (its paths' cross-frame attention), None for images."""
         feature_size = x_query.shape[-2:]
         prior = prior.to(x_query.dtype)
-        bg_prototype = self.bgmm.bg_prototype
+        bg_prototype = None if self.bgmm is None else self.bgmm.bg_prototype   # None: no BG branch (ablation)
         scale_features, scale_outputs = [], []
         for path, size in zip(self.scales, self.bin_sizes(feature_size[0])):
             x, outputs = path(pool_to(x_query, size), bg_prototype, support_prototype,
-                              resize(prior, size), resize(bg_logits, size),
+                              resize(prior, size), None if bg_logits is None else resize(bg_logits, size),
                               scale_features[-1] if scale_features else None, frames=frames)
             scale_features.append(resize(x, feature_size))   # every level at h×w (PFENet, the authors)
             scale_outputs.append(outputs)

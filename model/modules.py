@@ -339,20 +339,26 @@ class ScalePath(nn.Module):
     """
 
     def __init__(self, channels: int, has_previous: bool, do_pool: str = "gap", classes: int = 2,
-                 self_proto_pool: str = "gap", prototype_channels: int | None = None, temporal: bool = False):
+                 self_proto_pool: str = "gap", prototype_channels: int | None = None, temporal: bool = False,
+                 eliminate_bg: bool = True, eliminate_do: bool = True):
         super().__init__()
-        self.bg_eliminating = BGEliminating(channels, prototype_channels)
+        # the ablation (config 'elimination'): a switched-off step passes its input through
+        self.bg_eliminating = BGEliminating(channels, prototype_channels) if eliminate_bg else None
         self.temporal = AgentAttention(channels) if temporal else None
         self.target_matching = TargetMatching(channels, classes, self_proto_pool, temporal)
-        self.do_eliminating = DOEliminating(channels, do_pool)
+        self.do_eliminating = DOEliminating(channels, do_pool) if eliminate_do else None
         self.enrichment = ScaleEnrichment(channels, has_previous, classes)
 
     def forward(self, query_bin, bg_prototype, support_prototype, prior_bin, bg_logits_bin, previous=None,
                 frames: int | None = None):
-        x_bg = mix_frames(self.temporal, self.bg_eliminating(query_bin, bg_prototype), frames)
+        x_bg = query_bin if self.bg_eliminating is None else self.bg_eliminating(query_bin, bg_prototype)
+        x_bg = mix_frames(self.temporal, x_bg, frames)
         x_self, init_logits, second_logits = self.target_matching(x_bg, support_prototype, prior_bin, query_bin,
                                                                   frames)
-        x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits)
+        if self.do_eliminating is None:
+            x_do, do_mask = x_self, torch.zeros_like(second_logits[:, :1])
+        else:
+            x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits)
         x, aux_logits = self.enrichment(x_do, previous)
         return x, {"init": init_logits, "second": second_logits, "aux": aux_logits, "do_mask": do_mask}
 

@@ -14,6 +14,8 @@ from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distractin
                       prior_mask)
 from .ops import resize
 
+# config 'elimination' -> (BG elimination, DO elimination); anything but 'bg+do' is an ablation
+ELIMINATIONS = {"bg+do": (True, True), "bg": (True, False), "do": (False, True), "none": (False, False)}
 MIN_DO_AREA = 1.0   # feature pixels; emptier DO masks give no prototype for the bank
 
 
@@ -36,24 +38,33 @@ class NTRENetPP(BackboneNetwork):
                  do_pool: str = "gap", self_proto_pool: str = "gap", freeze_backbone: bool = True,
                  fix_bn: bool = True,
                  losses: LossSettings = LossSettings(), bank_classes: int = 20, memory_size: int = 2000,
-                 num_negatives: int = 1000, seed: int = 0):
+                 num_negatives: int = 1000, seed: int = 0, elimination: str = "bg+do"):
         super().__init__(backbone, ppm_scales, freeze_backbone, fix_bn)
+        if elimination not in ELIMINATIONS:
+            raise ValueError(f"elimination {elimination!r}: expected one of {', '.join(ELIMINATIONS)}")
+        eliminate_bg, eliminate_do = ELIMINATIONS[elimination]
+        self.elimination = elimination
         self.loss_settings = losses
         mid_channels = backbone.layer2_channels + backbone.layer3_channels
         C = reduce_dim
         self.down_query = Reduce(mid_channels, C)
         self.down_supp = Reduce(mid_channels, C)
         self.aspp = ASPP(C, aspp_dilations)
-        self.bgmm = BGMiningModule(C)
+        # the DO mask needs the BG branch's logits, so BGMM stays while either step is on
+        self.bgmm = BGMiningModule(C) if eliminate_bg or eliminate_do else None
         self.scales = nn.ModuleList(
-            ScalePath(C, has_previous=i > 0, do_pool=do_pool, self_proto_pool=self_proto_pool)
+            ScalePath(C, has_previous=i > 0, do_pool=do_pool, self_proto_pool=self_proto_pool,
+                      eliminate_bg=eliminate_bg, eliminate_do=eliminate_do)
             for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
-        self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed)
+        # the DO bank serves the contrastive loss, which contrasts against mined DOs
+        self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed) if eliminate_do else None
 
     def ddp_ignored_buffers(self) -> list[str]:
         """The DO bank's buffers: its own gather keeps them identical on every rank, so DDP must
         not re-send its 41-158 MiB from rank 0 at each forward (docs/extending.md)."""
+        if self.memory_bank is None:
+            return []
         return [f"memory_bank.{name}" for name, _ in self.memory_bank.named_buffers()]
 
     # ---- the forward pass ----------------------------------------------------------------
@@ -106,8 +117,11 @@ class NTRENetPP(BackboneNetwork):
         support_mask = support_mask.to(x_support.dtype)
         support_prototype = masked_average_pooling(x_support, support_mask).unflatten(0, (B, K)).mean(dim=1)
         # in training the BG branch also sees every support (BG mining loss on them)
-        bg_logits_all = self.bgmm(torch.cat([x_query, x_support]) if self.training else x_query)
-        bg_logits = bg_logits_all[:B]
+        if self.bgmm is None:
+            bg_logits_all = bg_logits = None
+        else:
+            bg_logits_all = self.bgmm(torch.cat([x_query, x_support]) if self.training else x_query)
+            bg_logits = bg_logits_all[:B]
 
         prior = prior.to(x_query.dtype)
         logits, scale_outputs = self.pyramid(x_query, support_prototype, prior, bg_logits, image_size)
@@ -115,9 +129,13 @@ class NTRENetPP(BackboneNetwork):
         if not self.training:
             if not return_extras:
                 return logits
-            do_mask = resize(scale_outputs[0]["do_mask"].float(), image_size)[:, 0] >= 0.5
-            return logits, {"bg_logits": resize(bg_logits, image_size), "do_mask": do_mask.long(),
-                            "prior": resize(prior.float(), image_size)}
+            extras = {"prior": resize(prior.float(), image_size)}
+            if bg_logits is not None:
+                extras["bg_logits"] = resize(bg_logits, image_size)
+            if self.memory_bank is not None:     # DO elimination on
+                do_mask = resize(scale_outputs[0]["do_mask"].float(), image_size)[:, 0] >= 0.5
+                extras["do_mask"] = do_mask.long()
+            return logits, extras
 
         losses = self._losses(logits, scale_outputs, bg_logits_all, x_query, x_support, support_mask,
                               support_prototype, support_masks, query_mask, class_ids)
@@ -137,9 +155,12 @@ class NTRENetPP(BackboneNetwork):
                                      + [o[name] for o in scale_outputs for name in ("init", "second")],
                                      query_mask, ignore)
         losses = {"main": values[0], "aux1": values[1:1 + n].mean(), "aux2": values[1 + n:].mean()}
-        bg_labels = torch.cat([query_mask, support_masks.flatten(0, 1).long()])
-        losses["bg"] = bg_mining_loss(bg_logits_all, bg_labels, settings.bg_alpha, ignore)
-        if settings.contrast_weight > 0:
+        if bg_logits_all is None:
+            losses["bg"] = logits.new_zeros((), dtype=torch.float32)
+        else:
+            bg_labels = torch.cat([query_mask, support_masks.flatten(0, 1).long()])
+            losses["bg"] = bg_mining_loss(bg_logits_all, bg_labels, settings.bg_alpha, ignore)
+        if settings.contrast_weight > 0 and self.memory_bank is not None:
             proto, pixel = self._contrast(bg_logits_all, x_query, x_support, support_mask, support_prototype,
                                           support_masks, query_mask, class_ids)
         else:

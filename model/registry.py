@@ -34,7 +34,7 @@ def build_ntrenetpp(cfg, warn_random_backbone: bool = True) -> nn.Module:
                      aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool, self_proto_pool=cfg.self_proto_pool,
                      freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, losses=settings,
                      bank_classes=cfg.bank_classes, memory_size=cfg.memory_size,
-                     num_negatives=cfg.num_negatives, seed=cfg.manual_seed)
+                     num_negatives=cfg.num_negatives, seed=cfg.manual_seed, elimination=cfg.elimination)
 
 
 # arch name -> builder(cfg, warn_random_backbone) -> nn.Module

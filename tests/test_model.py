@@ -448,3 +448,47 @@ def test_parameter_counts_of_the_published_configurations(layers, vgg, frozen, t
     cfg.update(pretrained="", layers=layers or 50, vgg=vgg)
     rows = parameter_counts(build_model(cfg))
     assert (sum(r[2] for r in rows), sum(r[1] for r in rows)) == (frozen, trainable)
+
+
+@pytest.mark.parametrize("elimination, has_bg, has_do", [("bg+do", True, True), ("bg", True, False),
+                                                          ("do", False, True), ("none", False, False)])
+def test_elimination_ablation_removes_exactly_the_switched_off_steps(elimination, has_bg, has_do):
+    torch.manual_seed(0)
+    model = build_model(make_cfg(layers=18, elimination=elimination))
+    names = {n.split(".")[0] for n, _ in model.named_parameters()} | {n.split(".")[0] for n, _ in model.named_buffers()}
+    assert ("bgmm" in names) == (has_bg or has_do)          # the DO mask needs the BG logits
+    assert ("memory_bank" in names) == has_do
+    for path in model.scales:
+        assert (path.bg_eliminating is not None) == has_bg
+        assert (path.do_eliminating is not None) == has_do
+    query, supports, support_masks, query_mask, class_ids = episode(2, 1, 65)
+    model.train()
+    logits, losses = model(query, supports, support_masks, query_mask, class_ids)
+    assert (losses["bg"].item() > 0) == (has_bg or has_do)
+    assert (losses["contrast"].item() != 0) == has_do and torch.isfinite(losses["total"])
+    losses["total"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        _, extras = model(query, supports, support_masks, return_extras=True)
+    assert ("bg_logits" in extras) == (has_bg or has_do) and ("do_mask" in extras) == has_do
+
+
+def test_elimination_none_is_the_full_network_with_both_fusions_bypassed():
+    """The ablated network's prediction is the full one's with X_BG = q_b and X_DO = X_self."""
+    torch.manual_seed(0)
+    full = build_model(make_cfg(layers=18)).eval()
+    ablated = build_model(make_cfg(layers=18, elimination="none")).eval()
+    missing, unexpected = ablated.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("bgmm.", "memory_bank.")) or "_eliminating." in k for k in unexpected)
+    for path in full.scales:
+        path.bg_eliminating.forward = lambda q, p: q
+        path.do_eliminating.forward = lambda x_self, q, bg, second: (x_self, torch.zeros_like(second[:, :1]))
+    query, supports, support_masks, _, _ = episode(2, 1, 65)
+    with torch.no_grad():
+        assert torch.equal(full(query, supports, support_masks), ablated(query, supports, support_masks))
+
+
+def test_elimination_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match="elimination"):
+        merge_cfg_from_list(defaults(), ["elimination", "bg-do"])

@@ -159,6 +159,10 @@ SCHEMA: tuple[Key, ...] = _section(
        "query self-prototype pooling: 'gap' divides by b*b (the authors'), 'map' by mask area", ("gap", "map"),
        arch=True),
     _k("aspp_dilations", "list", [6, 12, 18], "dilations of the ASPP 3x3 branches", arch=True),
+    _k("elimination", "str", "bg+do",
+       "ablation of NTRENet++'s elimination steps: 'bg+do' (the network), 'bg' or 'do' (one step), 'none' "
+       "(neither: no BG branch, no DO bank, no contrastive loss; docs/method.md)", ("bg+do", "bg", "do", "none"),
+       arch=True, tasks=_IMG),
     _k("support_mode", "str", "paired",
        "video: 'paired' matches query frame t with support t (the reference; needs shot = clip_len), "
        "'mean' gives every frame the K-shot average prototype and prior", ("paired", "mean"), tasks=_VID),

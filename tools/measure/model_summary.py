@@ -28,15 +28,17 @@ def backbone_name(cfg) -> str:
 def summary(cfg) -> str:
     model = build_model(cfg)
     rows = parameter_counts(model)
-    bank = model.memory_bank.prototypes
     lines = [f"{backbone_name(cfg)}, reduce_dim {cfg.reduce_dim}, {len(cfg.ppm_scales)} scales, "
              f"freeze_backbone {cfg.freeze_backbone}",
              f"{'module':14s} {'trainable':>12s} {'frozen':>12s}"]
     for name, trainable, frozen in rows:
         lines.append(f"{name:14s} {trainable:12,d} {frozen:12,d}")
     lines.append(f"{'total':14s} {sum(r[1] for r in rows):12,d} {sum(r[2] for r in rows):12,d}")
-    lines.append(f"DO memory bank buffer: {tuple(bank.shape)} = {bank.numel():,d} values "
-                 f"({bank.numel() * bank.element_size() / 2**20:.1f} MiB in the checkpoint)")
+    bank = getattr(model, "memory_bank", None)
+    if bank is not None:
+        bank = bank.prototypes
+        lines.append(f"DO memory bank buffer: {tuple(bank.shape)} = {bank.numel():,d} values "
+                     f"({bank.numel() * bank.element_size() / 2**20:.1f} MiB in the checkpoint)")
     return "\n".join(lines)
 
 
