@@ -53,16 +53,16 @@ def test_video_stats_count_videos_and_frames_per_class_and_fold(synthetic_video_
     stats = main(["--config", str(cfg_path), "--episodes", "1", "--seed", "3", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(stats))
     index = load_video_index(root, "synthetic_video")
-    assert stats["val_classes"] == [3, 7, 11, 15, 19] and stats["class_names"]["3"] == "blue triangle"
+    assert stats["val_classes"] == [11, 12, 13, 14, 15] and stats["class_names"]["13"] == "dotted triangle"
     for c in stats["val_classes"]:
         assert stats["val"]["per_class"][str(c)] == {
             "videos": len(index.videos_of[c]),
             "frames": sum(len(index.videos[v].class_frames[c]) for v in index.videos_of[c])}
     assert stats["videos"] == 60 and stats["frames"] == sum(len(v.frames) for v in index.videos)
-    assert stats["folds"]["2"]["held_out"] == [3, 7, 11, 15, 19]
+    assert stats["folds"]["2"]["held_out"] == [11, 12, 13, 14, 15]
     assert stats["folds"]["2"]["frames"] == stats["val"]["frames"]
     assert sum(f["videos"] for f in stats["folds"].values()) == sum(len(index.videos_of[c]) for c in range(1, 21))
-    episodes = draw_video_episodes(index, [3, 7, 11, 15, 19], 2, 3)
+    episodes = draw_video_episodes(index, [11, 12, 13, 14, 15], 2, 3)
     assert len(stats["episodes"]) == len(episodes)
     assert stats["episodes"][0]["query_video"] == index.videos[episodes[0].video].name
     assert stats["chunks"] == len(build_chunks(episodes, 3))

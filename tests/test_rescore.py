@@ -15,6 +15,7 @@ import pytest
 from engine.tester import run_test
 from engine.trainer import Trainer
 from tests.conftest import tiny_cfg
+from util.classes import SYNTHETIC_CLASSES
 from tests.test_video_ddp import tiny_video_cfg
 from tests.test_video_metrics import davis_f, davis_j
 from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
@@ -50,7 +51,7 @@ def image_sums(pred_dir):
 
 
 # the held-out classes of the synthetic set's fold 0 (label values 1..5)
-FOLD0 = ["red disc", "green square", "blue triangle", "yellow star", "cyan ring"]
+FOLD0 = list(SYNTHETIC_CLASSES[:5])     # fold 0's held-out classes, ids 1..5
 
 
 def pooled(rows):

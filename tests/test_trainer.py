@@ -272,8 +272,8 @@ def test_end_to_end_through_the_entry_points(synth_root, tmp_path):
                            "per_seed"}
     assert result["episodes"] == 10 and result["shot"] == 2 and result["weight"].endswith("last.pth")
     assert [p["seed"] for p in result["per_seed"]] == [7, 8]
-    assert set(result["per_seed"][0]["class_iou"]) == {"red disc", "green square", "blue triangle",
-                                                       "yellow star", "cyan ring"}
+    assert set(result["per_seed"][0]["class_iou"]) == {"solid square", "striped triangle", "checkered ring",
+                                                       "dotted square", "striped cross"}
     mious = [p["miou"] for p in result["per_seed"]]
     assert result["miou_mean"] == pytest.approx(sum(mious) / 2)
     assert result["miou_std"] == pytest.approx(abs(mious[0] - mious[1]) / 2 ** 0.5)

@@ -2,9 +2,11 @@
 
     python tools/make_synthetic.py --out data/synthetic [--train 2000 --val 500 --size 80]
 
-20 classes (util.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with
-a colour or texture, 2-4 objects of distinct classes per image on a textured background,
-and a 255 band around every outline as in VOC. Every image comes from its own generator
+20 classes (util.classes.SYNTHETIC_CLASSES: label value i+1 is class i), each a shape with a
+texture (5 shapes x 4 textures); colours come from a palette all classes share. An image shows
+one object of its main class beside 1-3 objects of other classes about as large (distractors,
+half of them in the main object's colours) on a textured background with clutter, and a 255
+band around every outline as in VOC. Every image comes from its own generator
 seeded by (--seed, split, index), so the bytes do not depend on --workers.
 """
 from __future__ import annotations
@@ -31,34 +33,32 @@ class ClassSpec:
     name: str
     shape: str
     texture: str                 # solid | stripes | dots | checkers
-    c1: tuple[int, int, int]     # RGB: the fill (or texture ground)
-    c2: tuple[int, int, int] = (0, 0, 0)  # RGB: stripes / dots / checks
 
 
-CLASS_SPECS: tuple[ClassSpec, ...] = (
-    ClassSpec("red disc", "disc", "solid", (215, 35, 35)),
-    ClassSpec("green square", "square", "solid", (40, 165, 55)),
-    ClassSpec("blue triangle", "triangle", "solid", (35, 65, 215)),
-    ClassSpec("yellow star", "star", "solid", (240, 220, 40)),
-    ClassSpec("cyan ring", "ring", "solid", (40, 215, 225)),
-    ClassSpec("magenta cross", "cross", "solid", (215, 45, 205)),
-    ClassSpec("orange ellipse", "ellipse", "solid", (245, 135, 25)),
-    ClassSpec("purple diamond", "diamond", "solid", (115, 45, 170)),
-    ClassSpec("striped disc", "disc", "stripes", (245, 245, 245), (25, 25, 25)),
-    ClassSpec("striped square", "square", "stripes", (245, 215, 40), (30, 40, 130)),
-    ClassSpec("dotted triangle", "triangle", "dots", (240, 130, 30), (30, 20, 20)),
-    ClassSpec("checkered star", "star", "checkers", (245, 245, 245), (25, 25, 25)),
-    ClassSpec("white ring", "ring", "solid", (245, 245, 245)),
-    ClassSpec("dark cross", "cross", "solid", (30, 30, 35)),
-    ClassSpec("teal ellipse", "ellipse", "solid", (15, 125, 125)),
-    ClassSpec("pink diamond", "diamond", "solid", (250, 150, 185)),
-    ClassSpec("striped hexagon", "hexagon", "stripes", (220, 30, 30), (245, 245, 245)),
-    ClassSpec("checkered disc", "disc", "checkers", (35, 65, 215), (240, 220, 40)),
-    ClassSpec("gold hexagon", "hexagon", "solid", (205, 165, 45)),
-    ClassSpec("dotted square", "square", "dots", (25, 25, 30), (245, 245, 245)),
-)
+SHAPES = ("disc", "square", "triangle", "ring", "cross")
+TEXTURES = ("solid", "stripes", "dots", "checkers")
+_ADJECTIVE = {"solid": "solid", "stripes": "striped", "dots": "dotted", "checkers": "checkered"}
+# Every (shape, texture) pair is one class. The order is chosen so that every fold of either
+# kind (classes 5i+1..5i+5 for images, i+1, i+5, ... for videos) holds out at least 4 shapes
+# and 3 textures, while its training classes still show every shape and every texture: a
+# held-out class is a new combination of parts the network has seen.
+_PAIRS = ((1, 0), (2, 1), (3, 3), (1, 2), (4, 1), (3, 2), (4, 0), (2, 0), (0, 1), (4, 3),
+          (0, 0), (3, 1), (2, 2), (0, 3), (4, 2), (0, 2), (1, 3), (3, 0), (1, 1), (2, 3))
+CLASS_SPECS: tuple[ClassSpec, ...] = tuple(
+    ClassSpec(f"{_ADJECTIVE[TEXTURES[t]]} {SHAPES[s]}", SHAPES[s], TEXTURES[t]) for s, t in _PAIRS)
 assert tuple(s.name for s in CLASS_SPECS) == tuple(SYNTHETIC_CLASSES), "class order must match util/classes.py"
 NUM_CLASSES = len(CLASS_SPECS)
+
+# Colours belong to no class: every object draws its own from this palette (RGB), so colour
+# tells nothing about the class and a distractor may wear exactly the target's colours.
+PALETTE = np.array([(215, 35, 35), (40, 165, 55), (35, 65, 215), (240, 220, 40), (40, 215, 225),
+                    (215, 45, 205), (245, 135, 25), (245, 245, 245), (30, 30, 35), (115, 45, 170)], np.float32)
+
+
+def draw_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two distinct palette colours: the fill (or texture ground) and the texture's marks."""
+    i, j = rng.choice(len(PALETTE), 2, replace=False)
+    return PALETTE[i], PALETTE[j]
 
 
 # --------------------------------------------------------------------------------------
@@ -78,24 +78,14 @@ def _shape_contours(shape: str, rng: np.random.Generator) -> tuple[np.ndarray, n
     if shape == "disc":
         return _circle(), None
     if shape == "ring":
-        # a thick ring so it keeps enough pixels for the 2048-px rule
-        return _circle(), _circle() * rng.uniform(0.45, 0.6)
-    if shape == "ellipse":
-        return _circle() * np.array([1.0, rng.uniform(0.45, 0.62)]), None
+        # a thick ring so it keeps enough pixels for the class-pixel rule
+        return _circle(), _circle() * rng.uniform(0.45, 0.55)
     if shape == "square":
         return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float), None
     if shape == "triangle":
         return _regular(3), None
-    if shape == "hexagon":
-        return _regular(6, 0.0), None
-    if shape == "diamond":
-        # elongated rhombus: a rotated square would otherwise be the same shape
-        return np.array([[0, -1], [rng.uniform(0.5, 0.65), 0], [0, 1], [-rng.uniform(0.5, 0.65), 0]]), None
-    if shape == "star":
-        outer, inner = _regular(5), _regular(5, np.pi / 2 + np.pi / 5) * rng.uniform(0.42, 0.5)
-        return np.stack([outer, inner], 1).reshape(-1, 2), None
     if shape == "cross":
-        w = rng.uniform(0.3, 0.4)
+        w = rng.uniform(0.34, 0.42)
         return np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
                          [-w, w], [-1, w], [-1, -w], [-w, -w]]), None
     raise ValueError(f"unknown shape '{shape}'")
@@ -127,32 +117,36 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return np.clip(grey + rng.normal(0, 16, 3), 0, 255).astype(np.float32)
 
 
-def _object_texture(rng, spec: ClassSpec, xx, yy, theta: float, scale: float) -> np.ndarray:
-    c1 = _jitter(rng, spec.c1)
-    shape = xx.shape + (3,)
-    if spec.texture == "solid":
-        tex = np.broadcast_to(c1, shape).copy()
+def texture_mask(rng, texture: str, xx, yy, theta: float) -> np.ndarray | None:
+    """Where a texture's marks are (bool, xx's shape; None for 'solid'). Its axes turn with
+    the object; periods are a few pixels, as the network sees them at stride 8."""
+    if texture == "solid":
+        return None
+    a = theta + rng.uniform(-0.3, 0.3)
+    u = xx * math.cos(a) + yy * math.sin(a)
+    v = -xx * math.sin(a) + yy * math.cos(a)
+    if texture == "stripes":
+        return ((u / rng.uniform(5, 8) + rng.random()) % 1.0) < 0.5
+    if texture == "dots":
+        p = rng.uniform(6, 8)
+        du = (u / p + rng.random()) % 1.0 - 0.5
+        dv = (v / p + rng.random()) % 1.0 - 0.5
+        return du * du + dv * dv < rng.uniform(0.27, 0.32) ** 2
+    if texture == "checkers":
+        p = rng.uniform(4, 6)
+        return (np.floor(u / p + rng.random()) + np.floor(v / p + rng.random())) % 2 == 0
+    raise ValueError(f"unknown texture '{texture}'")
+
+
+def _object_texture(rng, texture: str, colours, xx, yy, theta: float, scale: float) -> np.ndarray:
+    """The object's pixels (float RGB): ``colours`` (fill, marks) jittered, the texture, a
+    soft directional light."""
+    c1 = _jitter(rng, colours[0])
+    marks = texture_mask(rng, texture, xx, yy, theta)
+    if marks is None:
+        tex = np.broadcast_to(c1, xx.shape + (3,)).copy()
     else:
-        c2 = _jitter(rng, spec.c2)
-        # texture axes turn with the object
-        a = theta + rng.uniform(-0.3, 0.3)
-        u = xx * math.cos(a) + yy * math.sin(a)
-        v = -xx * math.sin(a) + yy * math.cos(a)
-        if spec.texture == "stripes":
-            p = rng.uniform(6, 10)
-            m = ((u / p + rng.random()) % 1.0) < 0.5
-        elif spec.texture == "dots":
-            p = rng.uniform(7, 10)
-            du = (u / p + rng.random()) % 1.0 - 0.5
-            dv = (v / p + rng.random()) % 1.0 - 0.5
-            m = du * du + dv * dv < rng.uniform(0.26, 0.32) ** 2
-        elif spec.texture == "checkers":
-            p = rng.uniform(5, 8)
-            m = (np.floor(u / p + rng.random()) + np.floor(v / p + rng.random())) % 2 == 0
-        else:
-            raise ValueError(f"unknown texture '{spec.texture}'")
-        tex = np.where(m[..., None], c2, c1)
-    # soft directional lighting across the object
+        tex = np.where(marks[..., None], _jitter(rng, colours[1]), c1)
     g = rng.uniform(-0.15, 0.15)
     b = rng.uniform(0, 2 * np.pi)
     ramp = (xx * math.cos(b) + yy * math.sin(b)) / max(scale, 1.0)
@@ -186,6 +180,38 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
+def _blob(rng: np.random.Generator, n: int = 48) -> np.ndarray:
+    """A smooth irregular closed outline (unit size) that is none of the class shapes."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    r = 1.0 + sum(rng.uniform(0.1, 0.3) * np.cos(k * t + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    return np.stack([np.cos(t), np.sin(t)], 1) * r[:, None] / r.max()
+
+
+def add_clutter(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
+    """Background clutter (label 0) in the objects' palette and textures: irregular blobs and
+    thick strokes, smaller than the objects. A network must tell objects by their shape and
+    texture together, not by being colourful or textured."""
+    h, w = img.shape[:2]
+    for _ in range(count):
+        colours = draw_colours(rng)
+        mask = np.zeros((h, w), np.uint8)
+        if rng.random() < 0.5:
+            scale = math.sqrt(rng.uniform(0.01, 0.04) * h * w / np.pi)
+            _fill(mask, _blob(rng) * scale + [rng.uniform(0, w), rng.uniform(0, h)], 1)
+        else:
+            p0 = np.array([rng.uniform(0, w), rng.uniform(0, h)])
+            angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.5) * min(h, w)
+            p1 = p0 + length * np.array([math.cos(angle), math.sin(angle)])
+            cv2.line(mask, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 1, int(rng.integers(2, 5)))
+        if not mask.any():
+            continue
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        tex = _object_texture(rng, TEXTURES[int(rng.integers(len(TEXTURES)))], colours, xx, yy,
+                              rng.uniform(0, 2 * np.pi), 10.0)
+        alpha = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0.6)[..., None] * rng.uniform(0.7, 1.0)
+        img[:] = img * (1 - alpha) + tex * alpha
+
+
 # --------------------------------------------------------------------------------------
 # One image
 # --------------------------------------------------------------------------------------
@@ -195,22 +221,28 @@ def render_image(seed, size: int = 80, band: int = 3,
 
     Returns (BGR uint8 image, uint8 label): 0 background, 1..20 class ids, 255 band of
     about ``band`` px along every object outline. Sides are drawn in [0.75, 1.25]·size.
-    ``main_class`` (0-based) fixes the class of the large object; otherwise uniform.
+    ``main_class`` (0-based) fixes the class of the first, largest object; otherwise uniform.
+    It shares the image with 1-3 objects of other classes about as large (distractors), half of
+    them in its own colours, over a textured background with clutter.
     """
     rng = np.random.default_rng(seed)
     h, w = (int(round(size * rng.uniform(0.75, 1.25))) for _ in range(2))
     img = _background(rng, h, w)
+    add_clutter(rng, img, int(rng.integers(3, 8)))
     inst = np.zeros((h, w), np.uint8)  # 0 background, k = k-th drawn object
 
-    n_obj = int(rng.integers(2, 5))
+    n_obj = int(rng.choice([2, 3, 4], p=[0.2, 0.4, 0.4]))
     if main_class is None:
         main_class = int(rng.integers(NUM_CLASSES))
     others = rng.permutation(np.delete(np.arange(NUM_CLASSES), main_class))
     classes = np.concatenate([[main_class], others[:n_obj - 1]])
-    # one large main object, then smaller ones drawn on top of it
-    fracs = [rng.uniform(0.14, 0.32)] + sorted(rng.uniform(0.04, 0.15, n_obj - 1), reverse=True)
-    for k, (cls, frac) in enumerate(zip(classes, fracs), 1):
-        spec = CLASS_SPECS[int(cls)]
+    main_colours = draw_colours(rng)
+    fracs = [rng.uniform(0.12, 0.24)] + sorted(rng.uniform(0.06, 0.15, n_obj - 1), reverse=True)
+    order = [0] + list(rng.permutation(np.arange(1, n_obj)))     # distractors may lie on top
+    for k, obj in enumerate(order, 1):
+        cls, frac = int(classes[obj]), fracs[obj]
+        spec = CLASS_SPECS[cls]
+        colours = main_colours if obj == 0 or rng.random() < 0.5 else draw_colours(rng)
         outer, hole = _shape_contours(spec.shape, rng)
         stretch = np.array([1.0, rng.uniform(0.85, 1.0)])
         unit_area = _poly_area(outer * stretch) - (_poly_area(hole * stretch) if hole is not None else 0.0)
@@ -219,18 +251,15 @@ def render_image(seed, size: int = 80, band: int = 3,
         theta = rng.uniform(0, 2 * np.pi)
         rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
         # a few placements; keep the first that hides little of what is already drawn
-        for _ in range(6):
-            if k == 1:
-                cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
-            else:
-                cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+        for _ in range(8):
+            cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
             centre = np.array([cx, cy])
             mask = np.zeros((h, w), np.uint8)
             _fill(mask, (outer * stretch * scale) @ rot.T + centre, 1)
             if hole is not None:
                 _fill(mask, (hole * stretch * scale) @ rot.T + centre, 0)
             area = int(mask.sum())
-            if area and np.count_nonzero(mask & (inst > 0)) <= 0.3 * area:
+            if area and np.count_nonzero(mask & (inst > 0)) <= 0.15 * area:
                 break
         if not area:
             continue
@@ -238,7 +267,7 @@ def render_image(seed, size: int = 80, band: int = 3,
         y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, h)
         x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, w)
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        tex = _object_texture(rng, spec, xx - cx, yy - cy, theta, scale)
+        tex = _object_texture(rng, spec.texture, colours, xx - cx, yy - cy, theta, scale)
         # slightly soft edges in the image; the label stays hard (the band covers the seam)
         alpha = cv2.GaussianBlur(mask[y0:y1, x0:x1].astype(np.float32), (3, 3), 0.6)[..., None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + tex * alpha
@@ -248,7 +277,7 @@ def render_image(seed, size: int = 80, band: int = 3,
     img_bgr = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8)[..., ::-1])
 
     lut = np.zeros(256, np.uint8)
-    lut[1:n_obj + 1] = classes + 1
+    lut[1:n_obj + 1] = classes[order] + 1
     label = lut[inst]
     if band > 0:
         # a pixel is on a band where its neighbourhood holds two different instances

@@ -9,8 +9,9 @@ null, categories), so that tools/prepare_ytvis.py prepares it like the real data
     python tools/prepare_ytvis.py --ytvis data/synthetic_video --out data/synthetic_video
 
 Each video shows 1-3 objects of distinct classes (util.classes.SYNTHETIC_VIDEO_CLASSES,
-drawn with tools/make_synthetic.py's shapes and textures) moving, rotating and scaling over
-a panning textured background; objects pass in front of each other (masks are the visible
+drawn with tools/make_synthetic.py's shapes, textures and shared colour palette; most videos
+have distractors, half of them in the main object's colours) moving, rotating and scaling
+over a panning textured background with clutter; objects pass in front of each other (masks are the visible
 parts), enter late and leave the frame (their segmentation is then null). About a tenth
 of the videos are portrait. Instance masks are stored as uncompressed RLE (as YouTube-VIS
 ships them) for some instances and compressed RLE for the others. Each video comes from
@@ -31,7 +32,7 @@ from pycocotools import mask as mask_utils
 
 
 from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill, _init_worker,
-                                  _object_texture, _poly_area, _shape_contours)
+                                  _object_texture, _poly_area, _shape_contours, add_clutter, draw_colours)
 from util.classes import SYNTHETIC_VIDEO_CLASSES
 from util.cli import run
 from util.fileio import atomic_write_image, atomic_write_text
@@ -73,7 +74,7 @@ def _trajectories(rng, n_obj: int, n_frames: int, h: int, w: int) -> list[dict]:
     objects = []
     for k in range(n_obj):
         main = k == 0
-        frac = rng.uniform(0.08, 0.16) if main else rng.uniform(0.03, 0.08)
+        frac = rng.uniform(0.10, 0.18) if main else rng.uniform(0.05, 0.11)
         speed = rng.uniform(0.01, 0.05) * side
         direction = rng.uniform(0, 2 * np.pi)
         velocity = speed * np.array([math.cos(direction), math.sin(direction)])
@@ -105,22 +106,26 @@ def render_video(seed, n_frames: int, size: int, portrait: bool, main_class: int
     w = int(round(h * rng.uniform(1.5, 1.9)))
     if portrait:
         h, w = w, h
-    n_obj = int(rng.integers(1, 4))
+    n_obj = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
     others = rng.permutation(np.delete(np.arange(NUM_CLASSES), main_class))
     classes = [main_class] + [int(c) for c in others[:n_obj - 1]]
     # a larger background, cropped at a slowly drifting offset: the camera pans
     margin = max(4, size // 6)
     backdrop = _background(rng, h + 2 * margin, w + 2 * margin)
+    add_clutter(rng, backdrop, int(rng.integers(4, 10)))
+    main_colours = draw_colours(rng)
     pan = rng.uniform(-1, 1, 2) * margin / max(n_frames - 1, 1)
     tracks = _trajectories(rng, n_obj, n_frames, h, w)
     shapes = []
-    for cls, track in zip(classes, tracks):
+    for k, (cls, track) in enumerate(zip(classes, tracks)):
         spec = CLASS_SPECS[cls]
+        # half the distractors wear the main object's colours
+        colours = main_colours if k == 0 or rng.random() < 0.5 else draw_colours(rng)
         outer, hole = _shape_contours(spec.shape, rng)
         stretch = np.array([1.0, rng.uniform(0.85, 1.0)])
         unit_area = _poly_area(outer * stretch) - (_poly_area(hole * stretch) if hole is not None else 0.0)
         base = math.sqrt(track["frac"] * h * w / unit_area)
-        shapes.append((spec, outer * stretch, None if hole is None else hole * stretch, base,
+        shapes.append((spec, colours, outer * stretch, None if hole is None else hole * stretch, base,
                        int(rng.integers(1 << 62))))   # the object's texture seed, fixed over frames
     frames, visible = [], [[None] * n_frames for _ in classes]
     for t in range(n_frames):
@@ -128,7 +133,7 @@ def render_video(seed, n_frames: int, size: int, portrait: bool, main_class: int
         ox = int(round(margin + pan[0] * t))
         img = backdrop[oy:oy + h, ox:ox + w].copy()
         inst = np.zeros((h, w), np.uint8)
-        for k, ((spec, outer, hole, base, tex_seed), track) in enumerate(zip(shapes, tracks), 1):
+        for k, ((spec, colours, outer, hole, base, tex_seed), track) in enumerate(zip(shapes, tracks), 1):
             scale = base * track["scale"][t]
             theta = float(track["theta"][t])
             cx, cy = track["centre"][t]
@@ -143,7 +148,8 @@ def render_video(seed, n_frames: int, size: int, portrait: bool, main_class: int
             y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, h)
             x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, w)
             yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-            tex = _object_texture(np.random.default_rng(tex_seed), spec, xx - cx, yy - cy, theta, scale)
+            tex = _object_texture(np.random.default_rng(tex_seed), spec.texture, colours, xx - cx, yy - cy, theta,
+                                  scale)
             alpha = cv2.GaussianBlur(mask[y0:y1, x0:x1].astype(np.float32), (3, 3), 0.6)[..., None]
             img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + tex * alpha
             inst[mask > 0] = k

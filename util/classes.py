@@ -31,12 +31,13 @@ COCO_CLASSES = (
     "toothbrush",
 )
 
-# The synthetic dataset (tools/make_synthetic.py): a shape and a texture/colour per class.
+# The synthetic dataset (tools/make_synthetic.py): a shape and a texture per class (colours are
+# drawn per object from a palette all classes share).
 SYNTHETIC_CLASSES = (
-    "red disc", "green square", "blue triangle", "yellow star", "cyan ring",
-    "magenta cross", "orange ellipse", "purple diamond", "striped disc", "striped square",
-    "dotted triangle", "checkered star", "white ring", "dark cross", "teal ellipse",
-    "pink diamond", "striped hexagon", "checkered disc", "gold hexagon", "dotted square",
+    "solid square", "striped triangle", "checkered ring", "dotted square", "striped cross",
+    "dotted ring", "solid cross", "solid triangle", "striped disc", "checkered cross",
+    "solid disc", "striped ring", "dotted triangle", "checkered disc", "dotted cross",
+    "dotted disc", "checkered square", "solid ring", "striped square", "checkered triangle",
 )
 
 # YouTube-VIS 2019 category names in category-id order (ids 1..40, as in its train.json).
@@ -58,8 +59,8 @@ VIDEO_DATASETS = ("ytvis", "synthetic_video")
 # images in class folders, the classes named by class-list files: no class table, no folds
 FOLDER_DATASETS = ("folder", "fss1000", "cdfss")
 ALL_CLASSES = "all"      # the fold that holds out nothing: training on every class (PATNet's fold 4)
-# folds interleaved like COCO-20i (i+1, i+5, ...): always for the video datasets
-_INTERLEAVED = ("ytvis", "synthetic_video")
+# folds interleaved like COCO-20i (i+1, i+5, ...): always for YouTube-VIS
+_INTERLEAVED = ("ytvis",)
 
 
 def _unknown(dataset: str) -> ValueError:
@@ -83,11 +84,12 @@ def fold_classes(dataset: str, split: int | str, use_split_coco: bool = True) ->
 
     ``split`` 'all' holds out nothing: every class trains (the cross-domain benchmark's
     PASCAL training, PATNet's ``--fold 4``), and the held-out list is empty.
-    PASCAL-5i and synthetic: fold i holds out 5i+1..5i+5.
+    PASCAL-5i, synthetic and synthetic_video: fold i holds out 5i+1..5i+5.
     COCO-20i interleaved (``use_split_coco``): fold i holds out i+1, i+5, ..., i+77.
     COCO-20i sequential: fold i holds out 20i+1..20i+20.
-    YouTube-VIS (always interleaved): fold i holds out i+1, i+5, ..., i+37; the synthetic
-    video set likewise i+1, ..., i+17 (``use_split_coco`` does not apply to either).
+    YouTube-VIS (always interleaved): fold i holds out i+1, i+5, ..., i+37 (``use_split_coco``
+    does not apply). The synthetic video set has the synthetic image set's folds (5i+1..5i+5),
+    so one backbone pretrained on an image fold's training classes serves the video fold too.
     """
     if split not in (0, 1, 2, 3, ALL_CLASSES) or isinstance(split, bool):
         raise ValueError(f"split must be 0, 1, 2, 3 or '{ALL_CLASSES}', got {split!r}")
