@@ -28,12 +28,14 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
     as given, and write the JSON result."""
     validate(cfg)
     task = task_for(cfg)
-    weight_path, epoch, arch = "(in-memory model)", None, cfg.arch
+    weight_path, epoch, arch, elimination = "(in-memory model)", None, cfg.arch, cfg.elimination
     if model is None:
         weight_path = resolve_weight(cfg.weight, cfg.save_path)
         model, state = build_model_from_checkpoint(weight_path, cfg)
         model = to_device(model, info.device, cfg.channels_last)
-        epoch, arch = state.get("epoch"), saved_architecture(state)["arch"]
+        architecture = saved_architecture(state)
+        epoch, arch = state.get("epoch"), architecture["arch"]
+        elimination = architecture.get("elimination", "bg+do")     # recorded since the ablation key exists
         log.info("checkpoint: %s (epoch %s, iteration %s); %s", weight_path, epoch, state.get("iteration"),
                  task.describe_test(cfg))
     else:
@@ -47,6 +49,8 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
         runs.append(task.run_record(seed, out, dataset, cfg))
     summary = {"arch": arch, "dataset": cfg.dataset, "split": cfg.split, "shot": cfg.shot, "weight": weight_path,
                "checkpoint_epoch": epoch, "manual_seed": cfg.manual_seed, **task.summary(cfg, runs)}
+    if arch == "ntrenetpp" and cfg.task == "image":
+        summary["elimination"] = elimination
     log.info(task.format_summary(cfg, summary))
     if info.is_main and write_json:
         write_test_result(summary, result_dir)

@@ -173,3 +173,32 @@ def test_a_result_of_another_fold_is_a_config_error(tiny_run):
         baseline.main(["--config", config_path, "--compare", res["json_path"], "split", "1"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         baseline.main(["--config", config_path, "--compare", res["json_path"] + ".missing"])
+
+
+def test_ablation_row_and_pretrained_matcher_and_per_class_table(tiny_run, capsys):
+    """The demo's table: an 'elimination none' result is named as the ablation, '--weight none'
+    drops the checkpoint-backbone matcher for the one on the --pretrained file, and the
+    per-class table gives each row's mean class IoU over the runs."""
+    config_path, res, model, cfg = tiny_run
+    ablated = cfg.copy()
+    ablated.update(elimination="none", save_path=os.path.join(os.path.dirname(cfg.save_path), "exp_noelim"))
+    torch.manual_seed(2)
+    weight = os.path.join(ablated.save_path, "model", "last.pth")
+    save_checkpoint(weight, build_model(ablated), ablated, epoch=1, iteration=4)
+    ablated.update(weight=weight)
+    ablated_res = run_test(ablated, DistInfo())
+    assert ablated_res["elimination"] == "none" and res["elimination"] == "bg+do"
+    backbone_file = os.path.join(os.path.dirname(cfg.save_path), "backbone.pth")
+    torch.save(model.backbone.state_dict(), backbone_file)
+    rows = baseline.main(["--config", config_path, "--weight", "none", "--pretrained", backbone_file,
+                          "--compare", res["json_path"], ablated_res["json_path"]])
+    assert list(rows) == ["NTRENet++ (exp/last.pth)", "NTRENet++ (no BG/DO elimination) (exp_noelim/last.pth)",
+                          "prototype matcher (backbone.pth)", "all-foreground"]
+    out = capsys.readouterr().out
+    per_class = out[out.index("per held-out class, IoU (mean over the runs)"):].splitlines()
+    header = per_class[1].split()
+    assert header == [word for name in FOLD0 for word in name.split()]
+    for line, (name, r) in zip(per_class[2:], rows.items()):
+        assert line.startswith(name)
+        means = [sum(run["class_iou"][c] for run in r["per_seed"]) / len(r["per_seed"]) for c in FOLD0]
+        assert [float(v) for v in line[len(name):].split()] == pytest.approx(means, abs=0.006)

@@ -14,7 +14,8 @@ Two baselines, each on the same episodes (seeds, count, shots) as a test.py resu
   query feature goes to the prototype of higher cosine similarity (argmax of foreground vs
   background — no threshold to tune). Its backbone is that of a trained NTRENet++
   checkpoint (``--weight``, default the one ``--compare`` scored) and, with
-  ``--pretrained``, an ImageNet weight file (the frozen backbone of the PASCAL/COCO configs).
+  ``--pretrained``, a backbone weight file: ImageNet's (the frozen backbone of the PASCAL/COCO
+  configs) or one tools/pretrain_backbone.py wrote (the synthetic demo's).
 
 With ``--compare`` it prints each result beside the baselines, one row each: several results
 (PFENet's and NTRENet++'s test JSONs, say) must have scored the very same episodes (dataset,
@@ -102,6 +103,7 @@ def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
 
 
 ARCH_TITLES = {"ntrenetpp": "NTRENet++", "pfenet": "PFENet"}   # how a result's network is named in the table
+ELIMINATION_TITLES = {"bg": "no DO elimination", "do": "no BG elimination", "none": "no BG/DO elimination"}
 
 
 def read_result(path: str, cfg) -> dict:
@@ -125,15 +127,51 @@ def result_name(res: dict) -> str:
     weight = res["weight"]
     experiment = os.path.basename(os.path.dirname(os.path.dirname(weight)))
     where = f"{experiment}/{os.path.basename(weight)}" if experiment else os.path.basename(weight)
-    return f"{ARCH_TITLES.get(res.get('arch', 'ntrenetpp'), res.get('arch'))} ({where})"
+    title = ARCH_TITLES.get(res.get("arch", "ntrenetpp"), res.get("arch"))
+    if res.get("elimination", "bg+do") != "bg+do":
+        title += f" ({ELIMINATION_TITLES[res['elimination']]})"
+    return f"{title} ({where})"
 
 
 def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
     """One row per method: the task's headline figures, mean ± std over the runs."""
-    lines = [f"\n{'':34s}" + "".join(f"{title:>16s}" for title, _ in task.headline)]
+    width = max(34, *(len(name) + 2 for name, _ in rows))
+    lines = [f"\n{'':{width}s}" + "".join(f"{title:>16s}" for title, _ in task.headline)]
     for name, r in rows:
-        lines.append(f"{name:34s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}" for _, k in task.headline))
+        lines.append(f"{name:{width}s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}"
+                                                   for _, k in task.headline))
     lines.append(f"({task.describe_test(cfg)}; the same episodes for every row)")
+    return "\n".join(lines)
+
+
+PER_CLASS_LISTED = 10   # classes up to which the per-class table is printed
+
+
+def per_class_scores(summary: dict) -> tuple[str, dict[str, float]]:
+    """(measure, {class name: mean over the runs}): J per class for videos, IoU for images."""
+    runs = summary.get("runs") or summary.get("per_seed") or []     # video results / image results
+    if not runs:
+        return "", {}
+    if "per_class" in runs[0]:
+        measure, per_run = "J", [{k: v["J"] for k, v in r["per_class"].items()} for r in runs]
+    else:
+        measure, per_run = "IoU", [r.get("class_iou") or {} for r in runs]
+    return measure, {name: sum(r[name] for r in per_run) / len(per_run) for name in per_run[0]}
+
+
+def format_per_class(rows: list[tuple[str, dict]]) -> str:
+    """Each method's score on each held-out class (mean over the runs), one row per method; ''
+    when the results carry no per-class scores or have more than PER_CLASS_LISTED classes."""
+    scored = [(name, *per_class_scores(r)) for name, r in rows]
+    measure, classes = scored[0][1], list(scored[0][2])
+    if not classes or len(classes) > PER_CLASS_LISTED:
+        return ""
+    width = max(34, *(len(name) + 2 for name, _, _ in scored))
+    cols = max(8, *(len(c) + 2 for c in classes))
+    lines = [f"\nper held-out class, {measure} (mean over the runs)",
+             f"{'':{width}s}" + "".join(f"{c:>{cols}s}" for c in classes)]
+    for name, _, scores in scored:
+        lines.append(f"{name:{width}s}" + "".join(f"{scores.get(c, float('nan')):{cols}.2f}" for c in classes))
     return "\n".join(lines)
 
 
@@ -146,7 +184,8 @@ def main(argv=None) -> dict:
                         help="NTRENet++ checkpoint whose backbone the prototype matcher uses "
                              "(default: the checkpoint --compare scored; none: no matcher row)")
     parser.add_argument("--pretrained", default="",
-                        help="also run the prototype matcher on this ImageNet backbone weight file")
+                        help="also run the prototype matcher on this backbone weight file (ImageNet's, or "
+                             "tools/pretrain_backbone.py's)")
     args, opts = parse_args_with_overrides(parser, argv)
     args.compare, opts = split_trailing_overrides(args.compare, opts)
     cfg = load_cfg(args.config, opts)
@@ -167,15 +206,21 @@ def main(argv=None) -> dict:
     info = DistInfo()
     rows = [(result_name(r), r) for r in results]
     weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
+    if weight.lower() == "none":
+        weight = ""
     matcher = matcher_from_checkpoint(weight, cfg) if task.prototype_matcher and weight else None
     if matcher is not None:
         matcher = to_device(matcher, info.device, cfg.channels_last)
         rows.append(("prototype matcher (its backbone)", run_test(cfg, info, model=matcher, write_json=False)))
     if task.prototype_matcher and args.pretrained:
         matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), info.device, cfg.channels_last)
-        rows.append(("prototype matcher (ImageNet)", run_test(cfg, info, model=matcher, write_json=False)))
+        rows.append((f"prototype matcher ({os.path.basename(args.pretrained)})",
+                     run_test(cfg, info, model=matcher, write_json=False)))
     rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False)))
     print(format_table(rows, task, cfg))
+    per_class = format_per_class(rows)
+    if per_class:
+        print(per_class)
     return {name: r for name, r in rows}
 
 
