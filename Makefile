@@ -27,33 +27,24 @@ JOBS ?= 2
 mutation: $(STAMP)
 	nice -n 10 $(PY) tools/measure/mutation.py $(MODULES) --jobs $(JOBS)
 
-# The no-download demo: synthetic data, train fold 0 (1-shot), evaluate, compare with a
-# training-free prototype matcher and the all-foreground prediction on the same episodes.
-DEMO_EXP := exp/synthetic/split0_resnet18
+# The no-download demo (tools/demo.py): synthetic data, a backbone pretrained on fold 0's training
+# classes, then NTRENet++, PFENet and NTRENet++ without BG/DO elimination trained on it (1-shot)
+# and tested, beside a training-free prototype matcher and the all-foreground prediction on the
+# same episodes. DEMO_ARGS: KEY VALUE overrides for every step, e.g. DEMO_ARGS="manual_seed 322".
 demo: $(STAMP)
-	$(PY) tools/make_synthetic.py --out data/synthetic --train 4000
-	PYTHON=$(PY) sh train.sh synthetic split0_resnet18 resume '' overwrite True $(DEMO_ARGS)
-	PYTHON=$(PY) sh test.sh synthetic split0_resnet18 weight best $(DEMO_ARGS)
-	$(PY) tools/baseline.py --config config/synthetic/synthetic_split0_resnet18.yaml $(DEMO_ARGS) \
-		--compare "$$(ls -t $(DEMO_EXP)/result/test_*.json | head -n 1)"
+	$(PY) tools/demo.py $(DEMO_ARGS)
 
 # Everything the code does on a GPU, in one call (< 8 min): summary.md + summary.json in OUT.
 OUT ?= gpu-check
 gpu-check: $(STAMP)
 	PYTHON=$(PY) sh tools/measure/gpu_check.sh $(OUT)
 
-# The no-download video demo: synthetic videos in the YouTube-VIS format, prepared like the real
-# data, train fold 0 (3 frames, 3 paired supports), evaluate every held-out video, compare with
-# the trivial all-foreground prediction on the same episodes.
-DEMO_VIDEO_CFG := config/synthetic_video/synthetic_video_split0_resnet18.yaml
-DEMO_VIDEO_EXP := exp/synthetic_video/split0_resnet18
+# The no-download video demo (tools/demo.py --video): the image demo's data and pretrained
+# backbone, synthetic videos in the YouTube-VIS format prepared like the real data, NTRENet++'s
+# video network trained on fold 0 (3 frames, 3 paired supports), every held-out video scored,
+# beside the all-foreground prediction on the same episodes.
 demo-video: $(STAMP)
-	$(PY) tools/make_synthetic_video.py --out data/synthetic_video
-	$(PY) tools/prepare_ytvis.py --ytvis data/synthetic_video --out data/synthetic_video
-	PYTHON=$(PY) sh train.sh synthetic_video split0_resnet18 resume '' overwrite True $(DEMO_ARGS)
-	PYTHON=$(PY) sh test.sh synthetic_video split0_resnet18 weight best $(DEMO_ARGS)
-	$(PY) tools/baseline.py --config $(DEMO_VIDEO_CFG) $(DEMO_ARGS) \
-		--compare "$$(ls -t $(DEMO_VIDEO_EXP)/result/test_*.json | head -n 1)"
+	$(PY) tools/demo.py --video $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
