@@ -108,6 +108,18 @@ def tiny_run(tmp_path_factory):
     return config_path, res, model, cfg
 
 
+def variant_result(cfg, folder: str, seed: int, **over):
+    """An untrained network of ``cfg`` changed by ``over``, saved under ``folder`` beside the tiny
+    run's experiment, and its test.py result: (its config, the result)."""
+    variant = cfg.copy()
+    variant.update(over, save_path=os.path.join(os.path.dirname(cfg.save_path), folder))
+    torch.manual_seed(seed)
+    weight = os.path.join(variant.save_path, "model", "last.pth")
+    save_checkpoint(weight, build_model(variant), variant, epoch=1, iteration=4)
+    variant.update(weight=weight)
+    return variant, run_test(variant, DistInfo())
+
+
 def test_compare_scores_every_row_on_the_same_episodes(tiny_run, capsys, tmp_path):
     config_path, res, model, cfg = tiny_run
     rows = baseline.main(["--config", config_path, "--compare", res["json_path"]])
@@ -148,13 +160,7 @@ def test_pfenet_and_ntrenetpp_results_side_by_side_on_identical_episodes(tiny_ru
     """Two test.py results of one setting, PFENet's and NTRENet++'s, are rows of one table; a
     result of other episodes (another shot) is refused naming what differs."""
     config_path, res, _, cfg = tiny_run
-    pfenet_cfg = cfg.copy()
-    pfenet_cfg.update(arch="pfenet", save_path=os.path.join(os.path.dirname(cfg.save_path), "exp_pfenet"))
-    torch.manual_seed(1)
-    weight = os.path.join(pfenet_cfg.save_path, "model", "last.pth")
-    save_checkpoint(weight, build_model(pfenet_cfg), pfenet_cfg, epoch=1, iteration=4)
-    pfenet_cfg.update(weight=weight)
-    pfenet_res = run_test(pfenet_cfg, DistInfo())
+    pfenet_cfg, pfenet_res = variant_result(cfg, "exp_pfenet", seed=1, arch="pfenet")
     assert pfenet_res["arch"] == "pfenet" and res["arch"] == "ntrenetpp"
     rows = baseline.main(["--config", config_path, "--compare", res["json_path"], pfenet_res["json_path"]])
     assert list(rows)[:2] == ["NTRENet++ (exp/last.pth)", "PFENet (exp_pfenet/last.pth)"]
@@ -180,13 +186,7 @@ def test_ablation_row_and_pretrained_matcher_and_per_class_table(tiny_run, capsy
     drops the checkpoint-backbone matcher for the one on the --pretrained file, and the
     per-class table gives each row's mean class IoU over the runs."""
     config_path, res, model, cfg = tiny_run
-    ablated = cfg.copy()
-    ablated.update(elimination="none", save_path=os.path.join(os.path.dirname(cfg.save_path), "exp_noelim"))
-    torch.manual_seed(2)
-    weight = os.path.join(ablated.save_path, "model", "last.pth")
-    save_checkpoint(weight, build_model(ablated), ablated, epoch=1, iteration=4)
-    ablated.update(weight=weight)
-    ablated_res = run_test(ablated, DistInfo())
+    _, ablated_res = variant_result(cfg, "exp_noelim", seed=2, elimination="none")
     assert ablated_res["elimination"] == "none" and res["elimination"] == "bg+do"
     backbone_file = os.path.join(os.path.dirname(cfg.save_path), "backbone.pth")
     torch.save(model.backbone.state_dict(), backbone_file)
