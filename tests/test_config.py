@@ -103,7 +103,9 @@ def test_the_folds_of_a_family_share_one_recipe(family):
     first = cfgs[paths[0]]
     for path, cfg in cfgs.items():
         differing = {k for k in cfg if cfg[k] != first[k]}
-        assert differing <= {"split", "train_list", "val_list"}, (path, sorted(differing))
+        assert differing <= {"split", "train_list", "val_list", "pretrained"}, (path, sorted(differing))
+        if "pretrained" in differing:          # a backbone pretrained on the fold's own training classes
+            assert f"split{cfg.split}" in cfg.pretrained, (path, cfg.pretrained)
 
 
 @pytest.mark.parametrize("dataset", ["pascal", "coco"])

@@ -515,7 +515,9 @@ def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
     batches = batches or max(12, 2 * max(cfg.workers, 1))
     if task_for(cfg).name == "video":      # its own synthetic tree: clips, not images
         return measure_video_loader(cfg, info, batches)
-    images = max(40, 2 * B * (cfg.shot + 1))
+    # every training class needs two images it covers: 80 leave a margin now that distractors
+    # may hide an image's main object
+    images = max(80, 2 * B * (cfg.shot + 1))
     with tempfile.TemporaryDirectory(prefix="ntrenet_bench_") as root:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             make_synthetic(["--out", root, "--train", str(images), "--val", "0",
@@ -524,7 +526,7 @@ def measure_loader(cfg, info: DistInfo, batches: int = 0) -> float:
         # the generated tree is synthetic whatever the config's dataset; its fold rules apply,
         # but not the config's filtering: with exclude_novel_images few of so few images would stay
         lcfg.update(dataset="synthetic", data_root=root, train_list=os.path.join(root, "train.txt"),
-                    class_index_workers=1, epoch_size=B * (batches + 1), min_class_pixels=64,
+                    class_index_workers=1, epoch_size=B * (batches + 1), min_class_pixels=32,
                     exclude_novel_images=False)
         dataset = FewShotTrainDataset(lcfg, split=load_split(lcfg, True, use_cache=False))
         loader = train_loader(dataset, lcfg, info)
