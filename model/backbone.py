@@ -28,7 +28,8 @@ from util.torchload import load_tensors
 
 log = logging.getLogger(__name__)
 
-README_HINT = "see the README section 'Pretrained backbones' for where these files come from"
+README_HINT = ("see docs/guide.md, 'Pretrained backbones', for where these files come from (the synthetic "
+               "configs' from tools/pretrain_backbone.py)")
 
 
 # --------------------------------------------------------------------------------------

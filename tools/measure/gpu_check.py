@@ -186,7 +186,7 @@ def torchrun_nccl(device: torch.device, out: str, budget: Budget) -> dict:
                "train.py", "--config", SYNTHETIC, "data_root", root, "train_list", os.path.join(root, "train.txt"),
                "save_path", save, "evaluate", "False", "epochs", "1", "epoch_size", "32", "batch_size", "4",
                "print_freq", "2", "workers", "2", "device", device.type, "min_class_pixels", "200",
-               "tb_images", "0"]
+               "tb_images", "0", "pretrained", "", "freeze_backbone", "False", "fix_bn", "False"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(240, budget.left())))
         seconds = time.perf_counter() - t0
