@@ -146,12 +146,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(synth_root, 
     ws = weights(single.model)
     bank = [k for k in ws if "bank" in k]
     assert bank, "the DO memory bank should live in the model's buffers"
-    for k in ws:
-        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
-        if ws[k].is_floating_point():
-            torch.testing.assert_close(r0[k], ws[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs from one process")
-        else:
-            assert torch.equal(r0[k], ws[k]), k
+    assert_ranks_equal_one_process(r0, r1, ws)
 
 
 def test_two_processes_with_drifting_batchnorm_stay_in_step(synth_root, tmp_path):
