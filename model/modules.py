@@ -356,7 +356,7 @@ class ScalePath(nn.Module):
         x_self, init_logits, second_logits = self.target_matching(x_bg, support_prototype, prior_bin, query_bin,
                                                                   frames)
         if self.do_eliminating is None:
-            x_do, do_mask = x_self, torch.zeros_like(second_logits[:, :1])
+            x_do, do_mask = x_self, None     # nothing mined
         else:
             x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits)
         x, aux_logits = self.enrichment(x_do, previous)

@@ -133,9 +133,14 @@ def result_name(res: dict) -> str:
     return f"{title} ({where})"
 
 
+def name_width(names) -> int:
+    """The width of a table's first column: its longest row name and two spaces, at least 34."""
+    return max(34, *(len(name) + 2 for name in names))
+
+
 def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
     """One row per method: the task's headline figures, mean ± std over the runs."""
-    width = max(34, *(len(name) + 2 for name, _ in rows))
+    width = name_width(name for name, _ in rows)
     lines = [f"\n{'':{width}s}" + "".join(f"{title:>16s}" for title, _ in task.headline)]
     for name, r in rows:
         lines.append(f"{name:{width}s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}"
@@ -166,7 +171,7 @@ def format_per_class(rows: list[tuple[str, dict]]) -> str:
     measure, classes = scored[0][1], list(scored[0][2])
     if not classes or len(classes) > PER_CLASS_LISTED:
         return ""
-    width = max(34, *(len(name) + 2 for name, _, _ in scored))
+    width = name_width(name for name, _, _ in scored)
     cols = max(8, *(len(c) + 2 for c in classes))
     lines = [f"\nper held-out class, {measure} (mean over the runs)",
              f"{'':{width}s}" + "".join(f"{c:>{cols}s}" for c in classes)]

@@ -50,7 +50,6 @@ class Demo:
 
 IMAGE = Demo("synthetic", ("split0_resnet18", "split0_resnet18_noelim", "split0_resnet18_pfenet"), TRAIN_THREADS)
 VIDEO = Demo("synthetic_video", ("split0_resnet18",), MAIN_THREADS)
-IMAGE_CONFIG = f"config/synthetic/synthetic_{IMAGE.networks[0]}.yaml"
 
 
 def config_of(demo: Demo) -> str:
@@ -77,7 +76,7 @@ def steps(demo: Demo, python: str, pretrain_iters: int, opts: list[str]) -> tupl
     log = lambda name: os.path.join(log_dir(demo), f"{name}.log")
     first = [Step("data", [python, "tools/make_synthetic.py", "--out", "data/synthetic", "--train", "4000"],
                   MAIN_THREADS, log("data")),
-             Step("pretrain", [python, "tools/pretrain_backbone.py", "--config", IMAGE_CONFIG, "--out", BACKBONE,
+             Step("pretrain", [python, "tools/pretrain_backbone.py", "--config", config_of(IMAGE), "--out", BACKBONE,
                                "--iters", str(pretrain_iters), *opts], MAIN_THREADS, log("pretrain"))]
     if demo is VIDEO:
         first += [Step("video data", [python, "tools/make_synthetic_video.py", "--out", "data/synthetic_video"],

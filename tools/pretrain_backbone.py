@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.image import load_split, read_pair, worker_init
 from dataset.transform import train_transform
+from engine.trainer import poly_lr
 from model.backbone import build_backbone
 from util.cli import run
 from util.config import load_cfg, parse_args_with_overrides
@@ -128,10 +129,10 @@ def main(argv=None) -> str:
                         persistent_workers=False)
     log.info("pretraining %s on %d images of %d training classes: %d iterations of %d",
              args.config, len(data), data.num_classes - 1, args.iters, args.batch)
-    t0, running, correct, counted = time.perf_counter(), 0.0, 0, 0
+    t0, running, steps, correct, counted = time.perf_counter(), 0.0, 0, 0, 0
     for it, (images, labels) in enumerate(loader, 1):
         for group in optimiser.param_groups:
-            group["lr"] = args.lr * (1 - (it - 1) / args.iters) ** 0.9
+            group["lr"] = poly_lr(args.lr, it - 1, args.iters, 0.9)   # the rate of step it-1 of `iters`
         labels = labels.long()
         main, aux = model(images)
         loss = (F.cross_entropy(main, labels, ignore_index=cfg.ignore_label)
@@ -139,15 +140,14 @@ def main(argv=None) -> str:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        running += loss.item()
+        running, steps = running + loss.item(), steps + 1
         valid = labels != cfg.ignore_label
         correct += int((main.argmax(1) == labels)[valid].sum())
         counted += int(valid.sum())
         if it % args.print_freq == 0 or it == args.iters:
             log.info("iter %d/%d  loss %.4f  pixel accuracy %.3f  (%.0f s)", it, args.iters,
-                     running / args.print_freq if it % args.print_freq == 0 else running / (it % args.print_freq),
-                     correct / max(counted, 1), time.perf_counter() - t0)
-            running, correct, counted = 0.0, 0, 0
+                     running / steps, correct / max(counted, 1), time.perf_counter() - t0)
+            running, steps, correct, counted = 0.0, 0, 0, 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_torch_save(model.backbone.state_dict(), out)
     log.info("wrote the backbone to %s (%.0f s)", out, time.perf_counter() - t0)
