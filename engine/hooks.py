@@ -30,6 +30,13 @@ from util.logger import EventWriter, format_eta
 log = logging.getLogger("ntrenetpp")
 
 
+# entries of a network's loss dict (and the trainer's own) that are not losses but what training shows:
+# logged under their own TensorBoard tag and after the losses on the log line (docs/guide.md, "Monitoring")
+MONITOR = "monitor/"
+MONITOR_LABELS = {"monitor/foreground": "predicted fg", "monitor/bg_mask": "BG mask", "monitor/do_mask": "DO mask",
+                  "monitor/do_on_target": "target in DO mask"}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -168,13 +175,18 @@ class LossLog(HookBase):
         if t.writer is not None:
             for r in range(values.shape[0]):
                 for c, name in enumerate(self.names):
-                    t.writer.add_scalar(f"train/loss_{name}", values[r, c].item(), first_it + r)
+                    tag = name if name.startswith(MONITOR) else f"train/loss_{name}"
+                    t.writer.add_scalar(tag, values[r, c].item(), first_it + r)
             t.writer.add_scalar("train/lr", t.lr, t.state.iteration)
         t_start, it_start = self.clock
         done = t.state.iteration - it_start
         per_it = (time.perf_counter() - t_start) / max(done, 1)
         mean = values.mean(0)
-        parts = " ".join(f"{n} {mean[i]:.4f}" for i, n in enumerate(self.names))
+        parts = " ".join(f"{n} {mean[i]:.4f}" for i, n in enumerate(self.names) if not n.startswith(MONITOR))
+        shares = " ".join(f"{MONITOR_LABELS.get(n, n[len(MONITOR):])} {mean[i]:.3f}"
+                          for i, n in enumerate(self.names) if n.startswith(MONITOR))
+        if shares:
+            parts += f" | shares of the query: {shares}"
         # the loss window is the iterations since the last line (every save flushes first, so a stop
         # and its resume split a window: each line states its own); the speed is over this process's
         # own iterations; the epoch is the one the window's last iteration belongs to

@@ -225,11 +225,15 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
         q, s, m, y, c = batch_to_device(batch, dev, self.task.train_inputs).values()
         with autocast(dev, self.cfg.amp):
-            _, losses = self.net(q, s, m, query_mask=y, class_ids=c)
+            logits, losses = self.net(q, s, m, query_mask=y, class_ids=c)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["total"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # what every network's training shows besides its losses: the share of query pixels it predicts
+        # as target (channel 1 of the logits, B×2×H×W or B×T×2×H×W)
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 3:
+            losses = {**losses, "monitor/foreground": (logits.detach().argmax(dim=-3) == 1).float().mean()}
         self.losses.record(losses)
 
     # ---------------------------------------------------------------- the run's surroundings

@@ -65,6 +65,18 @@ def distracting_object_mask(bg_logits: torch.Tensor, target: torch.Tensor) -> to
     return torch.relu(1 - is_bg - target)
 
 
+def init_pass_through(fusion: nn.Sequential) -> None:
+    """Initialise a prototype fusion ``ReLU(conv1×1(concat(X, expand(P))))`` (C + Cp → C) to pass
+    its feature map through: the feature half of the weight the identity, the prototype half
+    zero. On a non-negative X (every fused map here leaves a ReLU) the block then starts as the
+    identity, the network without that elimination step, and learns the prototype's share."""
+    weight = fusion[0].weight
+    channels = weight.shape[0]
+    with torch.no_grad():
+        weight.zero_()
+        weight[:, :channels, 0, 0] = torch.eye(channels, dtype=weight.dtype)
+
+
 class ResidualBlock(nn.Module):
     """PFENet's ``x + (3×3 conv, ReLU, 3×3 conv, ReLU)(x)``."""
 
@@ -296,20 +308,40 @@ class TargetMatching(nn.Module):
 class DOEliminating(nn.Module):
     """Mines the distracting objects (neither BG nor target) of the query and removes them.
 
-    ``forward(X_self, q_b, bg_logits_b, second_logits)`` → ``(X_DO, M_DO)``.
-    ``pool`` (config ``do_pool``): 'gap' divides by b·b (the authors'), 'map' by the mask area.
+    ``forward(X_self, q_b, bg_logits_b, second_logits, prior_b, label_target_b=None)`` →
+    ``(X_DO, M_DO)``. ``pool`` (config ``do_pool``): 'gap' divides by b·b (the authors'), 'map'
+    by the mask area.
+
+    The target the DO mask leaves out is the second prediction's (``mask`` 'argmax', the
+    published network) or, ``mask`` 'prior' (a variant), that or the pixels whose prior is at
+    least 0.5. ``label_target_b`` (N×1×b×b, 0/1; guided training only, docs/method.md "Training
+    the elimination steps"): the prototype's mask takes the target from the label instead. The
+    returned ``M_DO`` is always the prediction's, the one evaluation uses.
     """
 
-    def __init__(self, channels: int, pool: str = "gap"):
+    def __init__(self, channels: int, pool: str = "gap", mask: str = "argmax"):
         super().__init__()
         self.pool = prototype_pool(pool, "do_pool")
+        if mask not in DO_MASKS:
+            raise ConfigError(f"config key 'do_mask' is {mask!r}; expected one of {', '.join(DO_MASKS)}")
+        self.mask = mask
         self.fuse = conv1x1_relu(channels * 2, channels)
 
-    def forward(self, x_self, query_bin, bg_logits_bin, second_logits):
-        target = second_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
-        do_mask = distracting_object_mask(bg_logits_bin, target)
-        do_prototype = self.pool(query_bin, do_mask)
+    def _mask(self, bg_logits_bin, target, prior_bin):
+        if self.mask == "prior":
+            target = torch.maximum(target, (prior_bin >= 0.5).to(target.dtype))
+        return distracting_object_mask(bg_logits_bin, target)
+
+    def forward(self, x_self, query_bin, bg_logits_bin, second_logits, prior_bin, label_target_b=None):
+        predicted = second_logits.argmax(dim=1, keepdim=True).to(query_bin.dtype)
+        do_mask = self._mask(bg_logits_bin, predicted, prior_bin)
+        pooled_mask = do_mask if label_target_b is None else self._mask(bg_logits_bin, label_target_b.to(
+            query_bin.dtype), prior_bin)
+        do_prototype = self.pool(query_bin, pooled_mask)
         return fuse_relu(self.fuse, x_self, [do_prototype]), do_mask
+
+
+DO_MASKS = ("argmax", "prior")
 
 
 class ScaleEnrichment(nn.Module):
@@ -340,17 +372,17 @@ class ScalePath(nn.Module):
 
     def __init__(self, channels: int, has_previous: bool, do_pool: str = "gap", classes: int = 2,
                  self_proto_pool: str = "gap", prototype_channels: int | None = None, temporal: bool = False,
-                 eliminate_bg: bool = True, eliminate_do: bool = True):
+                 eliminate_bg: bool = True, eliminate_do: bool = True, do_mask: str = "argmax"):
         super().__init__()
         # the ablation (config 'elimination'): a switched-off step passes its input through
         self.bg_eliminating = BGEliminating(channels, prototype_channels) if eliminate_bg else None
         self.temporal = AgentAttention(channels) if temporal else None
         self.target_matching = TargetMatching(channels, classes, self_proto_pool, temporal)
-        self.do_eliminating = DOEliminating(channels, do_pool) if eliminate_do else None
+        self.do_eliminating = DOEliminating(channels, do_pool, do_mask) if eliminate_do else None
         self.enrichment = ScaleEnrichment(channels, has_previous, classes)
 
     def forward(self, query_bin, bg_prototype, support_prototype, prior_bin, bg_logits_bin, previous=None,
-                frames: int | None = None):
+                frames: int | None = None, label_target_bin=None):
         x_bg = query_bin if self.bg_eliminating is None else self.bg_eliminating(query_bin, bg_prototype)
         x_bg = mix_frames(self.temporal, x_bg, frames)
         x_self, init_logits, second_logits = self.target_matching(x_bg, support_prototype, prior_bin, query_bin,
@@ -358,7 +390,8 @@ class ScalePath(nn.Module):
         if self.do_eliminating is None:
             x_do, do_mask = x_self, None     # nothing mined
         else:
-            x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits)
+            x_do, do_mask = self.do_eliminating(x_self, query_bin, bg_logits_bin, second_logits, prior_bin,
+                                                label_target_bin)
         x, aux_logits = self.enrichment(x_do, previous)
         return x, {"init": init_logits, "second": second_logits, "aux": aux_logits, "do_mask": do_mask}
 

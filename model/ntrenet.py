@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .base import BackboneNetwork
+from .base import ELIMINATIONS, EliminatingNetwork
 from .losses import (LossSettings, bg_mining_loss, episode_mean, pixel_contrast_loss, pixel_negative_loss,
                      prototype_infonce, segmentation_losses, total_loss)
 from .memory_bank import DOMemoryBank
@@ -14,12 +14,10 @@ from .modules import (ASPP, BGMiningModule, Merge, Reduce, ScalePath, distractin
                       prior_mask)
 from .ops import resize
 
-# config 'elimination' -> (BG elimination, DO elimination); anything but 'bg+do' is an ablation
-ELIMINATIONS = {"bg+do": (True, True), "bg": (True, False), "do": (False, True), "none": (False, False)}
 MIN_DO_AREA = 1.0   # feature pixels; emptier DO masks give no prototype for the bank
 
 
-class NTRENetPP(BackboneNetwork):
+class NTRENetPP(EliminatingNetwork):
     """Few-shot segmentation that removes the background (BGMM) and distracting objects (DO).
 
     ``forward(query_img, support_imgs, support_masks, query_mask=None, class_ids=None,
@@ -28,7 +26,9 @@ class NTRENetPP(BackboneNetwork):
 
     - eval: ``B×2×H×W`` logits; with ``return_extras`` also a dict of ``bg_logits``
       (B×2×H×W), ``do_mask`` (B×H×W long, first bin) and ``prior`` (B×1×H×W);
-    - training: ``(logits, losses)`` with ``main, aux1, aux2, bg, contrast, proto, pixel, total``.
+    - training: ``(logits, losses)`` with ``main, aux1, aux2, bg, contrast, proto, pixel, total``
+      and the masks' shares ``monitor/bg_mask``, ``monitor/do_mask``, ``monitor/do_on_target``
+      (the steps that are on; not losses).
 
     K is read from the input, so a model trained at one shot evaluates at any other.
     """
@@ -38,7 +38,8 @@ class NTRENetPP(BackboneNetwork):
                  do_pool: str = "gap", self_proto_pool: str = "gap", freeze_backbone: bool = True,
                  fix_bn: bool = True,
                  losses: LossSettings = LossSettings(), bank_classes: int = 20, memory_size: int = 2000,
-                 num_negatives: int = 1000, seed: int = 0, elimination: str = "bg+do"):
+                 num_negatives: int = 1000, seed: int = 0, elimination: str = "bg+do", do_mask: str = "argmax",
+                 elimination_training: str = "guided"):
         super().__init__(backbone, ppm_scales, freeze_backbone, fix_bn)
         if elimination not in ELIMINATIONS:
             raise ValueError(f"elimination {elimination!r}: expected one of {', '.join(ELIMINATIONS)}")
@@ -54,11 +55,12 @@ class NTRENetPP(BackboneNetwork):
         self.bgmm = BGMiningModule(C) if eliminate_bg or eliminate_do else None
         self.scales = nn.ModuleList(
             ScalePath(C, has_previous=i > 0, do_pool=do_pool, self_proto_pool=self_proto_pool,
-                      eliminate_bg=eliminate_bg, eliminate_do=eliminate_do)
+                      eliminate_bg=eliminate_bg, eliminate_do=eliminate_do, do_mask=do_mask)
             for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
         # the DO bank serves the contrastive loss, which contrasts against mined DOs
         self.memory_bank = DOMemoryBank(bank_classes, memory_size, C, num_negatives, seed) if eliminate_do else None
+        self.setup_elimination_training(elimination_training)
 
     def ddp_ignored_buffers(self) -> list[str]:
         """The DO bank's buffers: its own gather keeps them identical on every rank, so DDP must
@@ -124,7 +126,8 @@ class NTRENetPP(BackboneNetwork):
             bg_logits = bg_logits_all[:B]
 
         prior = prior.to(x_query.dtype)
-        logits, scale_outputs = self.pyramid(x_query, support_prototype, prior, bg_logits, image_size)
+        logits, scale_outputs = self.pyramid(x_query, support_prototype, prior, bg_logits, image_size,
+                                             label_target=self.guiding_target(query_mask))
 
         if not self.training:
             if not return_extras:
@@ -168,6 +171,8 @@ class NTRENetPP(BackboneNetwork):
         losses["proto"], losses["pixel"] = proto, pixel
         losses["contrast"] = (proto + pixel) / 2
         losses["total"] = total_loss(losses, settings)
+        losses.update(self.elimination_monitor(bg_logits_all[:B] if bg_logits_all is not None else None,
+                                               scale_outputs[0], query_mask))
         return losses
 
     def _contrast(self, bg_logits_all, x_query, x_support, support_mask, support_prototype,

@@ -29,12 +29,15 @@ def build_ntrenetpp(cfg, warn_random_backbone: bool = True) -> nn.Module:
                               bg_prototype_dim=cfg.video_bg_dim, support_mode=cfg.support_mode,
                               do_pool=cfg.do_pool, self_proto_pool=cfg.self_proto_pool,
                               freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn,
-                              temporal_attention=cfg.video_attention, losses=settings)
+                              temporal_attention=cfg.video_attention, losses=settings,
+                              elimination=cfg.elimination, do_mask=cfg.do_mask,
+                              elimination_training=cfg.elimination_training)
     return NTRENetPP(backbone, reduce_dim=cfg.reduce_dim, ppm_scales=cfg.ppm_scales,
                      aspp_dilations=cfg.aspp_dilations, do_pool=cfg.do_pool, self_proto_pool=cfg.self_proto_pool,
                      freeze_backbone=cfg.freeze_backbone, fix_bn=cfg.fix_bn, losses=settings,
                      bank_classes=cfg.bank_classes, memory_size=cfg.memory_size,
-                     num_negatives=cfg.num_negatives, seed=cfg.manual_seed, elimination=cfg.elimination)
+                     num_negatives=cfg.num_negatives, seed=cfg.manual_seed, elimination=cfg.elimination,
+                     do_mask=cfg.do_mask, elimination_training=cfg.elimination_training)
 
 
 # arch name -> builder(cfg, warn_random_backbone) -> nn.Module

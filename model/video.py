@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .base import BackboneNetwork
+from .base import ELIMINATIONS, EliminatingNetwork
 from .losses import LossSettings, bg_mining_loss, segmentation_losses, soft_iou_loss, total_loss
 from .modules import (ASPP, AgentAttention, BGMiningModule, Merge, Reduce, ScalePath, masked_average_pooling,
                       prior_mask)
@@ -16,7 +16,7 @@ from .ops import resize
 SUPPORT_MODES = ("paired", "mean")
 
 
-class VideoNTRENetPP(BackboneNetwork):
+class VideoNTRENetPP(EliminatingNetwork):
     """Few-shot video segmentation: ``forward(query_imgs, support_imgs, support_masks,
     query_mask=None, class_ids=None, return_extras=False)`` with ``B×T×3×H×W`` query clips,
     ``B×K×3×H×W`` support frames, ``B×K×H×W`` support masks (0/1/255), ``B×T×H×W`` query
@@ -24,7 +24,8 @@ class VideoNTRENetPP(BackboneNetwork):
 
     - eval: ``B×T×2×H×W`` logits; with ``return_extras`` also ``bg_logits`` (B×T×2×H×W),
       ``do_mask`` (B×T×H×W long, first bin) and ``prior`` (B×T×1×H×W);
-    - training: ``(logits, losses)`` with ``main, iou, aux1, aux2, bg, contrast, total``.
+    - training: ``(logits, losses)`` with ``main, iou, aux1, aux2, bg, contrast, total`` and the
+      masks' shares ``monitor/bg_mask``, ``monitor/do_mask``, ``monitor/do_on_target`` (not losses).
 
     ``support_mode``: 'paired' (the reference) matches query frame t with support t only
     (its prototype and prior; needs K = T); 'mean' gives every frame the K-shot average
@@ -36,9 +37,13 @@ class VideoNTRENetPP(BackboneNetwork):
                  aspp_dilations: Sequence[int] = (6, 12, 18), bg_prototype_dim: int = 512,
                  support_mode: str = "paired", do_pool: str = "gap", self_proto_pool: str = "gap",
                  freeze_backbone: bool = True,
-                 fix_bn: bool = True, temporal_attention: bool = True, losses: LossSettings = LossSettings()):
+                 fix_bn: bool = True, temporal_attention: bool = True, losses: LossSettings = LossSettings(),
+                 elimination: str = "bg+do", do_mask: str = "argmax", elimination_training: str = "guided"):
         if support_mode not in SUPPORT_MODES:
             raise ValueError(f"support_mode is {support_mode!r}; expected one of {SUPPORT_MODES}")
+        if elimination not in ELIMINATIONS:
+            raise ValueError(f"elimination {elimination!r}: expected one of {', '.join(ELIMINATIONS)}")
+        eliminate_bg, eliminate_do = ELIMINATIONS[elimination]
         super().__init__(backbone, ppm_scales, freeze_backbone, fix_bn)
         self.support_mode = support_mode
         self.loss_settings = losses
@@ -48,11 +53,16 @@ class VideoNTRENetPP(BackboneNetwork):
         self.down_supp = Reduce(mid_channels, C)
         self.aspp = ASPP(C, aspp_dilations) if use_aspp else None
         bg_dim = bg_prototype_dim or C
-        self.bgmm = BGMiningModule(C, prototype_channels=bg_dim, temporal=temporal_attention)
+        self.elimination = elimination
+        # the DO mask needs the BG branch's logits, so BGMM stays while either step is on
+        self.bgmm = (BGMiningModule(C, prototype_channels=bg_dim, temporal=temporal_attention)
+                     if eliminate_bg or eliminate_do else None)
         self.scales = nn.ModuleList(ScalePath(C, has_previous=i > 0, do_pool=do_pool, self_proto_pool=self_proto_pool,
-                                              prototype_channels=bg_dim, temporal=temporal_attention)
+                                              prototype_channels=bg_dim, temporal=temporal_attention,
+                                              eliminate_bg=eliminate_bg, eliminate_do=eliminate_do, do_mask=do_mask)
                                     for i in range(len(self.ppm_scales)))
         self.merge = Merge(C, len(self.ppm_scales))
+        self.setup_elimination_training(elimination_training)
 
     def attention_parameters(self) -> list[nn.Parameter]:
         """The cross-frame attention blocks' parameters (the reference trains them with Adam)."""
@@ -127,22 +137,29 @@ class VideoNTRENetPP(BackboneNetwork):
             support_prototype = prototypes
         else:
             support_prototype = prototypes.unflatten(0, (B, K)).mean(dim=1).repeat_interleave(T, dim=0)
-        bg_logits = self.bgmm(x_query, frames=T)
-        # in training the BG branch also sees the supports, a clip of K frames (the reference)
-        support_bg_logits = self.bgmm(x_support, frames=K) if self.training else None
+        if self.bgmm is None:
+            bg_logits = support_bg_logits = None
+        else:
+            bg_logits = self.bgmm(x_query, frames=T)
+            # in training the BG branch also sees the supports, a clip of K frames (the reference)
+            support_bg_logits = self.bgmm(x_support, frames=K) if self.training else None
 
         prior = prior.to(x_query.dtype)
-        logits, scale_outputs = self.pyramid(x_query, support_prototype, prior, bg_logits, image_size,
-                                             frames=T)                                 # (B·T)×2×H×W
+        logits, scale_outputs = self.pyramid(
+            x_query, support_prototype, prior, bg_logits, image_size, frames=T,
+            label_target=self.guiding_target(None if query_mask is None else query_mask.flatten(0, 1)))  # (B·T)×2×H×W
 
         if not self.training:
             clip = logits.unflatten(0, (B, T))
             if not return_extras:
                 return clip
-            do_mask = resize(scale_outputs[0]["do_mask"].float(), image_size)[:, 0] >= 0.5
-            return clip, {"bg_logits": resize(bg_logits, image_size).unflatten(0, (B, T)),
-                          "do_mask": do_mask.long().unflatten(0, (B, T)),
-                          "prior": resize(prior.float(), image_size).unflatten(0, (B, T))}
+            extras = {"prior": resize(prior.float(), image_size).unflatten(0, (B, T))}
+            if bg_logits is not None:
+                extras["bg_logits"] = resize(bg_logits, image_size).unflatten(0, (B, T))
+            if scale_outputs[0]["do_mask"] is not None:     # DO elimination on
+                do_mask = resize(scale_outputs[0]["do_mask"].float(), image_size)[:, 0] >= 0.5
+                extras["do_mask"] = do_mask.long().unflatten(0, (B, T))
+            return clip, extras
 
         losses = self._losses(logits, scale_outputs, bg_logits, support_bg_logits, support_masks, query_mask)
         return logits.unflatten(0, (B, T)), losses
@@ -162,10 +179,14 @@ class VideoNTRENetPP(BackboneNetwork):
         losses = {"main": values[0], "aux1": values[1:1 + n].mean(), "aux2": values[1 + n:].mean()}
         losses["iou"] = soft_iou_loss(logits.unflatten(0, (B, T)), query_masks.long(), ignore)
         # the reference's L_BG: the mean over query frames and the mean over support frames, averaged
-        losses["bg"] = (bg_mining_loss(bg_logits, labels, settings.bg_alpha, ignore)
-                        + bg_mining_loss(support_bg_logits, support_masks.flatten(0, 1).long(),
-                                         settings.bg_alpha, ignore)) / 2
+        if bg_logits is None:
+            losses["bg"] = logits.new_zeros((), dtype=torch.float32)
+        else:
+            losses["bg"] = (bg_mining_loss(bg_logits, labels, settings.bg_alpha, ignore)
+                            + bg_mining_loss(support_bg_logits, support_masks.flatten(0, 1).long(),
+                                             settings.bg_alpha, ignore)) / 2
         losses["contrast"] = logits.new_zeros((), dtype=torch.float32)
         losses["total"] = total_loss(losses, settings)
+        losses.update(self.elimination_monitor(bg_logits, scale_outputs[0], labels))
         return losses
 

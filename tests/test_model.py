@@ -483,7 +483,7 @@ def test_elimination_none_is_the_full_network_with_both_fusions_bypassed():
     assert not missing and all(k.startswith(("bgmm.", "memory_bank.")) or "_eliminating." in k for k in unexpected)
     for path in full.scales:
         path.bg_eliminating.forward = lambda q, p: q
-        path.do_eliminating.forward = lambda x_self, q, bg, second: (x_self, torch.zeros_like(second[:, :1]))
+        path.do_eliminating.forward = lambda x_self, q, bg, second, *_: (x_self, torch.zeros_like(second[:, :1]))
     query, supports, support_masks, _, _ = episode(2, 1, 65)
     with torch.no_grad():
         assert torch.equal(full(query, supports, support_masks), ablated(query, supports, support_masks))

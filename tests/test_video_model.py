@@ -136,7 +136,8 @@ def test_video_model_shapes_and_reference_choices():
     q, s, m, y = clip_episode(2, 3, 3)
     logits, losses = model.train()(q, s, m, y)
     assert logits.shape == (2, 3, 2, 33, 41)
-    assert set(losses) == {"main", "iou", "aux1", "aux2", "bg", "contrast", "total"}
+    assert set(losses) == {"main", "iou", "aux1", "aux2", "bg", "contrast", "total", "monitor/bg_mask",
+                           "monitor/do_mask", "monitor/do_on_target"}
     model.eval()
     with torch.no_grad():
         out, extras = model(q, s, m, return_extras=True)

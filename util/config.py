@@ -162,7 +162,11 @@ SCHEMA: tuple[Key, ...] = _section(
     _k("elimination", "str", "bg+do",
        "ablation of NTRENet++'s elimination steps: 'bg+do' (the network), 'bg' or 'do' (one step), 'none' "
        "(neither: no BG branch, no DO bank, no contrastive loss; docs/method.md)", ("bg+do", "bg", "do", "none"),
-       arch=True, tasks=_IMG),
+       arch=True),
+    _k("do_mask", "str", "argmax",
+       "NTRENet++: the target the DO mask relu(1 - BG - target) leaves out: 'argmax' the second prediction's "
+       "(the published network), 'prior' also every pixel whose prior is >= 0.5 (a variant; docs/method.md)",
+       ("argmax", "prior"), arch=True),
     _k("support_mode", "str", "paired",
        "video: 'paired' matches query frame t with support t (the reference; needs shot = clip_len), "
        "'mean' gives every frame the K-shot average prototype and prior", ("paired", "mean"), tasks=_VID),
@@ -222,6 +226,11 @@ SCHEMA: tuple[Key, ...] = _section(
        "video: Adam learning rate of the attention blocks (the head uses SGD at base_lr)", tasks=_VID),
     _k("attention_weight_decay", "float", 5e-4, "video: Adam weight decay of the attention blocks", tasks=_VID),
     _k("warmup_iters", "int", 0, "linear learning-rate warm-up iterations"),
+    _k("elimination_training", "str", "guided",
+       "NTRENet++: how BG and DO elimination train. 'guided': their fusions start as the identity on the "
+       "feature and the DO prototype's mask takes the target from the label in training; 'authors': PyTorch's "
+       "initialisation and the predicted mask in training too. Training only: the evaluated function is "
+       "the same (docs/method.md)", ("guided", "authors")),
     _k("manual_seed", "int", 321, "seed of training and of the evaluation episode lists"),
     _k("amp", "str", "none", "mixed precision", ("none", "bf16", "fp16")),
     _k("channels_last", "auto", "auto",

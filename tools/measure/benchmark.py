@@ -461,7 +461,7 @@ def amp_loss_check(model, batch, cfg, device) -> dict:
                 m.p = 0.0
         with torch.no_grad(), autocast(device, amp):
             _, losses = twin(*inputs[:3], query_mask=inputs[3], class_ids=inputs[4])
-        values[amp] = {k: float(v) for k, v in losses.items()}
+        values[amp] = {k: float(v) for k, v in losses.items() if not k.startswith("monitor/")}   # losses only
         del twin
     return {k: [values["none"][k], values[cfg.amp][k], abs(values["none"][k] - values[cfg.amp][k])]
             for k in values["none"]}
