@@ -265,11 +265,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, cfg, weight_path: str, device: str | torch.device = "cpu",
-                        amp: str = "none") -> "Predictor":
+                        amp: str = "none", state: dict | None = None) -> "Predictor":
         """Build the network of ``cfg`` and load ``weight_path`` (a checkpoint of another
-        architecture is a CheckpointError naming the keys that differ)."""
+        architecture is a CheckpointError naming the keys that differ); ``state``: the
+        checkpoint already read from it."""
         resolve_device(device, amp)      # a wrong device fails before the model is built
-        model, _ = build_model_from_checkpoint(weight_path, cfg)
+        model, _ = build_model_from_checkpoint(weight_path, cfg, state)
         return cls(model, cfg, device, amp)
 
     def _prepare(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:

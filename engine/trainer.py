@@ -127,6 +127,7 @@ class Trainer:
         self.stop = StopAgreement(info.distributed)
         self.request = StopRequest()
         self.lock = None                         # the folder's lock when the caller holds it (train.py)
+        self.started = False                     # past start-up (folder held, resume loaded): training
         self.losses = LossLog(tensorboard and info.is_main and writer is None)
         self.validation = Validation()
         self.hooks = [ResumeHook(), self.losses, StopOnSignal(), self.validation, PeriodicCheckpoint()]
@@ -174,6 +175,7 @@ class Trainer:
             stack.callback(close_loader, self.loader)   # its workers ignore SIGTERM: left to the exit, they hang
             self.request = stack.enter_context(stop_on_signals())
             self.call("before_train")
+            self.started = True
             try:
                 while self.state.epoch < self.cfg.epochs:
                     self.run_epoch()

@@ -99,9 +99,10 @@ class VideoPredictor:
         self.model = to_device(model, self.device, cfg.channels_last).eval()
 
     @classmethod
-    def from_checkpoint(cls, cfg, weight_path: str, device="cpu", amp: str = "none") -> "VideoPredictor":
+    def from_checkpoint(cls, cfg, weight_path: str, device="cpu", amp: str = "none",
+                        state: dict | None = None) -> "VideoPredictor":
         resolve_device(device, amp)
-        model, _ = build_model_from_checkpoint(weight_path, cfg)
+        model, _ = build_model_from_checkpoint(weight_path, cfg, state)
         return cls(model, cfg, device, amp)
 
     @staticmethod
