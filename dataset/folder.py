@@ -54,8 +54,9 @@ EPISODE_RULES = ("per_image", "balanced")
 def read_class_list(path: str) -> list[str]:
     """Class-folder names of a class list file, in order (``\\r`` stripped, blanks skipped)."""
     if not os.path.isfile(path):
-        raise DataFileMissing(f"class list '{path}' does not exist; give a text file naming one "
-                              f"class folder per line")
+        raise DataFileMissing(f"class list '{os.path.abspath(path)}' does not exist; give a text file naming one "
+                              f"class folder per line (a relative class list is read under the classes' root, "
+                              f"data_root or val_root, else from the folder the command was typed in)")
     with open(path, encoding="utf-8-sig") as f:
         names = [line.strip() for line in f.read().splitlines()]
     names = [n for n in names if n]
@@ -171,13 +172,13 @@ class FolderIndex:
     def __init__(self, root: str, class_list: str | Sequence[str], check_sizes: bool = True):
         self.root = root
         if isinstance(class_list, str):
-            self.list_path = class_list
+            self.list_path = os.path.abspath(class_list)
             self.classes = read_class_list(class_list)
         else:
             self.list_path = "<class list>"
             self.classes = list(class_list)
         if not os.path.isdir(root):
-            raise DataFileMissing(f"data root '{root}' does not exist; prepare the data (docs/data.md) "
+            raise DataFileMissing(f"data root '{os.path.abspath(root)}' does not exist; prepare the data (docs/data.md) "
                                   f"or fix the path")
         self.pairs: list[tuple[str, str]] = []
         self.class_of: list[int] = []
@@ -186,7 +187,7 @@ class FolderIndex:
             folder = os.path.join(root, name)
             if not os.path.isdir(folder):
                 raise DataFileMissing(f"class '{name}' listed in '{self.list_path}' has no folder "
-                                      f"'{folder}'; fix the class list or the data root")
+                                      f"'{os.path.abspath(folder)}'; fix the class list or the data root")
             pairs = pair_files(folder)
             if not pairs:
                 raise DataError(f"class folder '{folder}' holds no image (.jpg, .jpeg or .png with its mask); "

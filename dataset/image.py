@@ -81,7 +81,7 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
     (training classes when ``train``, held-out ones otherwise)."""
     list_path = cfg.train_list if train else cfg.val_list
     if not os.path.isfile(list_path):
-        raise DataFileMissing(f"list file '{list_path}' ({'train_list' if train else 'val_list'}) does not exist; "
+        raise DataFileMissing(f"list file '{os.path.abspath(list_path)}' ({'train_list' if train else 'val_list'}) does not exist; "
                                 f"build the {cfg.dataset} data with: {PREPARE_COMMAND[cfg.dataset]}")
     pairs = read_list(list_path, cfg.data_root, check_files=cfg.check_files)
     train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)

@@ -58,7 +58,7 @@ def read_rgb(source: ImageInput, name: str = "image") -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise PredictInputError(f"image '{path}' does not exist; check the path")
+            raise PredictInputError(f"image '{os.path.abspath(path)}' does not exist; check the path")
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise PredictInputError(f"cannot read image '{path}': empty, corrupt or not an image format "
@@ -83,7 +83,7 @@ def read_mask_values(source: MaskInput, name: str = "mask") -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise PredictInputError(f"mask '{path}' does not exist; check the path")
+            raise PredictInputError(f"mask '{os.path.abspath(path)}' does not exist; check the path")
         try:
             with Image.open(path) as img:
                 img.load()
@@ -224,7 +224,7 @@ def check_query_files(queries: Sequence) -> None:
         if isinstance(q, (str, os.PathLike)):
             path = os.fspath(q)
             if not os.path.isfile(path):
-                raise PredictInputError(f"image '{path}' does not exist; check the path")
+                raise PredictInputError(f"image '{os.path.abspath(path)}' does not exist; check the path")
             if not cv2.haveImageReader(path):
                 raise PredictInputError(f"cannot read image '{path}': empty, corrupt or not an image format "
                                         f"OpenCV reads (use JPEG or PNG)")

@@ -79,7 +79,7 @@ def read_query(source: str) -> tuple[list[np.ndarray], list[str], float | None]:
     if os.path.isdir(source):
         return (*read_frames(source), None)
     if not os.path.isfile(source):
-        raise PredictInputError(f"query '{source}' does not exist; pass a folder of frames or a video file")
+        raise PredictInputError(f"query '{os.path.abspath(source)}' does not exist; pass a folder of frames or a video file")
     return read_video(source)
 
 

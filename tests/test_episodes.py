@@ -174,7 +174,7 @@ def test_load_split_errors_name_the_list_key_and_the_fix(novel_tree):
         setattr(cfg, key, "nowhere.txt")
         with pytest.raises(DataFileMissing) as e:
             load_split(cfg, train=train)
-        assert str(e.value) == (f"list file 'nowhere.txt' ({key}) does not exist; build the pascal data with: "
+        assert str(e.value) == (f"list file '{os.path.abspath('nowhere.txt')}' ({key}) does not exist; build the pascal data with: "
                                 f"python tools/prepare_pascal.py --voc VOCdevkit/VOC2012 --sbd "
                                 f"benchmark_RELEASE/dataset --out data/pascal")
 

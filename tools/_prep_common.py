@@ -45,12 +45,12 @@ class ItemResult:
 
 def require_dir(path: str, hint: str) -> None:
     if not os.path.isdir(path):
-        raise PrepError(f"folder '{path}' does not exist; {hint}")
+        raise PrepError(f"folder '{os.path.abspath(path)}' does not exist; {hint}")
 
 
 def require_file(path: str, hint: str) -> None:
     if not os.path.isfile(path):
-        raise PrepError(f"file '{path}' does not exist; {hint}")
+        raise PrepError(f"file '{os.path.abspath(path)}' does not exist; {hint}")
 
 
 def list_line(name: str) -> str:

@@ -109,7 +109,7 @@ ELIMINATION_TITLES = {"bg": "no DO elimination", "do": "no BG elimination", "non
 def read_result(path: str, cfg) -> dict:
     """A test.py result JSON, checked to come from this config's dataset, fold and list."""
     if not os.path.isfile(path):
-        raise DataFileMissing(f"--compare '{path}' does not exist; pass a test_*.json written by test.py")
+        raise DataFileMissing(f"--compare '{os.path.abspath(path)}' does not exist; pass a test_*.json written by test.py")
     try:
         with open(path) as f:
             res = json.load(f)

@@ -96,7 +96,7 @@ def format_table(table: dict) -> str:
 def main(argv=None) -> dict:
     args, opts = parse(argv)
     if not os.path.isfile(args.weight):
-        raise CheckpointError(f"--weight '{args.weight}' does not exist; train the PASCAL model first "
+        raise CheckpointError(f"--weight '{os.path.abspath(args.weight)}' does not exist; train the PASCAL model first "
                               f"(sh train.sh pascal all_resnet50) or give the path of its best.pth")
     cfgs = {(t, k): config_with_overrides(os.path.join(args.configs, f"cdfss_{t}_{args.exp}.yaml"),
                                           [*opts, "weight", args.weight, "shot", str(k)])

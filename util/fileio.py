@@ -130,7 +130,7 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
     """
     if not os.path.isfile(list_path):
         raise DataFileMissing(
-            f"list file '{list_path}' does not exist; build it with tools/prepare_pascal.py, "
+            f"list file '{os.path.abspath(list_path)}' does not exist; build it with tools/prepare_pascal.py, "
             f"tools/prepare_coco.py or tools/make_synthetic.py, or fix the list key in the config")
     pairs = []
     with open(list_path) as f:
@@ -149,7 +149,7 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
         if missing:
             shown = ", ".join(missing[:5])
             raise DataFileMissing(
-                f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{data_root}'); "
+                f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{os.path.abspath(data_root)}'); "
                 f"first ones: {shown}. Check data_root in the config or rebuild the list.")
     return pairs
 
