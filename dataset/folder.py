@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from dataset.image import Episode, EpisodeSampler, episode_colour, read_image, shard
 from dataset.transform import HSNET_SIZE, PROTOCOLS, Compose, hue_rotate, protocol_transform
-from util.errors import DataError, DataFileMissing
+from util.errors import DataError, DataFileMissing, missing_or_unreadable, too_few_for_shots
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask"
@@ -80,7 +80,7 @@ def read_mask(path: str) -> np.ndarray:
         with Image.open(path) as im:
             grey = np.asarray(im if im.mode == "P" else im.convert("L"))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read mask '{path}' ({e}); re-export it as a PNG") from e
+        raise DataError(missing_or_unreadable("mask", path)) from e
     if grey.max(initial=0) <= 1:
         return grey.astype(np.uint8)
     return (grey >= 128).astype(np.uint8)
@@ -92,7 +92,7 @@ def image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read '{path}' ({e}); the file is missing, empty or not an image") from e
+        raise DataError(missing_or_unreadable("image", path)) from e
 
 
 def check_same_size(image_path: str, mask_path: str) -> None:
@@ -213,8 +213,8 @@ class FolderIndex:
         """Every class must hold a query and ``shot`` other images."""
         for name, n in zip(self.classes, self.sizes):
             if n < shot + 1:
-                raise DataError(f"class '{name}' ('{os.path.join(self.root, name)}') has {n} image(s); "
-                                f"{shot}-shot episodes need at least {shot + 1} (a query and {shot} supports): "
+                raise DataError(f"class '{name}' ('{os.path.abspath(os.path.join(self.root, name))}') has {n} "
+                                f"image(s); {too_few_for_shots(shot)}: "
                                 f"add images, use fewer shots or remove the class from '{self.list_path}'")
 
     def load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +234,7 @@ def draw_supports(rng: np.random.Generator, n: int, query: int, shot: int) -> li
     """``shot`` indices in ``range(n)``, each ``rng.integers(n)``, redrawn while it equals
     ``query``: HSNet's and PATNet's rule (repeats allowed)."""
     if n < 2:
-        raise DataError(f"a class needs at least 2 images to draw a support other than the query, it has {n}")
+        raise DataError(f"{too_few_for_shots(shot)}; a class has {n}")
     supports: list[int] = []
     while len(supports) < shot:
         s = int(rng.integers(n))

@@ -137,7 +137,7 @@ def test_bad_class_lists_are_one_line_naming_the_file_and_the_fix(tree, trained,
     err = one_line_error(capsys, test_entry.main, ["--config", TEMPLATE, *data, *TINY, *exp, *weight,
                                                    "shot", "3"])
     assert err == (f"train.py: error: class 'eel' ('{root}/eel') has 3 image(s); 3-shot episodes need at least "
-                   f"4 (a query and 3 supports): add images, use fewer shots or remove the class from "
+                   f"4 images per class (a query and 3 supports): add images, use fewer shots or remove the class from "
                    f"'{lists['test']}'")
 
 
