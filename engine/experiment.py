@@ -117,17 +117,26 @@ class StartupCleanup:
     launcher's log of this run (``$NTRENETPP_LOG``). Rank 0 alone removes."""
 
     def __init__(self, save_path: str, is_main: bool = True):
-        self.is_main = is_main
+        self.is_main, self.save_path = is_main, save_path
         self.created = first_missing(save_path) if save_path else ""
         launched = os.environ.get("NTRENETPP_NEW_FOLDER", "")
         if not self.created and launched and os.path.isdir(launched) and inside(save_path, launched):
             self.created = launched
 
     def discard(self) -> None:
+        """The experiment folder goes with all it holds; the folders above it that this run
+        created go only when empty (another run may have put its own folder beside it)."""
         if not self.is_main:
             return
         if self.created:
-            shutil.rmtree(self.created, ignore_errors=True)
+            shutil.rmtree(self.save_path, ignore_errors=True)
+            folder = os.path.dirname(os.path.abspath(self.save_path))
+            while inside(folder, self.created):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+                folder = os.path.dirname(folder)
             return
         launcher_log = os.environ.get("NTRENETPP_LOG", "")
         if launcher_log and os.path.isfile(launcher_log):

@@ -149,3 +149,16 @@ def test_the_launchers_leave_nothing_behind_a_refused_run(tree):
     r = launch(tree, "train.sh", "synthetic", "tiny")
     assert r.returncode == 2 and "log: " not in r.stdout
     assert os.listdir(tree / "exp" / "synthetic" / "tiny" / "result") == ["keep.txt"]
+
+
+def test_start_up_cleanup_keeps_what_another_run_put_beside_its_folder(tmp_path, monkeypatch):
+    from engine.experiment import StartupCleanup
+    monkeypatch.delenv("NTRENETPP_NEW_FOLDER", raising=False)
+    save = tmp_path / "exp" / "a" / "run"
+    cleanup = StartupCleanup(str(save))
+    (save / "model").mkdir(parents=True)
+    (save / "train.log").write_text("")
+    (tmp_path / "exp" / "b").mkdir()           # another run's, made meanwhile
+    cleanup.discard()
+    assert os.listdir(tmp_path / "exp") == ["b"]
+    assert not StartupCleanup(str(tmp_path / "exp" / "b")).created    # there already: not this run's
