@@ -45,7 +45,10 @@ else
     set -- -u "$mode.py" --config "$config" "$@"
 fi
 [ "$exp_dir" = "exp/$dataset/$exp_name" ] || echo "this experiment's folder is $exp_dir" >&2
-log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S).log
+log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S)
+# several nodes write into one (shared) folder, each its own log
+[ "${NNODES:-1}" -gt 1 ] && log=$log-node${NODE_RANK:-0}
+log=$log.log
 export NTRENETPP_LOG=$log
 # Python's output goes through a FIFO to tee, which ignores INT and TERM: a Ctrl-C (which the
 # terminal sends to every process of the job) or a scheduler's SIGTERM must not kill tee while
