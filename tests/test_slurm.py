@@ -1,11 +1,13 @@
 """scripts/slurm/{train,test}.sbatch without SLURM: the job's environment read by commands.slurm,
-one launcher per node with its NODE_RANK through a stand-in srun, a SIGTERM-stopped run requeued."""
+one launcher per node with its NODE_RANK through a stand-in srun, a SIGTERM-stopped run requeued,
+and two "nodes" on loopback training what one node trains."""
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from commands.slurm import SlurmEnvError, first_host, gpus_per_node, launcher_env
 
@@ -105,3 +107,36 @@ def test_a_run_stopped_by_sigterm_requeues_the_job_and_a_test_job_runs_test_sh(r
     r = sbatch(repo, "train.sbatch", "synthetic")
     assert r.returncode == 2 and "usage: sbatch" in r.stderr
 
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_train_what_one_node_with_two_processes_trains(repo, synth_root, tmp_path):
+    """train.sbatch on two "nodes" (the stand-in srun starts both here, MASTER_ADDR localhost), one
+    process each, against train.sh with NGPUS=2 on one node: the same weights, bit for bit."""
+    from tests.conftest import TINY
+    for rel in ("train.py", "test.py"):
+        shutil.copy(os.path.join(ROOT, rel), repo / rel)
+    tiny = {**TINY, "data_root": synth_root, "train_list": os.path.join(synth_root, "train.txt"),
+            "val_list": os.path.join(synth_root, "val.txt"), "evaluate": False, "epochs": 1, "epoch_size": 8,
+            "device": "cpu", "pretrained": "''", "exclude_novel_images": False}
+    overrides = [str(x) for k, v in tiny.items() for x in (k, v if not isinstance(v, list) else str(v))]
+    env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = sbatch(repo, "train.sbatch", "synthetic", "split0_resnet18", *overrides, "save_path", str(tmp_path / "two"),
+               SLURM_JOB_NODELIST="localhost,localhost", MASTER_PORT=str(_free_port()), **env)
+    assert r.returncode == 0, r.stdout + r.stderr + (repo / "node0.out").read_text() + (repo / "node1.out").read_text()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NTRENETPP_", "SLURM_"))}
+    one = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", *overrides, "save_path",
+                          str(tmp_path / "one")], cwd=repo, capture_output=True, text=True, timeout=600,
+                         env=dict(base, NGPUS="2", MASTER_PORT=str(_free_port()), **env))
+    assert one.returncode == 0, one.stdout + one.stderr
+    two_nodes = torch.load(tmp_path / "two" / "model" / "last.pth", weights_only=True)
+    one_node = torch.load(tmp_path / "one" / "model" / "last.pth", weights_only=True)
+    assert two_nodes["iteration"] == one_node["iteration"] == 2
+    assert two_nodes["model"].keys() == one_node["model"].keys()
+    for name, value in one_node["model"].items():
+        assert torch.equal(two_nodes["model"][name], value), name
