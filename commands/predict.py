@@ -13,6 +13,7 @@ K is the number of --support pairs. Masks are 0/1 or 0/255 single-channel PNGs (
 import argparse
 import logging
 
+from engine.preflight import preflight
 from engine.predictor import resolve_device
 from engine.tasks import task_for
 from util.config import load_cfg, parse_args_with_overrides, split_trailing_overrides
@@ -43,15 +44,17 @@ def parse(argv=None):
 
 def main(argv=None) -> list[str]:
     """Run and return the written paths; bad input raises a UserError (``run`` reports it).
-    Every input is checked before the checkpoint is loaded."""
+    What needs no image (the device, the checkpoint and its architecture, the output folder) is
+    checked first, then every input, before the network is built; nothing is written before."""
     args, opts = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_cfg(args.config, opts)
+    device = resolve_device(args.device)
+    state = preflight(cfg, "predict", weight=args.weight, out_dir=args.out)
     predictor_cls = task_for(cfg).predictor
     inputs = predictor_cls.read_inputs(args, cfg, opts)
-    device = resolve_device(args.device)
     amp = cfg.amp
     if args.amp and amp == "none":
         amp = "fp16" if device.type == "cuda" else "bf16"
-    predictor = predictor_cls.from_checkpoint(cfg, args.weight, device=device, amp=amp)
+    predictor = predictor_cls.from_checkpoint(cfg, args.weight, device=device, amp=amp, state=state)
     return predictor.write_outputs(inputs, args)

@@ -8,10 +8,12 @@ import sys
 
 import torch.distributed
 
-from engine.experiment import take_lock
+from engine.experiment import StartupCleanup, take_lock
+from engine.preflight import preflight
 from engine.trainer import NonFiniteLossError, Trainer
 from util.config import experiment_cfg
 from util.distributed import cleanup, init_distributed
+from util.errors import UserError
 from util.host_memory import tune_cpu_process
 from util.interrupt import TrainingInterrupted, continue_command
 from util.logger import setup_logger
@@ -20,8 +22,10 @@ from util.logger import setup_logger
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = experiment_cfg(__doc__, argv)
+    preflight(cfg, "train")     # every check that needs no data, before anything is read or created
     info = init_distributed(cfg.device)
-    lock = None
+    startup = StartupCleanup(cfg.save_path, info.is_main)
+    lock = trainer = None
     try:
         lock = take_lock(cfg, info)     # before anything is logged or loaded: a refused run writes nothing
         if info.device.type == "cpu":
@@ -32,6 +36,12 @@ def main(argv=None) -> dict:
         trainer = Trainer.from_cfg(cfg, info, tensorboard=True, continue_cmd=continue_command(argv))
         trainer.lock = lock
         return trainer.train()
+    except UserError:
+        if trainer is None or not trainer.started:     # refused before training began: leave nothing
+            if lock is not None:
+                lock.release()
+            startup.discard()
+        raise
     except NonFiniteLossError as e:
         log.error(str(e))
         sys.exit(3)

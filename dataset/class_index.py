@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from util.errors import DataError
+from util.errors import DataError, missing_or_unreadable
 from util.fileio import atomic_write
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def label_class_areas(label_path: str) -> tuple[np.ndarray, np.ndarray]:
     as grey levels."""
     label = cv2.imread(label_path, cv2.IMREAD_UNCHANGED)   # OpenCV expands a palette to 3 channels
     if label is None:
-        raise DataError(f"cannot read label '{label_path}' (missing or not an image)")
+        raise DataError(missing_or_unreadable("label", label_path))
     if label.ndim != 2 or label.dtype != np.uint8:
         kind = [f"{label.shape[2]}-channel (colour or palette)"] if label.ndim == 3 else []
         kind += [] if label.dtype == np.uint8 else [f"{label.dtype.itemsize * 8}-bit"]

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from dataset.image import Episode, EpisodeSampler, episode_colour, read_image, shard
 from dataset.transform import HSNET_SIZE, PROTOCOLS, Compose, hue_rotate, protocol_transform
-from util.errors import DataError, DataFileMissing
+from util.errors import DataError, DataFileMissing, missing_or_unreadable, too_few_for_shots
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask"
@@ -54,8 +54,9 @@ EPISODE_RULES = ("per_image", "balanced")
 def read_class_list(path: str) -> list[str]:
     """Class-folder names of a class list file, in order (``\\r`` stripped, blanks skipped)."""
     if not os.path.isfile(path):
-        raise DataFileMissing(f"class list '{path}' does not exist; give a text file naming one "
-                              f"class folder per line")
+        raise DataFileMissing(f"class list '{os.path.abspath(path)}' does not exist; give a text file naming one "
+                              f"class folder per line (a relative class list is read under the classes' root, "
+                              f"data_root or val_root, else from the folder the command was typed in)")
     with open(path, encoding="utf-8-sig") as f:
         names = [line.strip() for line in f.read().splitlines()]
     names = [n for n in names if n]
@@ -79,7 +80,7 @@ def read_mask(path: str) -> np.ndarray:
         with Image.open(path) as im:
             grey = np.asarray(im if im.mode == "P" else im.convert("L"))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read mask '{path}' ({e}); re-export it as a PNG") from e
+        raise DataError(missing_or_unreadable("mask", path)) from e
     if grey.max(initial=0) <= 1:
         return grey.astype(np.uint8)
     return (grey >= 128).astype(np.uint8)
@@ -91,7 +92,7 @@ def image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read '{path}' ({e}); the file is missing, empty or not an image") from e
+        raise DataError(missing_or_unreadable("image", path)) from e
 
 
 def check_same_size(image_path: str, mask_path: str) -> None:
@@ -171,13 +172,13 @@ class FolderIndex:
     def __init__(self, root: str, class_list: str | Sequence[str], check_sizes: bool = True):
         self.root = root
         if isinstance(class_list, str):
-            self.list_path = class_list
+            self.list_path = os.path.abspath(class_list)
             self.classes = read_class_list(class_list)
         else:
             self.list_path = "<class list>"
             self.classes = list(class_list)
         if not os.path.isdir(root):
-            raise DataFileMissing(f"data root '{root}' does not exist; prepare the data (docs/data.md) "
+            raise DataFileMissing(f"data root '{os.path.abspath(root)}' does not exist; prepare the data (docs/data.md) "
                                   f"or fix the path")
         self.pairs: list[tuple[str, str]] = []
         self.class_of: list[int] = []
@@ -186,7 +187,7 @@ class FolderIndex:
             folder = os.path.join(root, name)
             if not os.path.isdir(folder):
                 raise DataFileMissing(f"class '{name}' listed in '{self.list_path}' has no folder "
-                                      f"'{folder}'; fix the class list or the data root")
+                                      f"'{os.path.abspath(folder)}'; fix the class list or the data root")
             pairs = pair_files(folder)
             if not pairs:
                 raise DataError(f"class folder '{folder}' holds no image (.jpg, .jpeg or .png with its mask); "
@@ -212,8 +213,8 @@ class FolderIndex:
         """Every class must hold a query and ``shot`` other images."""
         for name, n in zip(self.classes, self.sizes):
             if n < shot + 1:
-                raise DataError(f"class '{name}' ('{os.path.join(self.root, name)}') has {n} image(s); "
-                                f"{shot}-shot episodes need at least {shot + 1} (a query and {shot} supports): "
+                raise DataError(f"class '{name}' ('{os.path.abspath(os.path.join(self.root, name))}') has {n} "
+                                f"image(s); {too_few_for_shots(shot)}: "
                                 f"add images, use fewer shots or remove the class from '{self.list_path}'")
 
     def load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +234,7 @@ def draw_supports(rng: np.random.Generator, n: int, query: int, shot: int) -> li
     """``shot`` indices in ``range(n)``, each ``rng.integers(n)``, redrawn while it equals
     ``query``: HSNet's and PATNet's rule (repeats allowed)."""
     if n < 2:
-        raise DataError(f"a class needs at least 2 images to draw a support other than the query, it has {n}")
+        raise DataError(f"{too_few_for_shots(shot)}; a class has {n}")
     supports: list[int] = []
     while len(supports) < shot:
         s = int(rng.integers(n))

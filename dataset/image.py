@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dataset.class_index import ClassIndex, build_class_index, load_area_table
 from util.classes import NUM_CLASSES, class_name, fold_classes
 from util.distributed import barrier, is_main_process
-from util.errors import DataError, DataFileMissing
+from util.errors import DataError, DataFileMissing, missing_or_unreadable, too_few_for_shots
 from util.fileio import read_list
 from dataset.transform import hue_rotate, protocol_transform, train_transform
 
@@ -35,14 +35,14 @@ def read_image(path: str) -> np.ndarray:
     """RGB float32 H×W×3 on the 0–255 scale."""
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise DataError(f"cannot read image '{path}' (missing, empty or not an image)")
+        raise DataError(missing_or_unreadable("image", path))
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(np.float32)
 
 
 def read_label(path: str) -> np.ndarray:
     label = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if label is None:
-        raise DataError(f"cannot read label '{path}' (missing, empty or not an image)")
+        raise DataError(missing_or_unreadable("label", path))
     return label
 
 
@@ -81,7 +81,7 @@ def load_split(cfg, train: bool, use_cache: bool = True) -> SplitData:
     (training classes when ``train``, held-out ones otherwise)."""
     list_path = cfg.train_list if train else cfg.val_list
     if not os.path.isfile(list_path):
-        raise DataFileMissing(f"list file '{list_path}' ({'train_list' if train else 'val_list'}) does not exist; "
+        raise DataFileMissing(f"list file '{os.path.abspath(list_path)}' ({'train_list' if train else 'val_list'}) does not exist; "
                                 f"build the {cfg.dataset} data with: {PREPARE_COMMAND[cfg.dataset]}")
     pairs = read_list(list_path, cfg.data_root, check_files=cfg.check_files)
     train_classes, val_classes = fold_classes(cfg.dataset, cfg.split, cfg.use_split_coco)
@@ -133,8 +133,7 @@ def _check_enough_images(split: SplitData, shot: int, where: str) -> None:
     if short:
         detail = ", ".join(f"class {c}: {n}" for c, n in short.items())
         raise DataError(
-            f"{where}: {shot}-shot episodes need at least {shot + 1} images per class "
-            f"(a query and {shot} distinct supports), but {detail}. An image serves a class only when "
+            f"{where}: {too_few_for_shots(shot)}, but {detail}. An image serves a class only when "
             f"the class covers min_class_pixels of it, and with exclude_novel_images True a training "
             f"image showing any held-out class is left out: use a fuller list, fewer shots, a lower "
             f"min_class_pixels or exclude_novel_images False.")

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from util.classes import class_name, fold_classes
 from dataset.image import EpisodeSampler, collate_keeping_lists, shard
-from util.errors import DataError
+from util.errors import DataError, too_few_for_shots
 from dataset.video_index import VideoIndex, load_video_index
 from dataset.video_transform import ClipAugment, frames_to_tensors, letterbox, letterbox_geometry
 
@@ -37,8 +37,7 @@ def check_enough_videos(index: VideoIndex, classes: Sequence[int], shot: int, wh
     if short:
         detail = ", ".join(f"{class_name(index.dataset, c)} (id {c}): {n}" for c, n in short.items())
         raise DataError(
-            f"{where}: {shot}-shot episodes need at least {shot + 1} videos per class (a query video "
-            f"and {shot} other videos for the supports), but {detail}. Use fewer shots, another fold "
+            f"{where}: {too_few_for_shots(shot, 'videos')}, but {detail}. Use fewer shots, another fold "
             f"or a dataset with more videos of these classes.")
 
 

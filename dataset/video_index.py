@@ -101,7 +101,7 @@ def load_video_index(root: str, dataset: str) -> VideoIndex:
     path = os.path.join(root, INDEX_NAME)
     fix = PREPARE_COMMAND.get(dataset, PREPARE_COMMAND["ytvis"])
     if not os.path.isfile(path):
-        raise DataError(f"'{path}' does not exist (data_root '{root}' is not a prepared video tree); "
+        raise DataError(f"'{os.path.abspath(path)}' does not exist (data_root '{root}' is not a prepared video tree); "
                              f"build it with: {fix}")
     try:
         with open(path) as f:

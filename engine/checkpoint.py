@@ -112,7 +112,7 @@ def read_checkpoint(path: str) -> dict:
         present = sorted(f for f in os.listdir(folder) if f.endswith(".pth")) if os.path.isdir(folder) else []
         hint = (f"{folder} holds {', '.join(present)}" if present else
                 "train first (sh train.sh ...)")
-        raise CheckpointError(f"checkpoint '{path}' does not exist; {hint}. best.pth is written only when "
+        raise CheckpointError(f"checkpoint '{os.path.abspath(path)}' does not exist; {hint}. best.pth is written only when "
                               f"validation runs (evaluate True); choose with 'weight best|last|PATH'")
     state = load_tensors(
         path, CheckpointError, "checkpoint",
@@ -176,11 +176,12 @@ def check_compatible(state: dict, cfg, path: str) -> None:
                               + ". Use the config it was trained with, or override these keys.")
 
 
-def adopt_architecture(state: dict, cfg, path: str):
+def adopt_architecture(state: dict, cfg, path: str, quiet: bool = False):
     """``cfg`` with the checkpoint's architecture keys: the network to evaluate or predict with is
     the one trained. A config value that differs is replaced with a warning naming the key (a
     derived one, such as the DO bank's size on another dataset, quietly); one set on the command
-    line is an error, as is a checkpoint of the other task."""
+    line is an error, as is a checkpoint of the other task. ``quiet``: no warning (a check made
+    before the run, which adopts it again)."""
     saved, cfg = saved_architecture(state), resolved(cfg)
     if saved["task"] != cfg.task:
         raise CheckpointError(f"checkpoint '{path}' holds a model of the {saved['task']} task; this config "
@@ -195,7 +196,7 @@ def adopt_architecture(state: dict, cfg, path: str):
     adopted = cfg.copy()
     for k in ARCH_KEYS:
         if saved[k] != cfg[k]:
-            if k not in DERIVED_ARCH_KEYS:
+            if k not in DERIVED_ARCH_KEYS and not quiet:
                 log.warning("the config has %s %r, checkpoint %s was trained with %r: using the checkpoint's",
                             k, cfg[k], path, saved[k])
             adopted[k] = saved[k]
@@ -255,14 +256,15 @@ def load_checkpoint(path: str, model, cfg, optimizer=None, scaler=None, restore_
     return state
 
 
-def build_model_from_checkpoint(path: str, cfg):
+def build_model_from_checkpoint(path: str, cfg, state: dict | None = None):
     """The network ``path`` holds, built from its recorded architecture (:func:`adopt_architecture`),
-    with its weights loaded, and the checkpoint's state.
+    with its weights loaded, and the checkpoint's state (``state``: already read from ``path``).
 
     The checkpoint holds the backbone, so the ImageNet weight file (``pretrained``) is not
     needed — nor read — to evaluate or predict.
     """
-    state = read_checkpoint(path)
+    if state is None:
+        state = read_checkpoint(path)
     bare = adopt_architecture(state, cfg, path)
     bare.pretrained = ""
     model = build_model(bare, warn_random_backbone=False)   # the checkpoint's backbone replaces it

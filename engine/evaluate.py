@@ -21,7 +21,7 @@ from dataset.image import close_loader, worker_init
 from engine.tasks import Task, task_for
 from util.amp import autocast, batch_to_device, synchronize
 from util.distributed import gather_objects, is_main_process
-from util.fileio import atomic_write_json, exclusive_name
+from util.fileio import create_new_json
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,10 @@ def evaluate(model, dataset, cfg, device: torch.device, pred_dir: str = "", keep
 
 
 def write_test_result(summary: dict, result_dir: str) -> str:
-    """Write a test result as ``<result_dir>/test_<time>.json`` (atomically; a name another run
-    already took gets ``-2``, ``-3``, ...), record its path in ``summary['json_path']`` and log it."""
-    path = exclusive_name(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"), ".json")
-    atomic_write_json(path, summary)
+    """Write a test result as ``<result_dir>/test_<time>.json`` (whole or not at all, never an
+    empty file under the name; a name another run already took gets ``-2``, ``-3``, ...:
+    util/fileio.py ``create_new``), record its path in ``summary['json_path']`` and log it."""
+    path = create_new_json(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"), summary)
     summary["json_path"] = path
     log.info("wrote %s", path)
     return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 
 import torch
 
@@ -45,15 +46,15 @@ def saved_iteration(path: str) -> str:
         return ""
 
 
-def check_folder(cfg, model_dir: str) -> None:
-    """Refuse to start over existing checkpoints unless told (``resume`` / ``overwrite``)."""
-    present = [name for name in CHECKPOINTS if os.path.isfile(os.path.join(model_dir, name))]
-    if not present or cfg.resume:
-        return
-    if cfg.overwrite:
-        for name in present:
-            os.remove(os.path.join(model_dir, name))
-        log.warning("overwrite True: deleted %s from %s", ", ".join(present), model_dir)
+def present_checkpoints(model_dir: str) -> list[str]:
+    return [name for name in CHECKPOINTS if os.path.isfile(os.path.join(model_dir, name))]
+
+
+def refuse_existing_checkpoints(cfg, model_dir: str) -> None:
+    """Raise when ``model_dir`` holds checkpoints and the run neither resumes nor overwrites
+    them (a check only: nothing is deleted)."""
+    present = present_checkpoints(model_dir)
+    if not present or cfg.resume or cfg.overwrite:
         return
     listed = ", ".join(name + saved_iteration(os.path.join(model_dir, name)) if name == "last.pth" else name
                        for name in present)
@@ -61,6 +62,16 @@ def check_folder(cfg, model_dir: str) -> None:
         f"{cfg.save_path} already holds {listed}. Continue that run with 'resume auto', train into "
         f"another folder (another exp name, or save_path DIR), or start over here with 'overwrite True' "
         f"(deletes them)")
+
+
+def check_folder(cfg, model_dir: str) -> None:
+    """Refuse to start over existing checkpoints unless told (``resume`` / ``overwrite``)."""
+    refuse_existing_checkpoints(cfg, model_dir)
+    present = present_checkpoints(model_dir)
+    if present and cfg.overwrite and not cfg.resume:
+        for name in present:
+            os.remove(os.path.join(model_dir, name))
+        log.warning("overwrite True: deleted %s from %s", ", ".join(present), model_dir)
 
 
 def remove_temporaries(model_dir: str) -> None:
@@ -82,6 +93,54 @@ def take_lock(cfg, info) -> RunLock | None:
             error, lock = e, None
     StopAgreement(info.distributed).raise_if_any_failed(error)
     return lock
+
+
+def first_missing(path: str) -> str:
+    """The outermost folder of ``path`` that does not exist yet (what creating ``path`` creates
+    first); '' when ``path`` exists."""
+    path, missing = os.path.abspath(path), ""
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class StartupCleanup:
+    """What a run refused at start-up (a bad data file, a checkpoint that does not fit: before
+    its work began) leaves behind: nothing. Made before anything is written; :meth:`discard`
+    then removes the folders this run created for its experiment folder (here, or the launcher
+    for this very run: ``$NTRENETPP_NEW_FOLDER``, the outermost it created), else only the
+    launcher's log of this run (``$NTRENETPP_LOG``). Rank 0 alone removes."""
+
+    def __init__(self, save_path: str, is_main: bool = True):
+        self.is_main, self.save_path = is_main, save_path
+        self.created = first_missing(save_path) if save_path else ""
+        launched = os.environ.get("NTRENETPP_NEW_FOLDER", "")
+        if not self.created and launched and os.path.isdir(launched) and inside(save_path, launched):
+            self.created = launched
+
+    def discard(self) -> None:
+        """The experiment folder goes with all it holds; the folders above it that this run
+        created go only when empty (another run may have put its own folder beside it)."""
+        if not self.is_main:
+            return
+        if self.created:
+            shutil.rmtree(self.save_path, ignore_errors=True)
+            folder = os.path.dirname(os.path.abspath(self.save_path))
+            while inside(folder, self.created):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+                folder = os.path.dirname(folder)
+            return
+        launcher_log = os.environ.get("NTRENETPP_LOG", "")
+        if launcher_log and os.path.isfile(launcher_log):
+            os.remove(launcher_log)
 
 
 class ExperimentGuard:

@@ -31,7 +31,7 @@ from util.amp import AMP_MODES, autocast, check_amp, to_device
 from util.config import resolved
 from dataset.image import binarize
 from util.distributed import pick_device
-from util.errors import PredictInputError
+from util.errors import PredictInputError, missing_file, unreadable_image
 from dataset.metrics import to_original_size
 from dataset.transform import eval_transform
 from util.fileio import atomic_write_image
@@ -58,11 +58,10 @@ def read_rgb(source: ImageInput, name: str = "image") -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise PredictInputError(f"image '{path}' does not exist; check the path")
+            raise PredictInputError(missing_file("image", path, "check the path"))
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
-            raise PredictInputError(f"cannot read image '{path}': empty, corrupt or not an image format "
-                                    f"OpenCV reads (use JPEG or PNG)")
+            raise PredictInputError(unreadable_image("image", path))
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     arr = np.asarray(source)
     if arr.dtype != np.uint8:
@@ -83,7 +82,7 @@ def read_mask_values(source: MaskInput, name: str = "mask") -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise PredictInputError(f"mask '{path}' does not exist; check the path")
+            raise PredictInputError(missing_file("mask", path, "check the path"))
         try:
             with Image.open(path) as img:
                 img.load()
@@ -107,8 +106,7 @@ def read_mask_values(source: MaskInput, name: str = "mask") -> np.ndarray:
         except PredictInputError:
             raise
         except Exception as e:  # PIL's UnidentifiedImageError, truncated files, ...
-            raise PredictInputError(f"cannot read mask '{path}' ({type(e).__name__}: {e}); "
-                                    f"masks are single-channel or palette PNGs") from None
+            raise PredictInputError(unreadable_image("mask", path)) from None
         return np.ascontiguousarray(arr)
     arr = np.asarray(source)
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -224,10 +222,9 @@ def check_query_files(queries: Sequence) -> None:
         if isinstance(q, (str, os.PathLike)):
             path = os.fspath(q)
             if not os.path.isfile(path):
-                raise PredictInputError(f"image '{path}' does not exist; check the path")
+                raise PredictInputError(missing_file("image", path, "check the path"))
             if not cv2.haveImageReader(path):
-                raise PredictInputError(f"cannot read image '{path}': empty, corrupt or not an image format "
-                                        f"OpenCV reads (use JPEG or PNG)")
+                raise PredictInputError(unreadable_image("image", path))
 
 
 def read_query(source, index: int = 0) -> Query:
@@ -265,11 +262,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, cfg, weight_path: str, device: str | torch.device = "cpu",
-                        amp: str = "none") -> "Predictor":
+                        amp: str = "none", state: dict | None = None) -> "Predictor":
         """Build the network of ``cfg`` and load ``weight_path`` (a checkpoint of another
-        architecture is a CheckpointError naming the keys that differ)."""
+        architecture is a CheckpointError naming the keys that differ); ``state``: the
+        checkpoint already read from it."""
         resolve_device(device, amp)      # a wrong device fails before the model is built
-        model, _ = build_model_from_checkpoint(weight_path, cfg)
+        model, _ = build_model_from_checkpoint(weight_path, cfg, state)
         return cls(model, cfg, device, amp)
 
     def _prepare(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,15 +23,16 @@ def test_seeds(cfg) -> list[int]:
     return [first + i for i in range(cfg.test_seeds)]
 
 
-def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
+def run_test(cfg, info: DistInfo, model=None, write_json: bool = True, state: dict | None = None) -> dict:
     """Evaluate the configured checkpoint (built from the architecture it records), or ``model``
-    as given, and write the JSON result."""
+    as given, and write the JSON result. ``state``: the checkpoint already read (test.py's
+    checks before the run read it)."""
     validate(cfg)
     task = task_for(cfg)
     weight_path, epoch, arch, elimination = "(in-memory model)", None, cfg.arch, cfg.elimination
     if model is None:
         weight_path = resolve_weight(cfg.weight, cfg.save_path)
-        model, state = build_model_from_checkpoint(weight_path, cfg)
+        model, state = build_model_from_checkpoint(weight_path, cfg, state)
         model = to_device(model, info.device, cfg.channels_last)
         architecture = saved_architecture(state)
         epoch, arch = state.get("epoch"), architecture["arch"]

@@ -85,12 +85,14 @@ def build_training(cfg, info: DistInfo, warn_random_backbone: bool = True, task:
     net = model
     if info.distributed:
         # buffers a network keeps identical across ranks itself (NTRENet++'s DO bank: its own gather)
-        # are never re-sent from rank 0 at each forward (docs/extending.md, ddp_ignored_buffers);
-        # other buffers (BN statistics) are broadcast only when they can drift
+        # are never sent from rank 0, at start or at each forward (docs/extending.md,
+        # ddp_ignored_buffers); other buffers (BN statistics) are sent once at the start (equal on
+        # every rank then: the same initialisation or weight file) and at each forward only when
+        # they can drift (fix_bn False). forward_sync_buffers replaces the deprecated broadcast_buffers.
         ignored = list(getattr(model, "ddp_ignored_buffers", lambda: [])())
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         net = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                                      broadcast_buffers=not cfg.fix_bn)
+                                      forward_sync_buffers=not cfg.fix_bn)
     if cfg.compile:
         net = torch.compile(net)
     return model, net, optimizer, scaler
@@ -127,6 +129,7 @@ class Trainer:
         self.stop = StopAgreement(info.distributed)
         self.request = StopRequest()
         self.lock = None                         # the folder's lock when the caller holds it (train.py)
+        self.started = False                     # past start-up (folder held, resume loaded): training
         self.losses = LossLog(tensorboard and info.is_main and writer is None)
         self.validation = Validation()
         self.hooks = [ResumeHook(), self.losses, StopOnSignal(), self.validation, PeriodicCheckpoint()]
@@ -174,6 +177,7 @@ class Trainer:
             stack.callback(close_loader, self.loader)   # its workers ignore SIGTERM: left to the exit, they hang
             self.request = stack.enter_context(stop_on_signals())
             self.call("before_train")
+            self.started = True
             try:
                 while self.state.epoch < self.cfg.epochs:
                     self.run_epoch()

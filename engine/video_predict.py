@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from engine.checkpoint import build_model_from_checkpoint
 from engine.predictor import read_supports, resolve_device
 from util.amp import autocast, to_device
-from util.errors import PredictInputError
+from util.errors import PredictInputError, unreadable_image
 from util.fileio import atomic_path, atomic_write_image
 from dataset.video import chunk_spans
 from dataset.video_transform import frames_to_tensors, letterbox, letterbox_geometry
@@ -50,7 +50,7 @@ def read_frames(folder: str) -> tuple[list[np.ndarray], list[str]]:
     for name in names:
         image = cv2.imread(os.path.join(folder, name), cv2.IMREAD_COLOR)
         if image is None:
-            raise PredictInputError(f"cannot read frame '{os.path.join(folder, name)}'; remove it or re-export it")
+            raise PredictInputError(unreadable_image("frame", os.path.join(folder, name)))
         frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     if len({f.shape for f in frames}) > 1:
         raise PredictInputError(f"the frames of '{folder}' differ in size; a video's frames must all be one size")
@@ -79,7 +79,7 @@ def read_query(source: str) -> tuple[list[np.ndarray], list[str], float | None]:
     if os.path.isdir(source):
         return (*read_frames(source), None)
     if not os.path.isfile(source):
-        raise PredictInputError(f"query '{source}' does not exist; pass a folder of frames or a video file")
+        raise PredictInputError(f"query '{os.path.abspath(source)}' does not exist; pass a folder of frames or a video file")
     return read_video(source)
 
 
@@ -99,9 +99,10 @@ class VideoPredictor:
         self.model = to_device(model, self.device, cfg.channels_last).eval()
 
     @classmethod
-    def from_checkpoint(cls, cfg, weight_path: str, device="cpu", amp: str = "none") -> "VideoPredictor":
+    def from_checkpoint(cls, cfg, weight_path: str, device="cpu", amp: str = "none",
+                        state: dict | None = None) -> "VideoPredictor":
         resolve_device(device, amp)
-        model, _ = build_model_from_checkpoint(weight_path, cfg)
+        model, _ = build_model_from_checkpoint(weight_path, cfg, state)
         return cls(model, cfg, device, amp)
 
     @staticmethod

@@ -309,12 +309,17 @@ def build_backbone(layers: int = 50, vgg: bool = False, deep_stem: bool = True, 
     return VGG16BN() if vgg else ResNet(layers, deep_stem, width)
 
 
+def missing_weights_error(path: str) -> BackboneWeightsError:
+    """The error for a backbone weight file ``path`` that does not exist (its absolute path named)."""
+    return BackboneWeightsError(
+        f"backbone weight file '{os.path.abspath(path)}' (config key 'pretrained') does not exist; {README_HINT}, "
+        f"or set \"pretrained ''\" for random initialisation")
+
+
 def read_state_dict(path: str) -> dict:
     """Read a weight file; unwrap {'state_dict': ...} / {'model': ...} and 'module.' prefixes."""
     if not os.path.isfile(path):
-        raise BackboneWeightsError(
-            f"backbone weight file '{path}' (config key 'pretrained') does not exist; {README_HINT}, "
-            f"or set \"pretrained ''\" for random initialisation")
+        raise missing_weights_error(path)
     state = load_tensors(path, BackboneWeightsError, "backbone weight file", fix_refused=README_HINT,
                          fix_corrupt=README_HINT)
     for wrapper in ("state_dict", "model"):

@@ -10,6 +10,10 @@ if [ $# -lt 2 ]; then
     exit 2
 fi
 dataset=$1; exp_name=$2; shift 2
+# a relative path typed on the command line is taken from the folder it was typed in (util/config.py
+# resolve_paths); this script runs python from the repository, so it passes that folder on
+NTRENETPP_CALLER_DIR=${NTRENETPP_CALLER_DIR:-$PWD}
+export NTRENETPP_CALLER_DIR
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 2
 if [ ! -d "config/$dataset" ]; then
@@ -24,8 +28,14 @@ if [ ! -f "$config" ]; then
 fi
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 # the experiment folder is Python's to decide (util/config.py: exp/<dataset>/<exp_name>, with
-# _shotK for a shot other than the config's; save_path overrides it): asked here for the log's place
-exp_dir=$("$PYTHON" -m commands.folder --prog "$mode.sh" --config "$config" "$@") || exit 2
+# _shotK for a shot other than the config's; save_path overrides it): asked here for the log's place.
+# It first checks everything that needs no data (engine/preflight.py): a refused run creates nothing.
+answer=$("$PYTHON" -m commands.folder --prog "$mode.sh" --config "$config" "$@") || exit 2
+exp_dir=$(printf '%s\n' "$answer" | sed -n 1p)
+# python removes the folder again (or, in an existing one, this log) when the run is refused at
+# start-up, before its work began (engine/experiment.py StartupCleanup)
+NTRENETPP_NEW_FOLDER=$(printf '%s\n' "$answer" | sed -n 2p)
+export NTRENETPP_NEW_FOLDER
 NGPUS=${NGPUS:-1}
 if [ "$NGPUS" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
     set -- -m torch.distributed.run --nproc_per_node="$NGPUS" --nnodes="${NNODES:-1}" \
@@ -35,7 +45,11 @@ else
     set -- -u "$mode.py" --config "$config" "$@"
 fi
 [ "$exp_dir" = "exp/$dataset/$exp_name" ] || echo "this experiment's folder is $exp_dir" >&2
-log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S).log
+log=$exp_dir/result/$mode-$(date +%Y%m%d_%H%M%S)
+# several nodes write into one (shared) folder, each its own log
+[ "${NNODES:-1}" -gt 1 ] && log=$log-node${NODE_RANK:-0}
+log=$log.log
+export NTRENETPP_LOG=$log
 # Python's output goes through a FIFO to tee, which ignores INT and TERM: a Ctrl-C (which the
 # terminal sends to every process of the job) or a scheduler's SIGTERM must not kill tee while
 # python is still writing the lines that say where it stopped. python runs in the background so
@@ -69,5 +83,5 @@ done
 wait "$py_pid"; status=$?                   # the exit status itself (the shell keeps it)
 wait "$tee_pid"
 rm -rf "$fifo_dir"
-echo "log: $log"
+[ -f "$log" ] && echo "log: $log"
 exit "$status"

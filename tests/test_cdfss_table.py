@@ -105,6 +105,7 @@ def test_defaults_point_at_the_shipped_configs_and_a_missing_weight_is_one_line(
     with pytest.raises(SystemExit) as e:
         run(cdfss_table.main, ["--weight", "nowhere/best.pth"], prog="cdfss_table.py")
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("cdfss_table.py: error: --weight 'nowhere/best.pth' does not exist; train "
+    assert capsys.readouterr().err == (f"cdfss_table.py: error: --weight '{os.path.abspath('nowhere/best.pth')}' "
+                                       "does not exist; train "
                                        "the PASCAL model first (sh train.sh pascal all_resnet50) or give the path "
                                        "of its best.pth\n")

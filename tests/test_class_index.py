@@ -122,7 +122,8 @@ def test_label_check_messages_name_every_wrong_property(tmp_path):
         assert str(e.value) == f"label '{path}' is a {kind} image; {LABEL_FORMAT}"
     with pytest.raises(DataError) as e:
         label_class_areas(str(tmp_path / "none.png"))
-    assert str(e.value) == f"cannot read label '{tmp_path}/none.png' (missing or not an image)"
+    assert str(e.value) == (f"label '{tmp_path}/none.png' does not exist; check the path, the list that names it "
+                            f"or data_root")
     cv2.imwrite(str(tmp_path / "ok.png"), np.array([[0, 3, 3], [7, 3, 0]], np.uint8))   # no 255 pixel at all
     ids, counts = label_class_areas(str(tmp_path / "ok.png"))
     assert ids.tolist() == [3, 7] and counts.tolist() == [3, 1]

@@ -51,10 +51,12 @@ def test_files_are_read_as_rgb_float_and_grey_labels_with_errors_naming_them(tmp
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError) as e:
         read_image(str(tmp_path / "empty.png"))
-    assert str(e.value) == f"cannot read image '{tmp_path}/empty.png' (missing, empty or not an image)"
+    assert str(e.value) == (f"cannot read image '{tmp_path}/empty.png': the file is empty, corrupt or not an image "
+                            f"format OpenCV and PIL read; re-export it as JPEG or PNG")
     with pytest.raises(DataError) as e:
         read_label(str(tmp_path / "none.png"))
-    assert str(e.value) == f"cannot read label '{tmp_path}/none.png' (missing, empty or not an image)"
+    assert str(e.value) == (f"label '{tmp_path}/none.png' does not exist; check the path, the list that names it "
+                            f"or data_root")
     with pytest.raises(DataError) as e:
         read_pair(str(tmp_path / "a.png"), str(tmp_path / "small.png"))
     assert str(e.value) == (f"image '{tmp_path}/a.png' is 4x3 but its label '{tmp_path}/small.png' is 4x2; "
@@ -174,7 +176,7 @@ def test_load_split_errors_name_the_list_key_and_the_fix(novel_tree):
         setattr(cfg, key, "nowhere.txt")
         with pytest.raises(DataFileMissing) as e:
             load_split(cfg, train=train)
-        assert str(e.value) == (f"list file 'nowhere.txt' ({key}) does not exist; build the pascal data with: "
+        assert str(e.value) == (f"list file '{os.path.abspath('nowhere.txt')}' ({key}) does not exist; build the pascal data with: "
                                 f"python tools/prepare_pascal.py --voc VOCdevkit/VOC2012 --sbd "
                                 f"benchmark_RELEASE/dataset --out data/pascal")
 
@@ -232,7 +234,7 @@ def test_too_few_images_lists_every_short_class(tiny_pascal):
     with pytest.raises(DataError) as e:
         FewShotEvalDataset(cfg, seed=0, num_episodes=5, shot=3)
     assert str(e.value).startswith(f"{cfg.val_list}: 3-shot episodes need at least 4 images per class (a query "
-                                   f"and 3 distinct supports), but class 2: 3, class 3: 3, class 4: 3, class 5: 3. ")
+                                   f"and 3 supports), but class 2: 3, class 3: 3, class 4: 3, class 5: 3. ")
     with pytest.raises(DataError, match=rf"^{re.escape(cfg.train_list)}: 3-shot episodes need"):
         FewShotTrainDataset(cfg, shot=3)
 

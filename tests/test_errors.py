@@ -105,3 +105,44 @@ def test_too_few_images_for_k_shots_is_one_line_from_train_py(tiny_pascal, tmp_p
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "train.py: error: " in done.stderr and "5-shot episodes need at least 6 images per class" in done.stderr
+
+
+# ---- one wording per fault (util/errors.py builders), whichever entry point meets it -----------------
+def test_an_unreadable_image_or_mask_reads_the_same_in_training_class_folders_and_predict(tmp_path):
+    from dataset.folder import image_size, read_mask
+    from dataset.image import read_image, read_label
+    from engine.predictor import check_query_files, read_mask_values, read_rgb
+    from util.errors import missing_file, unreadable_image
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a JPEG")
+    expected = (f"cannot read image '{broken}': the file is empty, corrupt or not an image format OpenCV and PIL "
+                f"read; re-export it as JPEG or PNG")
+    messages = []
+    for reader in (read_image, image_size, read_rgb, lambda p: check_query_files([p])):
+        with pytest.raises(UserError) as e:
+            reader(str(broken))
+        messages.append(str(e.value))
+    assert messages == [expected] * 4 and unreadable_image("image", str(broken)) == expected
+    mask = tmp_path / "broken.png"
+    mask.write_bytes(b"")
+    messages = []
+    for reader in (read_mask, read_mask_values):
+        with pytest.raises(UserError) as e:
+            reader(str(mask))
+        messages.append(str(e.value))
+    assert messages == [unreadable_image("mask", str(mask))] * 2
+    assert messages[0].endswith("re-export it as a PNG")
+    with pytest.raises(UserError) as e:
+        read_rgb(str(tmp_path / "none.jpg"))
+    assert str(e.value) == missing_file("image", str(tmp_path / "none.jpg"), "check the path")
+    with pytest.raises(UserError) as e:
+        read_label(str(tmp_path / "none.png"))
+    assert str(e.value) == missing_file("label", str(tmp_path / "none.png"),
+                                        "check the path, the list that names it or data_root")
+
+
+def test_too_few_images_for_k_shots_reads_alike_for_lists_folders_and_videos():
+    from util.errors import too_few_for_shots
+    assert too_few_for_shots(1) == "1-shot episodes need at least 2 images per class (a query and 1 support)"
+    assert too_few_for_shots(5, "videos") == "5-shot episodes need at least 6 videos per class (a query and 5 supports)"

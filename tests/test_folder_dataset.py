@@ -160,7 +160,7 @@ def test_index_errors_name_the_file_and_the_fix(tree, tmp_path):
     with pytest.raises(DataError) as e:
         FolderEvalDataset(root, lst, shot=3)
     assert str(e.value) == (f"class 'dog' ('{root}/dog') has 3 image(s); 3-shot episodes need at least 4 "
-                            f"(a query and 3 supports): add images, use fewer shots or remove the class "
+                            f"images per class (a query and 3 supports): add images, use fewer shots or remove the class "
                             f"from '{lst}'")
     with pytest.raises(DataError, match="class 'dog'"):
         FolderTrainDataset(root, lst, transform=None, shot=3)

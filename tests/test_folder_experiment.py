@@ -132,11 +132,12 @@ def test_bad_class_lists_are_one_line_naming_the_file_and_the_fix(tree, trained,
     err = one_line_error(capsys, test_entry.main, ["--config", TEMPLATE, *data, *TINY, *exp, *weight,
                                                    "test_classes", str(tmp_path / "none.txt")])
     assert err == (f"train.py: error: class list '{tmp_path}/none.txt' does not exist; give a text file naming "
-                   f"one class folder per line")
+                   f"one class folder per line (a relative class list is read under the classes' root, data_root "
+                   f"or val_root, else from the folder the command was typed in)")
     err = one_line_error(capsys, test_entry.main, ["--config", TEMPLATE, *data, *TINY, *exp, *weight,
                                                    "shot", "3"])
     assert err == (f"train.py: error: class 'eel' ('{root}/eel') has 3 image(s); 3-shot episodes need at least "
-                   f"4 (a query and 3 supports): add images, use fewer shots or remove the class from "
+                   f"4 images per class (a query and 3 supports): add images, use fewer shots or remove the class from "
                    f"'{lists['test']}'")
 
 

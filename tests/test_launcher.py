@@ -49,6 +49,9 @@ def tree(tmp_path):
     for rel in ("train.sh", "scripts/launch.sh", "config/synthetic/synthetic_split0_resnet18.yaml"):
         os.makedirs(tmp_path / os.path.dirname(rel), exist_ok=True)
         shutil.copy(os.path.join(ROOT, rel), tmp_path / rel)
+    # the backbone file the config names: its existence is checked before the folder is created
+    os.makedirs(tmp_path / "initmodel")
+    (tmp_path / "initmodel" / "synthetic_split0_resnet18x0.5.pth").write_bytes(b"")
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE)
     fake.chmod(0o755)
@@ -131,14 +134,18 @@ def test_a_k_shot_run_gets_its_own_experiment_folder(tree):
     (tree / "fake_python").write_text(ECHO)
     env = env_with(tree / "fake_python")
     config = "config/synthetic/synthetic_split0_resnet18.yaml"
-    for mode in ("train", "test"):
-        if mode == "test":
-            shutil.copy(os.path.join(ROOT, "test.sh"), tree / "test.sh")
-        r = subprocess.run(["sh", f"{mode}.sh", "synthetic", "split0_resnet18", "epochs", "5", "shot", "5"], cwd=tree,
-                           env=env, capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.splitlines()[0] == f"-u {mode}.py --config {config} epochs 5 shot 5"
-        assert "this experiment's folder is exp/synthetic/split0_resnet18_shot5" in r.stderr
+    shutil.copy(os.path.join(ROOT, "test.sh"), tree / "test.sh")
+    r = subprocess.run(["sh", "test.sh", "synthetic", "split0_resnet18", "shot", "5"], cwd=tree, env=env,
+                       capture_output=True, text=True, timeout=30)
+    # test.sh looks for the 5-shot model in its own folder (and, finding none, creates nothing)
+    assert r.returncode == 2 and f"checkpoint '{tree}/exp/synthetic/split0_resnet18_shot5/model/best.pth' does " \
+        "not exist" in r.stderr
+    assert not (tree / "exp").exists()
+    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "epochs", "5", "shot", "5"], cwd=tree,
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"-u train.py --config {config} epochs 5 shot 5"
+    assert "this experiment's folder is exp/synthetic/split0_resnet18_shot5" in r.stderr
     r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "shot", "1"], cwd=tree, env=env,
                        capture_output=True, text=True, timeout=30)
     assert r.stdout.splitlines()[0].endswith("--config config/synthetic/synthetic_split0_resnet18.yaml shot 1")

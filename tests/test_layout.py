@@ -58,3 +58,15 @@ def test_importing_the_network_loads_no_engine_image_io_or_drawing():
             "if m.split('.')[0] in ('engine', 'cv2', 'PIL', 'matplotlib') or m == 'util.vis'))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_warning_from_our_own_code_fails_the_suite():
+    """pytest.ini turns a warning attributed to the project's modules (and the tests) into an
+    error; a third-party module's own warning stays a warning."""
+    import warnings
+    for module in ("engine.trainer", "util.config", "model", "tools.measure.benchmark", "test_layout", "conftest"):
+        with pytest.raises(UserWarning):
+            warnings.warn_explicit("new", UserWarning, "x.py", 1, module=module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit("theirs", UserWarning, "x.py", 1, module="torch.nn.modules.module")
+    assert [str(w.message) for w in caught] == ["theirs"]

@@ -396,7 +396,8 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line_and_the_run_ends(syn
         pytest.fail("the run did not end after the worker's error")
     assert p.returncode == 2
     assert err.count("\n") == 1, err
-    assert re.fullmatch(r"train\.py: error: cannot read image '.*\.jpg' \(missing, empty or not an image\)\n", err)
+    assert re.fullmatch(r"train\.py: error: cannot read image '.*\.jpg': the file is empty, corrupt or not an "
+                        r"image format OpenCV and PIL read; re-export it as JPEG or PNG\n", err)
 
 
 def test_a_stop_on_an_epochs_last_step_saves_first_and_the_resume_validates_that_epoch(synth_root, tmp_path):

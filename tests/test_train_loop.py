@@ -602,7 +602,7 @@ def test_build_training_wraps_for_ddp_and_compile(tmp_path, caplog):
             fixed.update(fix_bn=fix_bn)
             model, net, _, _ = build_training(fixed, info, warn_random_backbone=False)
             assert isinstance(net, DistributedDataParallel) and net.module is model
-            assert net.broadcast_buffers is (not fix_bn) and net.device_ids is None
+            assert net.forward_sync_buffers is (not fix_bn) and net.device_ids is None
             bank = {n for n, _ in model.named_buffers() if n.startswith("memory_bank.")}
             assert bank and set(model._ddp_params_and_buffers_to_ignore) == bank
             assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())

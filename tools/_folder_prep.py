@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from tools._prep_common import PrepError, resolve_workers, write_label
 from util.fileio import atomic_path, atomic_write, atomic_write_text
+from util.logger import progress
 
 MASK_RESIZED = "masks of another size than their image, resized to it (nearest neighbour)"
 EMPTY_MASK = "masks with no foreground pixel (none >= 128)"
@@ -156,15 +156,15 @@ class _Guarded:
 
 
 def run_tasks(fn: Callable, tasks: Sequence, workers: int, desc: str, unit: str) -> list[PrepResult]:
-    """``fn`` on every task, in order, with a progress bar; 1 worker runs in-process."""
+    """``fn`` on every task, in order, showing progress (a bar on a terminal, plain lines
+    otherwise); 1 worker runs in-process."""
     workers = min(resolve_workers(workers), max(1, len(tasks)))
     call = _Guarded(fn)
     if workers == 1:
-        return [call(t) for t in tqdm(tasks, desc=desc, unit=unit, file=sys.stderr)]
+        return [call(t) for t in progress(tasks, desc=desc, unit=unit)]
     chunksize = max(1, min(16, len(tasks) // (workers * 8)))
     with multiprocessing.get_context().Pool(workers) as pool:
-        return list(tqdm(pool.imap(call, tasks, chunksize=chunksize), total=len(tasks), desc=desc,
-                         unit=unit, file=sys.stderr))
+        return list(progress(pool.imap(call, tasks, chunksize=chunksize), total=len(tasks), desc=desc, unit=unit))
 
 
 def summarise(results: Sequence[PrepResult], what: str, unit: str,

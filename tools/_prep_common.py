@@ -10,17 +10,16 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from util.errors import DataError
 from util.fileio import atomic_path, atomic_write, atomic_write_text
+from util.logger import progress
 
 IMAGE_DIR = "JPEGImages"
 LABEL_DIR = "SegmentationClassAug"
@@ -45,12 +44,12 @@ class ItemResult:
 
 def require_dir(path: str, hint: str) -> None:
     if not os.path.isdir(path):
-        raise PrepError(f"folder '{path}' does not exist; {hint}")
+        raise PrepError(f"folder '{os.path.abspath(path)}' does not exist; {hint}")
 
 
 def require_file(path: str, hint: str) -> None:
     if not os.path.isfile(path):
-        raise PrepError(f"file '{path}' does not exist; {hint}")
+        raise PrepError(f"file '{os.path.abspath(path)}' does not exist; {hint}")
 
 
 def list_line(name: str) -> str:
@@ -139,15 +138,15 @@ def resolve_workers(workers: int | None) -> int:
 
 
 def run_tasks(fn: Callable, tasks: Sequence, workers: int, desc: str) -> list[ItemResult]:
-    """Run ``fn`` on every task, in order, with a progress bar; 1 worker runs in-process."""
+    """Run ``fn`` on every task, in order, showing progress (util/logger.py ``progress``: a bar on a
+    terminal, plain lines otherwise); 1 worker runs in-process."""
     workers = min(resolve_workers(workers), max(1, len(tasks)))
     call = _Guarded(fn)
     if workers == 1:
-        return [call(t) for t in tqdm(tasks, desc=desc, unit="img", file=sys.stderr)]
+        return [call(t) for t in progress(tasks, desc=desc, unit="img")]
     chunksize = max(1, min(64, len(tasks) // (workers * 8)))
     with multiprocessing.get_context().Pool(workers) as pool:
-        return list(tqdm(pool.imap(call, tasks, chunksize=chunksize), total=len(tasks),
-                         desc=desc, unit="img", file=sys.stderr))
+        return list(progress(pool.imap(call, tasks, chunksize=chunksize), total=len(tasks), desc=desc, unit="img"))
 
 
 def summarise(results: Sequence[ItemResult], what: str) -> dict:

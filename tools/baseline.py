@@ -25,7 +25,6 @@ row only (J, F, J&F, class IoU).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -43,6 +42,7 @@ from util.cli import run
 from util.config import load_cfg, parse_args_with_overrides, split_trailing_overrides
 from util.distributed import DistInfo
 from util.errors import ConfigError, DataFileMissing, UserError
+from util.fileio import read_json_result
 from util.logger import setup_logger
 
 
@@ -109,12 +109,11 @@ ELIMINATION_TITLES = {"bg": "no DO elimination", "do": "no BG elimination", "non
 def read_result(path: str, cfg) -> dict:
     """A test.py result JSON, checked to come from this config's dataset, fold and list."""
     if not os.path.isfile(path):
-        raise DataFileMissing(f"--compare '{path}' does not exist; pass a test_*.json written by test.py")
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--compare {path}: not a readable test.py result ({e})") from None
+        raise DataFileMissing(f"--compare '{os.path.abspath(path)}' does not exist; pass a test_*.json written by test.py")
+    res = read_json_result(path, "test result")
+    if res is None:
+        raise UserError(f"--compare '{os.path.abspath(path)}' is empty or not complete JSON (a write that was cut "
+                        f"off, or an interrupted copy); run test.py again, or pass another test_*.json")
     for key in ("dataset", "split", "val_list"):
         if key in res and res[key] != cfg[key]:
             raise ConfigError(f"{path} was scored with {key} {res[key]!r}, the config has "

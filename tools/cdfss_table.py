@@ -26,7 +26,7 @@ from util.cli import run
 from util.config import config_with_overrides, parse_args_with_overrides
 from util.distributed import DistInfo, pick_device
 from util.errors import CheckpointError
-from util.fileio import atomic_write_json, exclusive_name
+from util.fileio import atomic_write_json, create_new_json
 from util.logger import setup_logger
 
 TARGETS = (("deepglobe", "DeepGlobe"), ("isic", "ISIC"), ("chest", "Chest X-ray"), ("fss1000", "FSS-1000"))
@@ -96,7 +96,7 @@ def format_table(table: dict) -> str:
 def main(argv=None) -> dict:
     args, opts = parse(argv)
     if not os.path.isfile(args.weight):
-        raise CheckpointError(f"--weight '{args.weight}' does not exist; train the PASCAL model first "
+        raise CheckpointError(f"--weight '{os.path.abspath(args.weight)}' does not exist; train the PASCAL model first "
                               f"(sh train.sh pascal all_resnet50) or give the path of its best.pth")
     cfgs = {(t, k): config_with_overrides(os.path.join(args.configs, f"cdfss_{t}_{args.exp}.yaml"),
                                           [*opts, "weight", args.weight, "shot", str(k)])
@@ -116,8 +116,11 @@ def main(argv=None) -> dict:
              "published": {name: {**{t: [float(v) for v in pair] for (t, _), pair in zip(TARGETS, figures)},
                                   "mean": [float(v) for v in figures[-1]]} for name, _, figures in PUBLISHED}}
     print(format_table(table))
-    out = args.out or exclusive_name(default_out(args.weight), ".json")
-    atomic_write_json(out, table)
+    if args.out:
+        out = args.out
+        atomic_write_json(out, table)
+    else:
+        out = create_new_json(default_out(args.weight), table)
     print(f"wrote {out}")
     table["json_path"] = out
     return table

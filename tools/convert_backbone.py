@@ -62,7 +62,7 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def read_any(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise BackboneWeightsError(f"'{path}' does not exist")
+        raise BackboneWeightsError(f"'{os.path.abspath(path)}' does not exist")
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     return read_state_dict(path)

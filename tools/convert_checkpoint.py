@@ -108,7 +108,7 @@ def our_name(key: str, source: str, vgg: bool, bins: int):
 def read_reference(path: str) -> tuple[dict, dict]:
     """``(state dict without 'module.', the other entries)`` of a released checkpoint."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+        raise CheckpointError(f"checkpoint '{os.path.abspath(path)}' does not exist")
     state = load_tensors(path, CheckpointError, "checkpoint", fix_refused="convert a file saved by their train.py",
                          fix_corrupt="re-download it")
     if not isinstance(state, dict):

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from util.cli import run
 from util.config import parse_args_with_overrides
 from util.errors import UserError
+from util.fileio import read_json_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONE = "initmodel/synthetic_split0_resnet18x0.5.pth"   # the image configs' 'pretrained'
@@ -142,6 +143,7 @@ def run_chains(chains: list[Step], jobs: int, python: str, times: dict) -> None:
 
 def latest_result(dataset: str, name: str) -> str:
     found = sorted(glob.glob(os.path.join(ROOT, "exp", dataset, name, "result", "test_*.json")), key=os.path.getmtime)
+    found = [path for path in found if read_json_result(path, "test result") is not None]   # skips a partial one
     if not found:
         raise UserError(f"no test result of {name} under exp/{dataset}/{name}/result")
     return os.path.relpath(found[-1], ROOT)

@@ -24,6 +24,7 @@ import numpy as np
 from util.classes import SYNTHETIC_CLASSES
 from util.cli import run
 from util.fileio import atomic_write_image, atomic_write_text
+from util.logger import progress
 
 SPLIT_IDS = {"train": 0, "val": 1}
 
@@ -344,8 +345,6 @@ def _parse(argv):
 
 def main(argv=None) -> dict:
     """Generate the dataset; returns {split: (N, 21) per-image class pixel counts}."""
-    from tqdm import tqdm
-
     args = _parse(argv)
     t0 = time.perf_counter()
     out = args.out
@@ -356,20 +355,16 @@ def main(argv=None) -> dict:
              for split, n in sizes.items() for i in range(n)]
     counts = {split: np.zeros((n, NUM_CLASSES + 1), np.int64) for split, n in sizes.items()}
     workers = max(1, min(args.workers, len(tasks)))
-    bar = tqdm(total=len(tasks), desc="synthetic", unit="img", dynamic_ncols=True)
     if workers == 1:
-        for task in tasks:
-            split, i, c = _write_one(task)
+        for split, i, c in progress(map(_write_one, tasks), total=len(tasks), desc="synthetic", unit="img"):
             counts[split][i] = c
-            bar.update()
     else:
         import multiprocessing as mp
 
         with mp.Pool(workers, initializer=_init_worker) as pool:
-            for split, i, c in pool.imap_unordered(_write_one, tasks, chunksize=16):
+            for split, i, c in progress(pool.imap_unordered(_write_one, tasks, chunksize=16), total=len(tasks),
+                                        desc="synthetic", unit="img"):
                 counts[split][i] = c
-                bar.update()
-    bar.close()
 
     for split, n in sizes.items():
         lines = "".join(f"JPEGImages/{image_name(split, i)}.jpg SegmentationClassAug/{image_name(split, i)}.png\n"

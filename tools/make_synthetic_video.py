@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import cv2
@@ -36,6 +35,7 @@ from tools.make_synthetic import (CLASS_SPECS, NUM_CLASSES, _background, _fill, 
 from util.classes import SYNTHETIC_VIDEO_CLASSES
 from util.cli import run
 from util.fileio import atomic_write_image, atomic_write_text
+from util.logger import progress
 
 FRAME_STEP = 5   # YouTube-VIS frame names step by 5 (00000, 00005, ...)
 
@@ -243,27 +243,19 @@ def _parse(argv):
 
 def main(argv=None) -> dict:
     """Generate the set; returns the annotation document written."""
-    from tqdm import tqdm
-
     args = _parse(argv)
     t0 = time.perf_counter()
     tasks = [(args.out, i, args.seed, args.size, args.frames_min, args.frames_max, args.portrait, args.quality)
              for i in range(args.videos)]
     workers = max(1, min(args.workers, len(tasks)))
-    bar = tqdm(total=len(tasks), desc="synthetic video", unit="video", dynamic_ncols=True, file=sys.stderr)
-    results = []
     if workers == 1:
-        for task in tasks:
-            results.append(_write_video(task))
-            bar.update()
+        results = list(progress(map(_write_video, tasks), total=len(tasks), desc="synthetic video", unit="video"))
     else:
         import multiprocessing as mp
 
         with mp.Pool(workers, initializer=_init_worker) as pool:
-            for r in pool.imap_unordered(_write_video, tasks, chunksize=4):
-                results.append(r)
-                bar.update()
-    bar.close()
+            results = list(progress(pool.imap_unordered(_write_video, tasks, chunksize=4), total=len(tasks),
+                                    desc="synthetic video", unit="video"))
     doc = build_annotation_file(results)
     atomic_write_text(os.path.join(args.out, "train", "instances.json"), json.dumps(doc) + "\n")
 

@@ -238,10 +238,10 @@ def isic_tasks(src: str, out: str, classes_csv: str, link: bool) -> tuple[list[P
     problems = []
     for image_id in sorted(classes):
         if image_id not in images:
-            problems.append(f"image '{os.path.join(images_dir, image_id + '.jpg')}' (listed in '{classes_csv}') "
+            problems.append(f"image '{os.path.abspath(os.path.join(images_dir, image_id + '.jpg'))}' (listed in '{classes_csv}') "
                             f"does not exist; {ISIC_HINT}")
         if image_id not in masks:
-            problems.append(f"mask '{os.path.join(masks_dir, image_id + ISIC_MASK_SUFFIX)}' of image "
+            problems.append(f"mask '{os.path.abspath(os.path.join(masks_dir, image_id + ISIC_MASK_SUFFIX))}' of image "
                             f"'{image_id}' (listed in '{classes_csv}') does not exist; {ISIC_HINT}")
     problems += [f"mask '{os.path.join(masks_dir, m + ISIC_MASK_SUFFIX)}' has no image "
                  f"'{os.path.join(images_dir, m + '.jpg')}'; {ISIC_HINT}" for m in sorted(masks - images)]

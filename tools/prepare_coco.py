@@ -121,7 +121,7 @@ class CocoTask(NamedTuple):
 def process_image(task: CocoTask) -> ItemResult:
     """Check one image, place its JPEG and write its label."""
     if not os.path.isfile(task.image):
-        raise PrepError(f"{task.name}: image '{task.image}' named by the annotation file does not exist; "
+        raise PrepError(f"{task.name}: image '{os.path.abspath(task.image)}' named by the annotation file does not exist; "
                         f"re-extract the image archive")
     height, width = image_hw(task.image)
     if (height, width) != (task.height, task.width):

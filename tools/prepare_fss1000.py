@@ -42,7 +42,7 @@ def check_class(src: str, name: str) -> list[str]:
     """Problems of one source class folder (empty when its ten pairs are all there)."""
     folder = os.path.join(src, name)
     if not os.path.isdir(folder):
-        return [f"class '{name}': folder '{folder}' does not exist; {SRC_HINT}"]
+        return [f"class '{name}': folder '{os.path.abspath(folder)}' does not exist; {SRC_HINT}"]
     problems = []
     for n in range(1, IMAGES_PER_CLASS + 1):
         for ext in (".jpg", ".png"):

@@ -132,12 +132,12 @@ def process_image(task: PascalTask) -> ItemResult:
     if os.path.isfile(voc_label):
         source, result.source = voc_label, "voc"
     elif task.in_voc_split:
-        raise PrepError(f"{task.name}: '{voc_label}' does not exist although VOC's ImageSets/Segmentation "
+        raise PrepError(f"{task.name}: '{os.path.abspath(voc_label)}' does not exist although VOC's ImageSets/Segmentation "
                         f"names the image; re-extract VOCtrainval_11-May-2012.tar")
     elif os.path.isfile(sbd_label):
         source, result.source = sbd_label, "sbd"
     else:
-        raise PrepError(f"{task.name}: no label: '{sbd_label}' does not exist (and VOC has no "
+        raise PrepError(f"{task.name}: no label: '{os.path.abspath(sbd_label)}' does not exist (and VOC has no "
                         f"SegmentationClass PNG for it); re-extract benchmark.tgz")
     label = convert_label(source)
     height, width = image_hw(image)

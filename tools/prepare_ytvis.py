@@ -50,7 +50,7 @@ YTVIS_HINT = ("--ytvis must point at the extracted YouTube-VIS 2019 training dat
 def find_annotation_file(ytvis: str, json_path: str = "") -> str:
     if json_path:
         if not os.path.isfile(json_path):
-            raise PrepError(f"annotation file '{json_path}' (--json) does not exist; {YTVIS_HINT}")
+            raise PrepError(f"annotation file '{os.path.abspath(json_path)}' (--json) does not exist; {YTVIS_HINT}")
         return json_path
     for rel in JSON_CANDIDATES:
         path = os.path.join(ytvis, rel)
@@ -124,7 +124,7 @@ def _check_frames(task: VideoTask) -> None:
             wrong.append(f"'{path}' is {w}x{h}")
     if missing:
         raise PrepError(f"{task.name}: {len(missing)} of {len(task.frames)} frames named by the annotation file "
-                        f"do not exist (first: '{missing[0]}'); re-extract train.zip")
+                        f"do not exist (first: '{os.path.abspath(missing[0])}'); re-extract train.zip")
     if wrong:
         raise PrepError(f"{task.name}: {wrong[0]} but the annotation file says {task.width}x{task.height} "
                         f"(width x height){f' ({len(wrong)} frames)' if len(wrong) > 1 else ''}")

@@ -59,10 +59,17 @@ class Key:
     arch: bool = False
     tasks: tuple = TASKS
     datasets: tuple = ()   # the dataset families it applies to (empty: every one of its tasks)
+    # a file or folder: a relative value is resolved by resolve_paths(); 'under': the key of the root
+    # a relative value is first looked for under (class lists); 'words': values that are not paths
+    path: bool = False
+    under: str = ""
+    words: tuple = ()
 
 
-def _k(name, type_, default, help_, choices=(), *, arch=False, tasks=TASKS, datasets=()):
-    return Key(name, type_, default, help_, tuple(choices), arch=arch, tasks=tuple(tasks), datasets=tuple(datasets))
+def _k(name, type_, default, help_, choices=(), *, arch=False, tasks=TASKS, datasets=(), path=False, under="",
+       words=()):
+    return Key(name, type_, default, help_, tuple(choices), arch=arch, tasks=tuple(tasks), datasets=tuple(datasets),
+               path=path or bool(under), under=under, words=tuple(words))
 
 
 def _section(name: str, *keys: Key) -> tuple[Key, ...]:
@@ -84,17 +91,19 @@ SCHEMA: tuple[Key, ...] = _section(
        "the dataset's task", ("auto",) + TASKS, arch=True),
     _k("data_root", "str", "data/pascal", "root holding JPEGImages/ and SegmentationClassAug/ (pascal, coco, "
        "synthetic), the class folders (folder, fss1000, cdfss), or the prepared tree of tools/prepare_ytvis.py "
-       "(videos)"),
+       "(videos)", path=True),
     _k("train_list", "str", "lists/pascal/train.txt", "training list: 'image label' per line", tasks=_IMG,
-       datasets=_LISTS),
+       datasets=_LISTS, path=True),
     _k("val_list", "str", "lists/pascal/val.txt", "evaluation list: 'image label' per line", tasks=_IMG,
-       datasets=_LISTS),
+       datasets=_LISTS, path=True),
     _k("train_classes", "str", "", "class-folder datasets: text file naming the training classes' folders under "
-       "data_root, one per line (dataset/folder.py)", tasks=_IMG, datasets=_FOLDERS),
+       "data_root, one per line (dataset/folder.py); a relative name is read under data_root", tasks=_IMG,
+       datasets=_FOLDERS, under="data_root"),
     _k("val_classes", "str", "", "text file naming the validation classes' folders under val_root (or data_root): "
-       "class-folder datasets ('': validate on the test classes, with a warning) and val_dataset", tasks=_IMG),
+       "class-folder datasets ('': validate on the test classes, with a warning) and val_dataset; a relative name "
+       "is read under val_root (or data_root)", tasks=_IMG, under="val_root"),
     _k("test_classes", "str", "", "class-folder datasets: text file naming the test classes' folders under "
-       "data_root", tasks=_IMG, datasets=_FOLDERS),
+       "data_root; a relative name is read under data_root", tasks=_IMG, datasets=_FOLDERS, under="data_root"),
     _k("split", "fold", 0, f"fold: held-out classes of fold i (0..3), or '{ALL_CLASSES}': every class trains and "
        f"none is held out (validation then needs val_dataset); class-folder datasets have no folds",
        datasets=_LISTS + VIDEO_DATASETS),
@@ -115,7 +124,7 @@ SCHEMA: tuple[Key, ...] = _section(
        "validation, as PATNet's); '': the held-out classes", ("",) + FOLDER_DATASETS, tasks=_IMG,
        datasets=_LISTS),
     _k("val_root", "str", "", "root of the validation class folders: val_dataset's; for class-folder datasets "
-       "'' is data_root", tasks=_IMG),
+       "'' is data_root", tasks=_IMG, path=True),
     _k("workers", "int", 8, "data loader processes per training process"),
 ) + _section(
     "VIDEO",   # docs/video.md
@@ -145,7 +154,7 @@ SCHEMA: tuple[Key, ...] = _section(
        "ResNet channel multiplier: 1.0 is the standard network (ImageNet weight files need it); "
        "0.5 halves every channel count for from-scratch training (the synthetic demos)", arch=True),
     _k("pretrained", "str", "initmodel/resnet50_v2.pth",
-       "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)"),
+       "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)", path=True),
     _k("allow_missing_backbone_keys", "bool", False, "accept a weight file that lacks backbone keys"),
     _k("freeze_backbone", "bool", True, "backbone gets no gradient and runs under no_grad"),
     _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode; False = the authors' train-mode BN "
@@ -245,9 +254,10 @@ SCHEMA: tuple[Key, ...] = _section(
        "family's count); class-folder validation: N class-balanced episodes", tasks=_IMG),
     _k("stop_iter", "int", 0, "stop after this global iteration, saving last.pth (0: run all epochs)"),
     _k("ckpt_freq_iters", "int", 0, "also write last.pth every N iterations (0: once per epoch)"),
-    _k("resume", "str", "", "checkpoint to resume from: '' (none), 'auto' (last.pth) or a path"),
+    _k("resume", "str", "", "checkpoint to resume from: '' (none), 'auto' (last.pth) or a path", path=True,
+       words=("auto",)),
     _k("overwrite", "bool", False, "start over in an experiment folder that holds checkpoints (deletes them)"),
-    _k("save_path", "str", "", "experiment folder (default exp/<dataset>/<exp_name>[_shotK])"),
+    _k("save_path", "str", "", "experiment folder (default exp/<dataset>/<exp_name>[_shotK])", path=True),
     _k("tb_images", "int", 4, "episodes logged to TensorBoard as images per validation"),
 ) + _section(
     "TEST",
@@ -259,7 +269,8 @@ SCHEMA: tuple[Key, ...] = _section(
        "pastes the image on a square canvas, hsnet resizes image and label to a square of it; 'auto': the "
        "protocol's (pfenet 473, COCO 641; hsnet 400)", tasks=_IMG),
     _k("batch_size_val", "int", 1, "episodes per evaluation forward pass"),
-    _k("weight", "str", "best", "checkpoint to evaluate: 'best', 'last' or a path"),
+    _k("weight", "str", "best", "checkpoint to evaluate: 'best', 'last' or a path", path=True,
+       words=("best", "last")),
     _k("test_num", "int_auto", "auto", "evaluation episodes per seed (exactly this many); class-folder datasets: "
        "0 = one per image of the test classes (HSNet's FSS-1000 rule), N = N class-balanced episodes "
        "(PATNet's); 'auto': the protocol's (pfenet 1000, COCO 4000; hsnet 1000 on pascal/coco; fss1000 and "
@@ -371,7 +382,7 @@ def defaults() -> CfgNode:
 def load_cfg_from_yaml(path: str) -> CfgNode:
     """Read a sectioned YAML file on top of the declared defaults."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; configs live under config/<dataset>/")
+        raise ConfigError(f"config file '{os.path.abspath(path)}' does not exist; configs live under config/<dataset>/")
     with open(path) as f:
         try:
             raw = yaml.safe_load(f) or {}
@@ -416,9 +427,51 @@ def merge_cfg_from_list(cfg: CfgNode, opts: Sequence[str]) -> CfgNode:
     return out.mark(explicit=opts[0::2], overridden=opts[0::2])
 
 
+CALLER_DIR_ENV = "NTRENETPP_CALLER_DIR"    # set by train.sh / test.sh: the folder the command was typed in
+
+
+def resolve_paths(cfg: CfgNode, caller_dir: str | None = None) -> CfgNode:
+    """The one rule for relative paths (docs/guide.md, "Paths"), applied in place:
+
+    - a class list (``train_classes``, ``test_classes``; ``val_classes``) is read under the root
+      of its classes (``data_root``; ``val_root``, else ``data_root``) when that file exists there;
+    - every other relative path, and a class list not found under its root, is taken from the
+      folder the command was typed in when it was typed on the command line (``caller_dir``:
+      ``$NTRENETPP_CALLER_DIR``, which the launchers set because they run python from the
+      repository; else the current folder), and from the folder python runs in when it was
+      written in a config file (the repository root under the launchers).
+
+    A class list found nowhere is left under its root (command line) or as written (config
+    file), so that the error names the place it was expected in."""
+    caller = os.environ.get(CALLER_DIR_ENV, "") if caller_dir is None else caller_dir
+    moved = bool(caller) and os.path.abspath(caller) != os.path.abspath(os.getcwd())
+
+    def typed(name: str, value: str) -> str:
+        return os.path.normpath(os.path.join(caller, value)) if moved and name in cfg.overridden else value
+
+    def relative(key: Key) -> bool:
+        value = cfg[key.name]
+        return bool(value) and value not in key.words and not os.path.isabs(value)
+
+    for key in SCHEMA:
+        if key.path and not key.under and relative(key):
+            cfg[key.name] = typed(key.name, cfg[key.name])
+    for key in SCHEMA:
+        if key.under and relative(key):
+            value = cfg[key.name]
+            beside = os.path.join(cfg[key.under] or cfg.data_root, value)
+            elsewhere = typed(key.name, value)
+            if os.path.isfile(beside) or (not os.path.isfile(elsewhere) and key.name in cfg.overridden):
+                cfg[key.name] = beside
+            else:
+                cfg[key.name] = elsewhere
+    return cfg
+
+
 def load_cfg(path: str, opts: Iterable[str] = ()) -> CfgNode:
-    """The usual entry point: YAML file plus command-line overrides, validated."""
-    cfg = merge_cfg_from_list(load_cfg_from_yaml(path), list(opts))
+    """The usual entry point: YAML file plus command-line overrides, paths resolved
+    (:func:`resolve_paths`), validated."""
+    cfg = resolve_paths(merge_cfg_from_list(load_cfg_from_yaml(path), list(opts)))
     validate(cfg)
     warn_inapplicable(cfg)
     return cfg
@@ -630,10 +683,10 @@ def default_save_path(config_path: str, cfg: CfgNode, yaml_shot: int) -> str:
 
 
 def config_with_overrides(config_path: str, opts: Sequence[str]) -> CfgNode:
-    """YAML file plus command-line overrides, validated, with ``save_path`` defaulting to the
-    experiment folder (:func:`default_save_path`)."""
+    """YAML file plus command-line overrides, paths resolved (:func:`resolve_paths`), validated,
+    with ``save_path`` defaulting to the experiment folder (:func:`default_save_path`)."""
     from_yaml = load_cfg_from_yaml(config_path)
-    cfg = merge_cfg_from_list(from_yaml, list(opts))
+    cfg = resolve_paths(merge_cfg_from_list(from_yaml, list(opts)))
     validate(cfg)
     warn_inapplicable(cfg)
     cfg.save_path = cfg.save_path or default_save_path(config_path, cfg, from_yaml.shot)

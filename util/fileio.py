@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Callable, Iterator
@@ -16,6 +17,8 @@ import cv2
 import numpy as np
 
 from util.errors import DataError, DataFileMissing
+
+log = logging.getLogger("ntrenetpp")
 
 
 def _umask() -> int:
@@ -130,7 +133,7 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
     """
     if not os.path.isfile(list_path):
         raise DataFileMissing(
-            f"list file '{list_path}' does not exist; build it with tools/prepare_pascal.py, "
+            f"list file '{os.path.abspath(list_path)}' does not exist; build it with tools/prepare_pascal.py, "
             f"tools/prepare_coco.py or tools/make_synthetic.py, or fix the list key in the config")
     pairs = []
     with open(list_path) as f:
@@ -149,21 +152,86 @@ def read_list(list_path: str, data_root: str = "", check_files: bool = True) -> 
         if missing:
             shown = ", ".join(missing[:5])
             raise DataFileMissing(
-                f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{data_root}'); "
+                f"{list_path}: {len(missing)} listed file(s) do not exist (data_root='{os.path.abspath(data_root)}'); "
                 f"first ones: {shown}. Check data_root in the config or rebuild the list.")
     return pairs
 
 
-def exclusive_name(stem: str, suffix: str) -> str:
-    """``stem + suffix``, or ``stem-2 + suffix``, ``stem-3 + suffix``, ... : the first name no
-    other writer holds, reserved by creating it exclusively (an empty file that the atomic write
-    then replaces), so two processes that start in the same second keep one file each."""
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    k = 1
+def candidate_names(stem: str, suffix: str) -> Iterator[str]:
+    """``stem + suffix``, then ``stem-2 + suffix``, ``stem-3 + suffix``, ..."""
+    yield f"{stem}{suffix}"
+    k = 2
     while True:
-        path = f"{stem}{suffix}" if k == 1 else f"{stem}-{k}{suffix}"
+        yield f"{stem}-{k}{suffix}"
+        k += 1
+
+
+def create_new(stem: str, suffix: str, writer: Callable[[str], Any]) -> str:
+    """Write a new file under the first of :func:`candidate_names` that no other writer holds and
+    return its path. ``writer(tmp)`` writes the whole content into a hidden temporary file beside
+    it, which is then hard-linked under the name (a link fails when the name exists: exclusive
+    and atomic, so two processes that start in the same second keep one file each) and removed.
+    No empty or partial file ever holds the name, whenever the process dies; a kill leaves at
+    most the hidden temporary file. Where the file system has no hard links, the name is
+    reserved by creating it exclusively and the content renamed onto it: a kill in between
+    leaves that empty file (the readers skip and name it, :func:`read_json_result`)."""
+    folder = os.path.dirname(os.path.abspath(stem))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(stem) + ".", suffix=".tmp" + suffix, dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        writer(tmp)
+        for path in candidate_names(stem, suffix):
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                continue
+            except OSError:        # no hard links here: reserve the name, then rename onto it
+                path = reserve_name(stem, suffix)
+                os.replace(tmp, path)
+                break
+        fsync_dir(folder)
+        return path
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def reserve_name(stem: str, suffix: str) -> str:
+    """The first of :func:`candidate_names` not taken, reserved by creating it exclusively (an
+    empty file, for a writer that replaces it at once)."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    for path in candidate_names(stem, suffix):
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             return path
         except FileExistsError:
-            k += 1
+            continue
+
+
+def create_new_json(stem: str, obj: Any, indent: int | None = 2) -> str:
+    """:func:`create_new` of ``stem + '.json'`` holding ``obj``."""
+    text = json.dumps(obj, indent=indent) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return create_new(stem, ".json", write)
+
+
+def read_json_result(path: str, what: str = "result") -> dict | None:
+    """A JSON file written whole by :func:`create_new_json`, or None (with a warning naming it)
+    when it is empty or cut short: a partial file (a write cut off on a file system without hard
+    links, or a copy interrupted) is skipped, not a crash of the tool that reads it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        log.warning("skipping %s '%s': %s", what, os.path.abspath(path),
+                    "empty (a write that was cut off)" if size == 0 else f"not complete JSON ({e})")
+        return None

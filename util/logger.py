@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Iterable, Iterator
+
+from tqdm import tqdm
 
 FORMAT = "[%(asctime)s %(levelname)s] %(message)s"
 
@@ -53,6 +56,26 @@ def progress_stream():
     if sys.stdout.isatty() and sys.stderr.isatty():
         return sys.stderr
     return None
+
+
+def progress(items: Iterable, total: int | None = None, desc: str = "", unit: str = "it",
+             lines: int = 10) -> Iterator:
+    """Iterate over ``items`` showing progress where someone watches: a tqdm bar on the terminal
+    (:func:`progress_stream`), otherwise — a log file, a pipe, CI — about ``lines`` plain lines on
+    stderr (``desc: 40/100 img (40%)``), none with a carriage return, so that a one-line error
+    printed after them stays the last line."""
+    total = len(items) if total is None and hasattr(items, "__len__") else total
+    stream = progress_stream()
+    if stream is not None:
+        yield from tqdm(items, total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True)
+        return
+    step = max(1, -(-total // lines)) if total else 0
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        if step and (done % step == 0 or done == total):
+            print(f"{desc}: {done}/{total} {unit} ({100 * done // total}%)", file=sys.stderr, flush=True)
 
 
 class EventWriter:
