@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import build_model_from_checkpoint
 from engine.tester import run_test
-from model.backbone import build_backbone, load_backbone_weights
+from model.backbone import backbone_from_cfg, load_backbone_weights
 from model.modules import masked_average_pooling
 from model.ops import memory_format_of, resize
 from util.amp import to_device
@@ -97,7 +97,7 @@ def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher | None:
 
 def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
     """The prototype matcher on an ImageNet backbone weight file (as ``pretrained`` loads it)."""
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
+    backbone = backbone_from_cfg(cfg)
     load_backbone_weights(backbone, path, cfg.allow_missing_backbone_keys)
     return PrototypeMatcher(backbone)
 

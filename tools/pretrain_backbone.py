@@ -5,7 +5,7 @@ backbone.
     python tools/pretrain_backbone.py --config config/synthetic/synthetic_split0_resnet18.yaml \\
         [--out initmodel/synthetic_split0_resnet18x0.5.pth] [--iters 1500] [KEY VALUE ...]
 
-The backbone the config describes (``layers``, ``vgg``, ``deep_stem``, ``backbone_width``)
+The backbone the config describes (``backbone``, ``layers``, ``vgg``, ``deep_stem``, ``backbone_width``)
 learns to label every pixel of the fold's training images with its training class or
 background: a 1x1 classifier on layer4 and an auxiliary one on layer3 (weight 0.4), per-pixel
 cross-entropy, SGD with momentum and the poly schedule. Pixels of held-out classes are ignored
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataset.image import load_split, read_pair, worker_init
 from dataset.transform import train_transform
 from engine.trainer import poly_lr
-from model.backbone import build_backbone
+from model.backbone import backbone_from_cfg
 from util.cli import run
 from util.config import load_cfg, parse_args_with_overrides
 from util.errors import ConfigError
@@ -120,8 +120,7 @@ def main(argv=None) -> str:
         raise ConfigError("--iters and --batch must be at least 1")
     torch.manual_seed(cfg.manual_seed)
     data = BaseClassImages(cfg)
-    model = SegmentationNet(build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width),
-                            data.num_classes)
+    model = SegmentationNet(backbone_from_cfg(cfg), data.num_classes)
     model.train()
     optimiser = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     plan = batches(len(data), args.iters, args.batch, cfg.manual_seed)
