@@ -77,7 +77,7 @@ def _variants() -> dict[str, ViTSpec]:
                                                      spec.heads, registers=4, ffn=spec.ffn)
     # the synthetic demo's stand-in, trained here on the synthetic training classes (tools/pretrain_backbone.py):
     # the DINOv2 architecture at a width, depth and patch the 2-core CPU trains in minutes
-    out["vit_tiny8"] = ViTSpec("ViT-tiny/8 (synthetic demo)", 96, 6, 3, patch=8, grid=8)
+    out["vit_tiny8"] = ViTSpec("ViT-tiny/8 (synthetic demo)", 96, 6, 3, patch=8, grid=7)
     return out
 
 

@@ -93,7 +93,7 @@ def test_the_larger_variants_have_the_released_key_names_and_shapes(name, spec):
 @pytest.mark.parametrize("file_spec, message", [
     (dict(patch=16), "patch size 16 (the config's dinov2_vits14 has 14); use the file of the configured variant"),
     (dict(registers=4), "register tokens 4 (the config's dinov2_vits14 has 0); set 'backbone dinov2_vits14_reg'"),
-    (dict(dim=96, depth=6, patch=8, grid=8), "width 96 (the config's dinov2_vits14 has 384), patch size 8 (the "
+    (dict(dim=96, depth=6, patch=8, grid=7), "width 96 (the config's dinov2_vits14 has 384), patch size 8 (the "
                                              "config's dinov2_vits14 has 14), blocks 6 (the config's "
                                              "dinov2_vits14 has 12); set 'backbone vit_tiny8'"),
 ])
@@ -195,3 +195,32 @@ def test_the_video_network_runs_on_a_vit(one_thread):
     masks[..., 8:30, 8:30] = 1
     with torch.no_grad():
         assert model(query, supports, masks).shape == (1, 2, 2, 40, 48)
+
+
+def test_train_test_baseline_and_predict_run_on_a_vit_backbone(synth_root, tmp_path, one_thread):
+    """The user's commands with 'backbone vit_tiny8' on the synthetic tree: train.py, test.py,
+    tools/baseline.py's prototype matcher on the checkpoint's ViT, and predict.py."""
+    from commands import predict, train
+    from commands import test as test_entry
+    from tools import baseline
+    config = "config/synthetic/synthetic_split0_resnet18.yaml"
+    exp = str(tmp_path / "exp")
+    opts = ["backbone", "vit_tiny8", "backbone_width", "1.0", "pretrained", "", "data_root", synth_root,
+            "train_list", os.path.join(synth_root, "train.txt"), "val_list", os.path.join(synth_root, "val.txt"),
+            "min_class_pixels", "150", "exclude_novel_images", "False", "class_index_workers", "1", "reduce_dim", "8", "train_h", "40", "train_w",
+            "40", "val_size", "41", "batch_size", "2", "epochs", "1", "epoch_size", "4", "val_num", "4",
+            "test_num", "4", "test_seeds", "1", "batch_size_val", "4", "memory_size", "8", "num_negatives", "4",
+            "tb_images", "0", "print_freq", "1", "save_path", exp]
+    train.main(["--config", config, *opts])
+    state = torch.load(os.path.join(exp, "model", "best.pth"), weights_only=True)
+    assert state["architecture"]["backbone"] == "vit_tiny8" and state["architecture"]["vit_blocks"] == []
+    result = test_entry.main(["--config", config, *opts])
+    rows = baseline.main(["--config", config, *opts, "--compare", result["json_path"]])
+    assert list(rows) == ["NTRENet++ (exp/best.pth)", "prototype matcher (its backbone)", "all-foreground"]
+    assert all(0.0 <= r["miou_mean"] <= 100.0 for r in rows.values())
+    image = os.path.join(synth_root, open(os.path.join(synth_root, "val.txt")).read().split()[0])
+    label = os.path.join(synth_root, open(os.path.join(synth_root, "val.txt")).read().split()[1])
+    written = predict.main(["--config", config, *opts, "--weight", os.path.join(exp, "model", "best.pth"),
+                            "--support", image, label, "--query", image, "--out", str(tmp_path / "pred"),
+                            "--device", "cpu", "--class-id", "1"])
+    assert written
