@@ -1,4 +1,5 @@
-"""Backbones: dilated ResNets (output stride 8) and VGG-16-bn (PFENet's slices), and their weight loading.
+"""Backbones: dilated ResNets (output stride 8), VGG-16-bn (PFENet's slices) and DINOv2 vision
+transformers (model/vit.py, stride 14), and their weight loading.
 
 Every backbone exposes the same two calls the network needs:
 
@@ -9,8 +10,9 @@ and the attributes ``layer2_channels``, ``layer3_channels``, ``layer4_channels``
 
 Weights come from local files. ``load_backbone_weights`` accepts the semseg "v2" deep-stem
 layout (``conv1/bn1/conv2/bn2/conv3/bn3``, ``layer1..4``, ``fc``), torchvision's ResNet
-layout (7×7 ``conv1``; needs ``deep_stem: False``) and torchvision's VGG-16-bn layout
-(``features.N``), reports every missing / unexpected key and refuses a half-loaded backbone.
+layout (7×7 ``conv1``; needs ``deep_stem: False``), torchvision's VGG-16-bn layout
+(``features.N``) and Meta's released DINOv2 files, reports every missing / unexpected key and
+refuses a half-loaded backbone.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 
 from util.errors import BackboneWeightsError
 from util.torchload import load_tensors
+
+from .vit import DINOv2, describe_file, found_variant
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +306,12 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def build_backbone(layers: int = 50, vgg: bool = False, deep_stem: bool = True, width: float = 1.0) -> nn.Module:
-    """VGG-16-bn, or the dilated ResNet of ``layers`` with ``width`` times its channels."""
+def build_backbone(layers: int = 50, vgg: bool = False, deep_stem: bool = True, width: float = 1.0,
+                   name: str = "resnet", vit_blocks=()) -> nn.Module:
+    """VGG-16-bn, the dilated ResNet of ``layers`` with ``width`` times its channels, or (``name``
+    one of model/vit.py's ``VIT_VARIANTS``) a DINOv2 ViT whose layer2/layer3 are ``vit_blocks``."""
+    if name != "resnet":
+        return DINOv2(name, vit_blocks or None)
     if vgg and width != 1.0:
         raise ValueError(f"backbone_width {width} applies to ResNets only; VGG-16-bn keeps its channels")
     return VGG16BN() if vgg else ResNet(layers, deep_stem, width)
@@ -314,6 +322,11 @@ def missing_weights_error(path: str) -> BackboneWeightsError:
     return BackboneWeightsError(
         f"backbone weight file '{os.path.abspath(path)}' (config key 'pretrained') does not exist; {README_HINT}, "
         f"or set \"pretrained ''\" for random initialisation")
+
+
+def backbone_from_cfg(cfg) -> nn.Module:
+    """The backbone a validated config describes, randomly initialised."""
+    return build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width, cfg.backbone, cfg.vit_blocks)
 
 
 def read_state_dict(path: str) -> dict:
@@ -340,6 +353,13 @@ def load_backbone_weights(backbone: nn.Module, source: str | dict, allow_missing
     name = source if isinstance(source, str) else "<state dict>"
     state = read_state_dict(source) if isinstance(source, str) else dict(source)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    vit_file = describe_file(state)
+    if vit_file is not None and not isinstance(backbone, DINOv2):
+        variant = found_variant(vit_file)
+        raise BackboneWeightsError(
+            f"backbone weight file '{name}' is a vision transformer's (width {vit_file['dim']}, patch "
+            f"{vit_file['patch']}) but the config asks for a ResNet/VGG backbone; set 'backbone "
+            f"{variant or 'dinov2_...'}'")
     state, classifier = backbone.convert_state_dict(state, name)
     own = backbone.state_dict()
     report = LoadReport(name, classifier_unused=sorted(classifier))
@@ -351,12 +371,12 @@ def load_backbone_weights(backbone: nn.Module, source: str | dict, allow_missing
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         raise BackboneWeightsError(f"backbone weight file '{name}' does not fit the configured backbone "
-                                   f"(check 'layers', 'vgg', 'deep_stem', 'backbone_width'): " + "; ".join(mismatched[:5]))
+                                   f"(check 'backbone', 'layers', 'vgg', 'deep_stem', 'backbone_width'): " + "; ".join(mismatched[:5]))
     if report.unexpected:
         raise BackboneWeightsError(
             f"backbone weight file '{name}' has keys the configured backbone lacks: "
             f"{report.unexpected[:8]} ({len(report.unexpected)} in all); it belongs to another "
-            f"architecture (check 'layers', 'vgg', 'deep_stem'); {README_HINT}")
+            f"architecture (check 'backbone', 'layers', 'vgg', 'deep_stem'); {README_HINT}")
     if report.missing and not allow_missing:
         raise BackboneWeightsError(
             f"backbone weight file '{name}' lacks backbone keys {report.missing[:8]} "
@@ -369,11 +389,11 @@ def load_backbone_weights(backbone: nn.Module, source: str | dict, allow_missing
 
 
 def backbone_of(cfg, warn_random_backbone: bool = True) -> nn.Module:
-    """The backbone of ``cfg`` (ResNet / VGG-16-bn), with the ImageNet weight file ``pretrained``
+    """The backbone of ``cfg`` (ResNet / VGG-16-bn / DINOv2 ViT), with the weight file ``pretrained``
     loaded when one is named. With ``pretrained ''`` it stays randomly initialised, and a warning
     says so unless ``warn_random_backbone`` is False (a checkpoint's weights are about to replace
     it, or random weights are what the caller wants)."""
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
+    backbone = backbone_from_cfg(cfg)
     if cfg.pretrained:
         load_backbone_weights(backbone, cfg.pretrained, cfg.allow_missing_backbone_keys)
     elif warn_random_backbone:

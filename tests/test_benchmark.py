@@ -6,6 +6,7 @@ import torch
 
 from tools.measure import benchmark
 from util.config import defaults
+from util.errors import ConfigError
 from util.distributed import DistInfo
 
 TINY = dict(dataset="pascal", layers=18, pretrained="", reduce_dim=16, ppm_scales=[1.0, 0.5], train_h=65,
@@ -156,3 +157,23 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
                               capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_backbones_side_by_side(monkeypatch, capsys):
+    """--backbones runs the measurements once per backbone: a ViT's crop rounded to its patch and
+    absolute bins turned into fractions, as the ViT configs do; one column each."""
+    monkeypatch.setitem(benchmark.PEAK_SHAPE, "cpu", (1, 16))
+    args = ["--config", "config/pascal/pascal_split0_resnet50.yaml", "--device", "cpu", "--reps", "1", "--warmup",
+            "0", "--skip", "loader", "--backbones", "resnet,vit_tiny8", "pretrained", "''", "layers", "18",
+            "reduce_dim", "8", "train_h", "33", "train_w", "35", "val_size", "41", "batch_size", "2",
+            "batch_size_val", "2", "workers", "0", "memory_size", "8", "num_negatives", "4"]
+    results = benchmark.main(args)
+    assert list(results) == ["resnet", "vit_tiny8"]
+    assert results["resnet"]["config"]["train_h"] == 33 and results["vit_tiny8"]["config"]["train_h"] == 32
+    assert results["vit_tiny8"]["config"]["train_w"] == 32 and results["vit_tiny8"]["config"]["backbone"] == "vit_tiny8"
+    assert all(r["train_step_ms"] > 0 and r["eval_episode_ms"] > 0 for r in results.values())
+    table = capsys.readouterr().out.splitlines()
+    assert table[-11].split() == ["ResNet-18", "ViT-tiny/8", "(synthetic"]
+    assert table[-10].split() == ["training", "crop", "33x35", "32x32"]
+    with pytest.raises(ConfigError, match="--backbones: key 'backbone' has value 'vit_huge'"):
+        benchmark.main(args[:11] + ["resnet,vit_huge"] + args[12:])

@@ -247,3 +247,22 @@ def test_the_cross_domain_configs_describe_the_network_pascal_all_trains(target)
     assert (trained.split, trained.bank_classes, trained.eval_protocol, trained.val_size) == ("all", 20, "hsnet", 400)
     assert cfg.weight == "exp/pascal/all_resnet50/model/best.pth" and cfg.test_seeds == 1
     assert (cfg.eval_protocol, cfg.val_size, cfg.test_num) == ("hsnet", 400, 0 if target == "fss1000" else 600)
+
+
+@pytest.mark.parametrize("dataset", ["pascal", "coco"])
+def test_vit_configs_differ_from_resnet50_in_the_backbone_crop_and_bins_only(dataset):
+    """Every fold has ViT-S/14 and ViT-B/14 configs for NTRENet++ and PFENet. They keep the
+    ResNet-50 recipe (untuned) but for the backbone, the training crop rounded to the 14-px
+    patch, pyramid bins as fractions of the smaller feature map, and fix_bn True (a ViT has no
+    BatchNorm: one pass for query and supports)."""
+    crop = {"pascal": 476, "coco": 644}[dataset]
+    for split in range(4):
+        for arch in ("", "_pfenet"):
+            base = load_cfg(f"config/{dataset}/{dataset}_split{split}_resnet50{arch}.yaml")
+            for vit in ("vits14", "vitb14"):
+                cfg = load_cfg(f"config/{dataset}/{dataset}_split{split}_{vit}{arch}.yaml")
+                differing = {k for k in cfg if cfg[k] != base[k]}
+                assert differing - {"ppm_scales", "fix_bn"} == {"backbone", "pretrained", "train_h", "train_w"}
+                assert cfg.backbone == f"dinov2_{vit}" and cfg.pretrained == f"initmodel/dinov2_{vit}_pretrain.pth"
+                assert cfg.train_h == cfg.train_w == crop and crop % 14 == 0
+                assert cfg.ppm_scales == [1.0, 0.5, 0.25, 0.125] and cfg.fix_bn and cfg.vit_blocks == []

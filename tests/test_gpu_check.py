@@ -30,7 +30,8 @@ def test_rehearsal_writes_summary_json_and_markdown(tmp_path, monkeypatch):
         assert r["ok"] and r["step_ms"] > 0 and len(r["total_loss"]) == 3 and r["grad_scale"] is None
     rows = sections["benchmark"]["rows"]
     assert [(r["row"], r["amp"]) for r in rows] == [
-        (n, a) for n in ("PASCAL R50 1-shot 473", "PASCAL R50 5-shot 473", "COCO R50 1-shot 641")
+        (n, a) for n in ("PASCAL R50 1-shot 473", "PASCAL R50 5-shot 473", "COCO R50 1-shot 641",
+                         "PASCAL ViT-S/14 1-shot 476", "PASCAL ViT-B/14 1-shot 476")
         for a in ("none", "bf16")]
     assert all(r["ok"] and r["train_step_ms"] > 0 and r["sync_free"] for r in rows)
     assert rows[0]["loader_episodes_per_s"] > 0 and rows[1]["loader_episodes_per_s"] is None

@@ -80,3 +80,20 @@ def test_bad_input_is_one_clear_error(synth_root, tmp_path):
                                      "MODEL": {"pretrained": "x.pth", "support_mode": "mean"}}))
     with pytest.raises(ConfigError, match="pretrains on images; this is a video config"):
         pb.main(["--config", str(video)])
+
+
+def test_a_vit_pretrains_with_adamw_and_its_file_loads(synth_root, tmp_path, one_thread):
+    """The synthetic ViT's pretraining: 'backbone vit_tiny8', '--optimizer adamw'; every tensor
+    the backbone runs moves, the blocks it never runs (none here) and the unused mask token stay."""
+    config = _config(tmp_path, synth_root)
+    out = pb.main(["--config", config, "--iters", "2", "--batch", "2", "--optimizer", "adamw", "--lr", "0.001",
+                   "backbone", "vit_tiny8", "backbone_width", "1.0", "train_h", "32", "train_w", "32"])
+    state = torch.load(out)
+    from model.vit import DINOv2
+    vit = DINOv2("vit_tiny8")
+    report = load_backbone_weights(vit, out)
+    assert not report.missing and not report.unexpected
+    torch.manual_seed(3)
+    untouched = DINOv2("vit_tiny8").state_dict()
+    assert not torch.equal(state["blocks.5.mlp.fc2.weight"], untouched["blocks.5.mlp.fc2.weight"])
+    assert torch.equal(state["mask_token"], untouched["mask_token"])

@@ -15,7 +15,9 @@ Two baselines, each on the same episodes (seeds, count, shots) as a test.py resu
   background — no threshold to tune). Its backbone is that of a trained NTRENet++
   checkpoint (``--weight``, default the one ``--compare`` scored) and, with
   ``--pretrained``, a backbone weight file: ImageNet's (the frozen backbone of the PASCAL/COCO
-  configs) or one tools/pretrain_backbone.py wrote (the synthetic demo's).
+  configs), Meta's DINOv2 file (with ``backbone dinov2_vitb14`` etc.: the training-free
+  matching of Matcher and GF-SAM, in its plainest form) or one tools/pretrain_backbone.py wrote
+  (the synthetic demo's).
 
 With ``--compare`` it prints each result beside the baselines, one row each: several results
 (PFENet's and NTRENet++'s test JSONs, say) must have scored the very same episodes (dataset,
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from engine.checkpoint import build_model_from_checkpoint
 from engine.tester import run_test
-from model.backbone import build_backbone, load_backbone_weights
+from model.backbone import backbone_from_cfg, load_backbone_weights
 from model.modules import masked_average_pooling
 from model.ops import memory_format_of, resize
 from util.amp import to_device
@@ -96,8 +98,9 @@ def matcher_from_checkpoint(path: str, cfg) -> PrototypeMatcher | None:
 
 
 def matcher_from_pretrained(path: str, cfg) -> PrototypeMatcher:
-    """The prototype matcher on an ImageNet backbone weight file (as ``pretrained`` loads it)."""
-    backbone = build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width)
+    """The prototype matcher on a backbone weight file (ImageNet's, DINOv2's or one pretrained here),
+    loaded as ``pretrained`` loads it."""
+    backbone = backbone_from_cfg(cfg)
     load_backbone_weights(backbone, path, cfg.allow_missing_backbone_keys)
     return PrototypeMatcher(backbone)
 
@@ -188,8 +191,8 @@ def main(argv=None) -> dict:
                         help="NTRENet++ checkpoint whose backbone the prototype matcher uses "
                              "(default: the checkpoint --compare scored; none: no matcher row)")
     parser.add_argument("--pretrained", default="",
-                        help="also run the prototype matcher on this backbone weight file (ImageNet's, or "
-                             "tools/pretrain_backbone.py's)")
+                        help="also run the prototype matcher on this backbone weight file (ImageNet's, Meta's "
+                             "DINOv2 file with 'backbone dinov2_...', or tools/pretrain_backbone.py's)")
     args, opts = parse_args_with_overrides(parser, argv)
     args.compare, opts = split_trailing_overrides(args.compare, opts)
     cfg = load_cfg(args.config, opts)

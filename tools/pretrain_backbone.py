@@ -5,10 +5,11 @@ backbone.
     python tools/pretrain_backbone.py --config config/synthetic/synthetic_split0_resnet18.yaml \\
         [--out initmodel/synthetic_split0_resnet18x0.5.pth] [--iters 1500] [KEY VALUE ...]
 
-The backbone the config describes (``layers``, ``vgg``, ``deep_stem``, ``backbone_width``)
+The backbone the config describes (``backbone``, ``layers``, ``vgg``, ``deep_stem``, ``backbone_width``)
 learns to label every pixel of the fold's training images with its training class or
 background: a 1x1 classifier on layer4 and an auxiliary one on layer3 (weight 0.4), per-pixel
-cross-entropy, SGD with momentum and the poly schedule. Pixels of held-out classes are ignored
+cross-entropy, SGD with momentum (or ``--optimizer adamw``, for a vision transformer) and the
+poly schedule. Pixels of held-out classes are ignored
 (and with ``exclude_novel_images`` their images are not used), so the held-out classes stay
 unseen, as the few-shot protocol requires. The training images, augmentation (``train_h``,
 ``scale_min``...) and ``manual_seed`` are the config's. The weight file (``--out``, default the
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataset.image import load_split, read_pair, worker_init
 from dataset.transform import train_transform
 from engine.trainer import poly_lr
-from model.backbone import build_backbone
+from model.backbone import backbone_from_cfg
 from util.cli import run
 from util.config import load_cfg, parse_args_with_overrides
 from util.errors import ConfigError
@@ -102,6 +103,9 @@ def _parse(argv):
     p.add_argument("--iters", type=int, default=1500, help="SGD iterations")
     p.add_argument("--batch", type=int, default=16, help="images per iteration")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (poly schedule, power 0.9)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd: momentum 0.9, weight decay 1e-4 (the ResNets'); adamw: weight decay 0.05, what "
+                        "vision transformers are trained with (the synthetic ViT's, with --lr 0.001)")
     p.add_argument("--print-freq", type=int, default=100, help="log every this many iterations")
     return parse_args_with_overrides(p, argv)
 
@@ -120,10 +124,13 @@ def main(argv=None) -> str:
         raise ConfigError("--iters and --batch must be at least 1")
     torch.manual_seed(cfg.manual_seed)
     data = BaseClassImages(cfg)
-    model = SegmentationNet(build_backbone(cfg.layers, cfg.vgg, cfg.deep_stem, cfg.backbone_width),
-                            data.num_classes)
+    model = SegmentationNet(backbone_from_cfg(cfg), data.num_classes)
     model.train()
-    optimiser = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        optimiser = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
+    else:
+        optimiser = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     plan = batches(len(data), args.iters, args.batch, cfg.manual_seed)
     loader = DataLoader(data, batch_sampler=plan, num_workers=cfg.workers, worker_init_fn=worker_init,
                         persistent_workers=False)

@@ -28,6 +28,10 @@ PFENET, HSNET = "pfenet", "hsnet"
 PROTOCOLS = (PFENET, HSNET)    # the scoring protocols (docs/data.md section 11)
 HSNET_SIZE = 400               # HSNet's evaluation side
 LIST_DATASETS = ("pascal", "coco", "synthetic")    # images named by list files, classes by fold
+# the ViT backbones and their depths (model/vit.py builds them; a test keeps the two in step)
+VIT_BACKBONES = {f"dinov2_vit{size}14{reg}": depth for size, depth in (("s", 12), ("b", 12), ("l", 24), ("g", 40))
+                 for reg in ("", "_reg")}
+VIT_BACKBONES["vit_tiny8"] = 6
 
 # What the 'auto' evaluation keys of an image config resolve to, per dataset family: the protocol
 # its published numbers use (its lineage), then (val_size, test_num) under each protocol.
@@ -153,8 +157,16 @@ SCHEMA: tuple[Key, ...] = _section(
     _k("backbone_width", "float", 1.0,
        "ResNet channel multiplier: 1.0 is the standard network (ImageNet weight files need it); "
        "0.5 halves every channel count for from-scratch training (the synthetic demos)", arch=True),
+    _k("backbone", "str", "resnet",
+       "backbone family: 'resnet' (the ResNet of 'layers', or VGG-16-bn with 'vgg True') or a DINOv2 vision "
+       "transformer (dinov2_vits14, _vitb14, _vitl14, _vitg14, each also with _reg: register tokens; "
+       "vit_tiny8: the synthetic demo's), docs/method.md", ("resnet",) + tuple(VIT_BACKBONES), arch=True),
+    _k("vit_blocks", "list", [],
+       "ViT backbones: the two blocks (1-based) whose patch tokens are layer2 and layer3 (layer3 also feeds the "
+       "prior); [] = the first and last of the last four, e.g. [9, 12] for ViT-S/B", arch=True),
     _k("pretrained", "str", "initmodel/resnet50_v2.pth",
-       "local ImageNet weight file for the backbone; '' = random init (tests, synthetic demo)", path=True),
+       "local weight file for the backbone (ImageNet's, or Meta's dinov2_*_pretrain.pth); '' = random init "
+       "(tests, synthetic demo)", path=True),
     _k("allow_missing_backbone_keys", "bool", False, "accept a weight file that lacks backbone keys"),
     _k("freeze_backbone", "bool", True, "backbone gets no gradient and runs under no_grad"),
     _k("fix_bn", "bool", True, "keep backbone BatchNorm in eval mode; False = the authors' train-mode BN "
@@ -587,6 +599,7 @@ def _validate_bounds(cfg: CfgNode) -> None:
     if cfg.backbone_width <= 0 or (cfg.vgg and cfg.backbone_width != 1.0):
         raise ConfigError(f"key 'backbone_width' is {cfg.backbone_width}; it must be positive, and 1.0 "
                           "with 'vgg True' (VGG-16-bn keeps its channels)")
+    _validate_backbone(cfg)
     if cfg.scale_min > cfg.scale_max:
         raise ConfigError(f"scale_min ({cfg.scale_min}) is larger than scale_max ({cfg.scale_max})")
     if cfg.rotate_min > cfg.rotate_max:
@@ -606,6 +619,26 @@ def _validate_bounds(cfg: CfgNode) -> None:
     for name in ("video_h", "video_w"):
         if cfg[name] < 8:
             raise ConfigError(f"key '{name}' is {cfg[name]}; the video canvas must be at least 8 pixels")
+
+
+def _validate_backbone(cfg: CfgNode) -> None:
+    """validate()'s part for the backbone keys: a ViT excludes the ResNet/VGG ones, and its
+    'vit_blocks' name two of its blocks."""
+    if cfg.backbone == "resnet":
+        if cfg.vit_blocks:
+            raise ConfigError(f"key 'vit_blocks' is {cfg.vit_blocks} but 'backbone' is resnet; it applies to ViT "
+                              f"backbones only: leave it []")
+        return
+    if cfg.vgg or cfg.backbone_width != 1.0:
+        raise ConfigError(f"'backbone {cfg.backbone}' is a vision transformer: 'vgg' must be False and "
+                          f"'backbone_width' 1.0 (they shape ResNet/VGG backbones)")
+    depth = VIT_BACKBONES[cfg.backbone]
+    blocks = cfg.vit_blocks
+    if blocks and not (len(blocks) == 2 and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+                       and 1 <= blocks[0] <= blocks[1] <= depth):
+        raise ConfigError(f"key 'vit_blocks' is {blocks}; expected [] or two block numbers [a, b] with "
+                          f"1 <= a <= b <= {depth} ({cfg.backbone} has {depth} blocks), e.g. [{max(1, depth - 3)}, "
+                          f"{depth}]")
 
 
 def resolved(cfg: CfgNode) -> CfgNode:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 
 from engine.trainer import Trainer, build_training, train_loader
+from model.vit import VIT_VARIANTS, rounded_size
 from tools.make_synthetic import main as make_synthetic
 from tools.make_synthetic_video import main as make_synthetic_video
 from tools.prepare_ytvis import prepare_ytvis
@@ -70,7 +71,7 @@ from util.amp import (autocast, batch_to_device, check_amp, synchronize,
                       use_channels_last)
 from util.classes import NUM_CLASSES
 from util.cli import run as run_cli
-from util.config import load_cfg, parse_args_with_overrides, validate
+from util.config import check_value, load_cfg, parse_args_with_overrides, validate
 from dataset.image import FewShotTrainDataset, load_split
 from util.distributed import DistInfo
 from util.fileio import atomic_write_json
@@ -271,7 +272,9 @@ def describe(cfg) -> str:
     """'ResNet-50, 1-shot, batch 4, 473x473' (video: 'video ResNet-50, T=5 + 5-shot paired,
     batch 4, 241x425'): the network and step size of ``cfg``."""
     net = "VGG-16-bn" if cfg["vgg"] else f"ResNet-{cfg['layers']}"
-    if cfg["backbone_width"] != 1.0:
+    if cfg.get("backbone", "resnet") != "resnet":
+        net = VIT_VARIANTS[cfg["backbone"]].title
+    elif cfg["backbone_width"] != 1.0:
         net += f" x{cfg['backbone_width']:g}"
     if cfg["task"] == "video":
         return (f"video {net}, T={cfg['clip_len']} + {cfg['shot']}-shot {cfg['support_mode']}, batch "
@@ -317,7 +320,7 @@ def run(cfg, device: torch.device, reps: int = 5, warmup: int = 2, skip=(), log=
     validate(cfg)
     res: dict = {"machine": machine_name(device), "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "config": {k: cfg[k] for k in ("dataset", "task", "arch", "layers", "backbone_width", "vgg", "shot", "batch_size", "train_h",
+                 "config": {k: cfg[k] for k in ("dataset", "task", "arch", "backbone", "layers", "backbone_width", "vgg", "shot", "batch_size", "train_h",
                                                 "train_w", "val_size", "clip_len", "video_h", "video_w",
                                                 "support_mode", "batch_size_val", "reduce_dim",
                                                 "amp", "channels_last", "compile", "workers")},
@@ -616,6 +619,11 @@ def main(argv=None) -> dict:
                              "torch.profiler, print the operators by self time and write a Chrome trace to OUT "
                              "(open in chrome://tracing or ui.perfetto.dev)")
     parser.add_argument("--top", type=int, default=25, help="with --profile: operators listed")
+    parser.add_argument("--backbones", default="", metavar="LIST",
+                        help="comma-separated 'backbone' values (resnet, dinov2_vits14, ...): run the measurements "
+                             "once per backbone and print them side by side; a ViT's training crop is rounded to "
+                             "its patch size and absolute pyramid bins become fractions, as its configs do "
+                             "(e.g. resnet,dinov2_vits14,dinov2_vitb14)")
     args, opts = parse_args_with_overrides(parser, argv)
     if args.reps < 1 or args.warmup < 0:
         parser.error(f"--reps must be at least 1 and --warmup at least 0; got {args.reps} and {args.warmup}")
@@ -638,11 +646,61 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: the profiler did not write the trace '{args.profile}' (see the message above)")
         print(f"Chrome trace: {args.profile} (open in chrome://tracing or ui.perfetto.dev)")
         return {}
+    if args.backbones:
+        results = {}
+        for name in args.backbones.split(","):
+            one = backbone_cfg(cfg, name)
+            print(f"{name} ...", file=sys.stderr)
+            results[name] = run(one, device, args.reps, args.warmup, skip, tune_malloc=not args.default_malloc,
+                                log=lambda m: print(m, file=sys.stderr))
+            print(format_table(results[name]) + "\n")
+        print(format_comparison(results))
+        if args.json:
+            atomic_write_json(args.json, results)
+        return results
     res = run(cfg, device, args.reps, args.warmup, skip, tune_malloc=not args.default_malloc, log=lambda m: print(m, file=sys.stderr))
     print(format_table(res))
     if args.json:
         atomic_write_json(args.json, res)
     return res
+
+
+def backbone_cfg(cfg, name: str):
+    """``cfg`` on the backbone ``name`` (a 'backbone' value): a ViT's training crop rounded to the
+    nearest multiple of its patch, as the ViT configs set it; a config error for an unknown name."""
+    one = cfg.copy()
+    one.backbone = check_value("backbone", name, where="--backbones")
+    if name != "resnet":
+        patch = VIT_VARIANTS[name].patch
+        one.update(vit_blocks=[], vgg=False, backbone_width=1.0, train_h=rounded_size(cfg.train_h, patch),
+                   train_w=rounded_size(cfg.train_w, patch))
+        if any(s > 1 for s in cfg.ppm_scales):      # absolute bins sized for stride 8: the ViT configs' fractions
+            one.ppm_scales = [1.0, 0.5, 0.25, 0.125]
+    validate(one)
+    return one
+
+
+COMPARED = (("backbone_ms", "frozen part of a step (backbone, prior)", "{:.0f} ms"),
+            ("train_step_ms", "training step", "{:.0f} ms"),
+            ("eval_episode_ms", "evaluation episode, 1 per forward", "{:.0f} ms"),
+            ("eval_batched_episode_ms", "evaluation episode, batched", "{:.0f} ms"),
+            ("peak_mem_mib", "peak memory during the step", "{:.0f} MiB"),
+            ("step_gflop", "step arithmetic", "{:.0f} GFLOP"),
+            ("backbone_gflop", "backbone arithmetic", "{:.0f} GFLOP"),
+            ("params_frozen", "frozen parameters", "{:,d}"),
+            ("params_trainable", "trainable parameters", "{:,d}"))
+
+
+def format_comparison(results: dict) -> str:
+    """The --backbones table: one column per backbone."""
+    names = [describe(r["config"]).split(",")[0] for r in results.values()]
+    sizes = [f"{r['config']['train_h']}x{r['config']['train_w']}" for r in results.values()]
+    lines = [f"{'':40s}" + "".join(f"{n[:22]:>24s}" for n in names),
+             f"{'training crop':40s}" + "".join(f"{s:>24s}" for s in sizes)]
+    for key, label, fmt in COMPARED:
+        cells = ["skipped" if r.get(key) is None else fmt.format(r[key]) for r in results.values()]
+        lines.append(f"{label:40s}" + "".join(f"{c:>24s}" for c in cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

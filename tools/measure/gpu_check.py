@@ -10,7 +10,8 @@ Sections, each timed and recorded whatever the others do:
    473²) in fp32, bf16 and fp16 with its GradScaler, each with and without channels_last:
    finite losses, weights still finite, step time, the GradScaler's scale;
 3. ``benchmark`` — ``tools/measure/benchmark.py`` rows: PASCAL R50 1-shot 473, 5-shot, COCO R50 641,
-   each fp32 and bf16 (the loader is measured on the first row only);
+   PASCAL DINOv2 ViT-S/14 and ViT-B/14 1-shot 476, each fp32 and bf16 (the loader is measured on
+   the first row only);
 4. ``eval_1000`` — a timed 1000-episode evaluation at PASCAL size (val_size 473, R50 random
    init) on generated images, fp32 then bf16 on the same episodes, with their agreement
    (``tools/measure/amp_compare.py``);
@@ -54,6 +55,8 @@ from util.host_memory import tune_cpu_process
 SECTIONS = ("cuda_tests", "train_steps", "benchmark", "eval_1000", "torchrun_nccl")
 PASCAL = "config/pascal/pascal_split0_resnet50.yaml"
 COCO = "config/coco/coco_split0_resnet50.yaml"
+PASCAL_VITS = "config/pascal/pascal_split0_vits14.yaml"
+PASCAL_VITB = "config/pascal/pascal_split0_vitb14.yaml"
 SYNTHETIC = "config/synthetic/synthetic_split0_resnet18.yaml"
 
 # the CPU rehearsal: every section's code path, at sizes a test can afford
@@ -130,8 +133,11 @@ def train_steps(device: torch.device, out: str, budget: Budget, steps: int = 3) 
 
 def benchmark_rows(device: torch.device, out: str, budget: Budget) -> dict:
     tiny = device.type != "cuda"
+    # the ViT rows rehearse on the CPU with the tiny ViT
+    vit = {"backbone": "vit_tiny8"} if tiny else {}
     specs = [("PASCAL R50 1-shot 473", PASCAL, {}), ("PASCAL R50 5-shot 473", PASCAL, {"shot": 5}),
-             ("COCO R50 1-shot 641", COCO, {})]
+             ("COCO R50 1-shot 641", COCO, {}), ("PASCAL ViT-S/14 1-shot 476", PASCAL_VITS, vit),
+             ("PASCAL ViT-B/14 1-shot 476", PASCAL_VITB, vit)]
     rows, ok = [], True
     for name, path, over in specs:
         for amp in ("none", "bf16"):

@@ -14,11 +14,15 @@ import logging
 
 from engine.networks import build_model
 from model import parameter_counts
+from model.vit import VIT_VARIANTS, default_blocks
 from util.cli import run
 from util.config import defaults, load_cfg, merge_cfg_from_list, validate
 
 
 def backbone_name(cfg) -> str:
+    if cfg.backbone != "resnet":
+        blocks = cfg.vit_blocks or list(default_blocks(VIT_VARIANTS[cfg.backbone].depth))
+        return f"{VIT_VARIANTS[cfg.backbone].title} (blocks {blocks[0]} and {blocks[1]})"
     if cfg.vgg:
         return "VGG-16-bn"
     width = "" if cfg.backbone_width == 1.0 else f", width x{cfg.backbone_width:g}"
