@@ -151,18 +151,25 @@ def build_page(catalog: Catalog, max_bytes: int) -> gr.Blocks:
             example_pick = gr.Dropdown(choices=[], label="Example (synthetic shapes)", elem_id="example", scale=2)
             example_button = gr.Button("Run example", elem_id="run-example", scale=1)
         editors, mask_files = [], []
+
+        def support_column(k):
+            with gr.Column(min_width=260):
+                editors.append(gr.ImageEditor(
+                    label=f"Support {k + 1}: upload the image, then paint the object", type="numpy",
+                    format="png", sources=["upload"], transforms=[], layers=False, elem_id=f"support-{k + 1}",
+                    brush=gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed", default_size=12), height=300))
+                mask_files.append(gr.File(label="or upload its mask (PNG, white = the object)", type="filepath",
+                                          elem_id=f"support-{k + 1}-mask", height=70))
         with gr.Row():
-            for k in range(MAX_SHOTS):
-                with gr.Column(visible=True, min_width=200):
-                    editors.append(gr.ImageEditor(
-                        label=f"Support {k + 1}: image, then paint the object", type="numpy", format="png",
-                        sources=["upload"], transforms=[], layers=False, elem_id=f"support-{k + 1}",
-                        brush=gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed", default_size=12),
-                        height=260))
-                    mask_files.append(gr.File(label=f"or its mask (PNG, white = object)", type="filepath",
-                                              elem_id=f"support-{k + 1}-mask", height=60))
-        queries = gr.File(label="Queries: images (or a video file / its frames for a video checkpoint)",
-                          file_count="multiple", type="filepath", elem_id="queries")
+            support_column(0)
+            support_column(1)
+            with gr.Column(min_width=260):
+                queries = gr.File(label="Queries: images (a video file, or its frames, for a video checkpoint)",
+                                  file_count="multiple", type="filepath", elem_id="queries", height=300)
+        with gr.Accordion(f"Supports 3 to {MAX_SHOTS}", open=False):
+            with gr.Row():
+                for k in range(2, MAX_SHOTS):
+                    support_column(k)
         run = gr.Button("Segment", variant="primary", elem_id="segment")
         status = gr.Markdown(elem_id=STATUS_ID)
         gallery = gr.Gallery(label="What the network returns", columns=4, height="auto", format="png",
