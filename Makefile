@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test mutation demo demo-video gpu-check clean
+.PHONY: install test mutation demo demo-video gpu-check app clean
 
 install: $(STAMP)
 
@@ -45,6 +45,18 @@ gpu-check: $(STAMP)
 # beside the all-foreground prediction on the same episodes.
 demo-video: $(STAMP)
 	$(PY) tools/demo.py --video $(DEMO_ARGS)
+
+# The browser page (app/; docs/guide.md, "The browser page"): installs the optional [app] extra
+# (Gradio) once, then serves on 127.0.0.1:7860 with every checkpoint under exp/, the demo's first.
+# APP_ARGS, e.g. APP_ARGS="--port 7861 --checkpoint path/to/best.pth" (python -m app --help).
+APP_STAMP := $(VENV)/.app-installed
+APP_ARGS ?=
+$(APP_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e ".[app]"
+	touch $(APP_STAMP)
+
+app: $(APP_STAMP)
+	$(PY) -m app $(APP_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,9 +23,9 @@ import torch
 
 from engine.networks import build_model
 from util.classes import NUM_CLASSES
-from util.config import ARCH_KEYS, defaults, resolved, task_of
+from util.config import ARCH_KEYS, KEYS, CfgNode, check_value, defaults, resolved, task_of
 from util.digest import content_digest
-from util.errors import CheckpointError
+from util.errors import CheckpointError, ConfigError
 from util.fileio import atomic_torch_save
 from util.torchload import load_tensors
 
@@ -201,6 +201,24 @@ def adopt_architecture(state: dict, cfg, path: str, quiet: bool = False):
                             k, cfg[k], path, saved[k])
             adopted[k] = saved[k]
     return adopted
+
+
+def config_of_checkpoint(state: dict, path: str) -> CfgNode:
+    """The config a checkpoint was trained with, for a front end that is given only the
+    checkpoint (the browser page): the declared defaults, the saved config's keys the schema
+    still declares, then its architecture; validated. A saved value the schema now refuses is
+    a CheckpointError naming the file."""
+    cfg = defaults()
+    saved = dict(state.get("config") or {})
+    saved.update(saved_architecture(state))
+    try:
+        for name, value in saved.items():
+            if name in KEYS:
+                cfg[name] = check_value(name, value, where=f"checkpoint '{path}'")
+        return resolved(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{path}' holds a config this version does not accept ({e}); "
+                              f"use it with predict.py --config and a config of this version") from None
 
 
 def load_model_weights(model, state: dict, path: str) -> None:

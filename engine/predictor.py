@@ -158,6 +158,7 @@ class Prediction:
     do_mask: np.ndarray | None  # H×W uint8 0/1 mined distracting objects (first scale; None likewise)
     supports: list[Support] = field(default_factory=list, repr=False)
     class_name: str = ""
+    prior: np.ndarray | None = None  # H×W float32 in [0, 1]: the prior mask (None: the network has none)
 
     def panel(self) -> np.ndarray:
         """Supports with outlines, query, prediction, mined BG and DO: H×W×3 uint8 RGB."""
@@ -363,9 +364,12 @@ class Predictor:
             if "do_mask" in extras:
                 do_mask = to_original_size(extras["do_mask"][:, None], h, w, mode="nearest")[0, 0]
                 do_mask = (do_mask >= 0.5).to(torch.uint8).cpu().numpy()
+            prior = None
+            if "prior" in extras:
+                prior = to_original_size(extras["prior"], h, w)[0, 0].float().cpu().numpy()
             yield Prediction(name=query.name, image=image, mask=mask.to(torch.uint8).cpu().numpy(),
                              probability=probability.cpu().numpy(), bg_map=bg_map, do_mask=do_mask,
-                             supports=support_list, class_name=class_name)
+                             supports=support_list, class_name=class_name, prior=prior)
 
 
 def resolve_device(device: str | torch.device, amp: str = "none") -> torch.device:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import cv2
@@ -88,6 +88,7 @@ class VideoPrediction:
     masks: list[np.ndarray]        # per frame, H×W uint8 0/1 at the frame's size
     bg_maps: list[np.ndarray]      # per frame, the mined BG probability (same size)
     do_masks: list[np.ndarray]     # per frame, the mined DO mask 0/1 (same size)
+    priors: list[np.ndarray] = field(default_factory=list)   # per frame, the prior mask in [0, 1] (same size)
 
 
 class VideoPredictor:
@@ -166,7 +167,7 @@ class VideoPredictor:
         h, w = frames[0].shape[:2]
         g = letterbox_geometry(h, w, cfg.video_h, cfg.video_w)
         empty = np.zeros((h, w), np.uint8)
-        out = VideoPrediction([None] * len(frames), [None] * len(frames), [None] * len(frames))
+        out = VideoPrediction(*([None] * len(frames) for _ in range(4)))
 
         def back(x, mode="bilinear"):      # canvas maps (N×C×H×W) → the frame's own size
             x = x[..., g.top:g.top + g.new_h, g.left:g.left + g.new_w].float()
@@ -180,9 +181,10 @@ class VideoPredictor:
             masks = back(logits[0]).argmax(dim=1).to(torch.uint8).cpu().numpy()
             bg = back(extras["bg_logits"][0]).softmax(dim=1)[:, 1].cpu().numpy()
             do = back(extras["do_mask"][0][:, None], "nearest")[:, 0].to(torch.uint8).cpu().numpy()
+            prior = back(extras["prior"][0])[:, 0].cpu().numpy()
             for t, (p, on) in enumerate(zip(positions, scored)):
                 if on:
-                    out.masks[p], out.bg_maps[p], out.do_masks[p] = masks[t], bg[t], do[t]
+                    out.masks[p], out.bg_maps[p], out.do_masks[p], out.priors[p] = masks[t], bg[t], do[t], prior[t]
         return out
 
 

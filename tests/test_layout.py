@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("commands", "dataset", "engine", "model", "util", "tools", "tools/measure")
+PACKAGES = ("app", "commands", "dataset", "engine", "model", "util", "tools", "tools/measure")
 
 
 def modules(package):
@@ -35,10 +35,13 @@ def imports(path):
     return found
 
 
-@pytest.mark.parametrize("package, forbidden", [("model", {"commands", "engine", "dataset", "tools", "cv2", "PIL"}),
-                                                ("dataset", {"commands", "engine", "model", "tools"}),
-                                                ("util", {"commands", "dataset", "model", "engine", "tools"}),
-                                                ("engine", {"commands", "tools"})])
+@pytest.mark.parametrize("package, forbidden", [
+    ("model", {"app", "commands", "engine", "dataset", "tools", "cv2", "PIL"}),
+    ("dataset", {"app", "commands", "engine", "model", "tools"}),
+    ("util", {"app", "commands", "dataset", "model", "engine", "tools"}),
+    ("engine", {"app", "commands", "tools"}),
+    ("commands", {"app", "gradio"}),
+    ("app", {"model", "dataset", "torch"})])   # the page calls the engine; it builds and runs no network itself
 def test_imports_run_one_way(package, forbidden):
     for path in modules(package):
         bad = {name for name, _ in imports(path)} & forbidden
@@ -70,3 +73,10 @@ def test_a_warning_from_our_own_code_fails_the_suite():
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn_explicit("theirs", UserWarning, "x.py", 1, module="torch.nn.modules.module")
     assert [str(w.message) for w in caught] == ["theirs"]
+
+
+def test_training_evaluation_and_predict_py_run_without_the_pages_library():
+    code = ("import sys, commands.train, commands.test, commands.predict, tools.demo; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'app')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

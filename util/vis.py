@@ -68,6 +68,21 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour=FG_COLOUR, alpha: float 
     return outline(tint(image, mask, colour, alpha), mask, colour, thickness)
 
 
+def result_views(image: np.ndarray, pred: np.ndarray, bg_map=None, do_mask=None,
+                 prior=None) -> list[tuple[str, np.ndarray]]:
+    """What the network returns for one image, as (name, RGB picture at the image's size): the
+    prediction overlaid, then those of the mined BG (heat map blended), the mined DO (tinted)
+    and the prior (heat map blended) that are given."""
+    views = [("prediction", overlay(image, pred))]
+    if bg_map is not None:
+        views.append(("mined BG", (0.5 * image + 0.5 * heatmap(bg_map)).astype(np.uint8)))
+    if do_mask is not None:
+        views.append(("mined DO", tint(image, do_mask, DO_COLOUR)))
+    if prior is not None:
+        views.append(("prior", (0.5 * image + 0.5 * heatmap(prior)).astype(np.uint8)))
+    return views
+
+
 def _fit(tile: np.ndarray, size: int = TILE) -> np.ndarray:
     """``tile`` scaled to fit a size×size white square (less the gap), top-left."""
     h, w = tile.shape[:2]
@@ -137,15 +152,10 @@ def panel_image(sample: dict, tile: int = TILE) -> np.ndarray:
     tiles.append(_label(_fit(query, tile), "query"))
     if gt is not None:
         tiles.append(_label(_fit(overlay(query, crop(gt)), tile), "ground truth"))
-    tiles.append(_label(_fit(overlay(query, crop(sample["pred"])), tile), "prediction"))
-    if sample.get("bg_map") is not None:
-        blend = (0.5 * query + 0.5 * heatmap(crop(sample["bg_map"]))).astype(np.uint8)
-        tiles.append(_label(_fit(blend, tile), "mined BG"))
-    if sample.get("do_mask") is not None:
-        tiles.append(_label(_fit(tint(query, crop(sample["do_mask"]), DO_COLOUR), tile), "mined DO"))
-    if sample.get("prior") is not None:
-        blend = (0.5 * query + 0.5 * heatmap(crop(sample["prior"]))).astype(np.uint8)
-        tiles.append(_label(_fit(blend, tile), "prior"))
+    maps = {key: crop(sample[key]) if sample.get(key) is not None else None
+            for key in ("pred", "bg_map", "do_mask", "prior")}
+    tiles += [_label(_fit(view, tile), name) for name, view in
+              result_views(query, maps["pred"], maps["bg_map"], maps["do_mask"], maps["prior"])]
     row = np.concatenate(tiles, axis=1)
     title = np.full((TITLE_H, row.shape[1], 3), 255, np.uint8)
     text = str(sample.get("class_name", ""))
