@@ -202,3 +202,34 @@ def test_ablation_row_and_pretrained_matcher_and_per_class_table(tiny_run, capsy
         assert line.startswith(name)
         means = [sum(run["class_iou"][c] for run in r["per_seed"]) / len(r["per_seed"]) for c in FOLD0]
         assert [float(v) for v in line[len(name):].split()] == pytest.approx(means, abs=0.006)
+
+
+def test_compare_takes_the_newest_result_of_each_checkpoint_and_names_the_files_it_leaves_out(tiny_run, capsys):
+    """An experiment tested three times (twice on the same episodes, then on fewer) under the
+    README's glob: the newest of its results is compared and the two older ones are named;
+    ``--all`` compares every file, the rows of one checkpoint named by their files."""
+    config_path, res, _, cfg = tiny_run
+    twice_cfg, first = variant_result(cfg, "exp_twice", seed=3)
+    second = run_test(twice_cfg, DistInfo())
+    assert second["miou_mean"] == first["miou_mean"]
+    third_cfg = twice_cfg.copy()
+    third_cfg.update(test_num=4)
+    third = run_test(third_cfg, DistInfo())
+    result_dir = os.path.dirname(first["json_path"])
+    assert sorted(os.listdir(result_dir)) == sorted(os.path.basename(r["json_path"]) for r in (first, second, third))
+    files = sorted(os.path.join(result_dir, name) for name in os.listdir(result_dir))   # the shell's glob order
+    assert [baseline.written_at(f) for f in files] == sorted(baseline.written_at(f) for f in files)
+    rows = baseline.main(["--config", config_path, "--weight", "none", "--compare", *files])
+    assert list(rows) == ["NTRENet++ (exp_twice/last.pth)", "all-foreground"]
+    assert rows["NTRENet++ (exp_twice/last.pth)"] == {k: v for k, v in third.items() if k != "json_path"}
+    assert rows["all-foreground"]["episodes"] == 4                # the newest result's episodes
+    out = capsys.readouterr().out
+    for older in (first, second):
+        assert (f"--compare: left out {older['json_path']}, an older result of the same checkpoint and shot than "
+                f"{os.path.basename(third['json_path'])} (--all compares every file)") in out
+    rows = baseline.main(["--config", config_path, "--weight", "none", "--all",
+                          "--compare", first["json_path"], second["json_path"]])
+    assert list(rows) == [f"NTRENet++ (exp_twice/last.pth, {os.path.basename(first['json_path'])})",
+                          f"NTRENet++ (exp_twice/last.pth, {os.path.basename(second['json_path'])})", "all-foreground"]
+    with pytest.raises(UserError, match=r"scored other episodes .*episodes 4 vs 6"):
+        baseline.main(["--config", config_path, "--all", "--compare", first["json_path"], third["json_path"]])

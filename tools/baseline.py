@@ -19,14 +19,19 @@ Two baselines, each on the same episodes (seeds, count, shots) as a test.py resu
 
 With ``--compare`` it prints each result beside the baselines, one row each: several results
 (PFENet's and NTRENet++'s test JSONs, say) must have scored the very same episodes (dataset,
-fold, seeds, count, shots), or it says which differ. Video experiments get the all-foreground
-row only (J, F, J&F, class IoU).
+fold, seeds, count, shots), or it says which differ. Of the files given, the newest result of
+each experiment folder, checkpoint and shot is compared (``result/test_*.json`` of an experiment
+tested several times); a line names each file left out, and ``--all`` compares every file, rows
+of one checkpoint then named by their file too. Video experiments get the all-foreground row only
+(J, F, J&F, class IoU).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +127,44 @@ def read_result(path: str, cfg) -> dict:
     return res
 
 
+RESULT_FILE = re.compile(r"^test_(\d{8}_\d{6})(?:-(\d+))?(?:_.*)?\.json$")   # engine/evaluate.py's names
+
+
+def written_at(path: str) -> tuple[str, int]:
+    """When test.py wrote a result, as a sortable key: the time and ``-N`` of its file name
+    (two runs in one second: test_<time>.json, then test_<time>-2.json), else the file's mtime."""
+    match = RESULT_FILE.match(os.path.basename(path))
+    if match:
+        return match.group(1), int(match.group(2) or 1)
+    return time.strftime("%Y%m%d_%H%M%S", time.localtime(os.path.getmtime(path))), 0
+
+
+def newest_of_each(paths: list[str], results: list[dict]) -> tuple[list[int], list[str]]:
+    """Of the given results, the newest of each experiment folder, checkpoint and shot (indices in
+    the order given), and one line per file left out saying which file replaced it."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (path, res) in enumerate(zip(paths, results)):
+        key = (os.path.dirname(os.path.abspath(path)), res.get("weight"), res.get("shot"))
+        groups.setdefault(key, []).append(i)
+    kept, notes = [], []
+    for members in groups.values():
+        newest = max(members, key=lambda i: written_at(paths[i]))
+        kept.append(newest)
+        for i in members:
+            if i != newest:
+                notes.append(f"--compare: left out {paths[i]}, an older result of the same checkpoint and shot than "
+                             f"{os.path.basename(paths[newest])} (--all compares every file)")
+    return sorted(kept), notes
+
+
+def row_names(paths: list[str], results: list[dict]) -> list[str]:
+    """:func:`result_name` per result; results whose names coincide (one checkpoint tested twice)
+    are told apart by their file names."""
+    names = [result_name(r) for r in results]
+    return [f"{name[:-1]}, {os.path.basename(path)})" if names.count(name) > 1 else name
+            for name, path in zip(names, paths)]
+
+
 def result_name(res: dict) -> str:
     """'NTRENet++ (split0_resnet50/best.pth)': the network and the checkpoint a result scored."""
     weight = res["weight"]
@@ -185,6 +228,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", required=True)
     parser.add_argument("--compare", nargs="+", default=[], metavar="JSON",
                         help="test_*.json results written by test.py (several: side by side, same episodes)")
+    parser.add_argument("--all", action="store_true",
+                        help="compare every --compare file, not only the newest of each experiment, checkpoint and shot")
     parser.add_argument("--weight", default="",
                         help="NTRENet++ checkpoint whose backbone the prototype matcher uses "
                              "(default: the checkpoint --compare scored; none: no matcher row)")
@@ -197,11 +242,17 @@ def main(argv=None) -> dict:
     cfg.update(save_pred=False, vis=0, save_path="")
     task = task_for(cfg)
     results = [read_result(path, cfg) for path in args.compare]
-    for path, res in zip(args.compare[1:], results[1:]):
+    paths = list(args.compare)
+    if not args.all:
+        kept, notes = newest_of_each(paths, results)
+        for note in notes:
+            print(note)
+        paths, results = [paths[i] for i in kept], [results[i] for i in kept]
+    for path, res in zip(paths[1:], results[1:]):
         differs = [k for k in ("dataset", "split", "shot", "manual_seed", "episodes", "seeds", "eval_protocol")
                    if res.get(k) != results[0].get(k)]
         if differs:
-            raise UserError(f"{path} scored other episodes than {args.compare[0]} (" + ", ".join(
+            raise UserError(f"{path} scored other episodes than {paths[0]} (" + ", ".join(
                 f"{k} {res.get(k)!r} vs {results[0].get(k)!r}" for k in differs) + "): compare results of one "
                 "test setting")
     res = results[0] if results else None
@@ -209,7 +260,7 @@ def main(argv=None) -> dict:
         cfg.update(task.result_episodes(res))   # the very episodes the results scored
     setup_logger("", 0)
     info = DistInfo()
-    rows = [(result_name(r), r) for r in results]
+    rows = list(zip(row_names(paths, results), results))
     weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
     if weight.lower() == "none":
         weight = ""
