@@ -85,10 +85,12 @@ def evaluate(model, dataset, cfg, device: torch.device, pred_dir: str = "", keep
                       samples)
 
 
-def write_test_result(summary: dict, result_dir: str) -> str:
-    """Write a test result as ``<result_dir>/test_<time>.json`` (atomically; a name another run
-    already took gets ``-2``, ``-3``, ...), record its path in ``summary['json_path']`` and log it."""
-    path = exclusive_name(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"), ".json")
+def write_test_result(summary: dict, result_dir: str, tag: str = "") -> str:
+    """Write a test result as ``<result_dir>/test_<time>.json``, ``test_<time>_<tag>.json`` with a
+    tag (atomically; a name another run already took gets ``-2``, ``-3``, ... after the time),
+    record its path in ``summary['json_path']`` and log it."""
+    path = exclusive_name(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"),
+                          f"_{tag}.json" if tag else ".json")
     atomic_write_json(path, summary)
     summary["json_path"] = path
     log.info("wrote %s", path)

@@ -1,6 +1,7 @@
 """tools/baseline.py: the prototype matcher's arithmetic, and the comparison on shared episodes with
 its rows scored again independently."""
 import logging
+import re
 import os
 
 import pytest
@@ -233,3 +234,17 @@ def test_compare_takes_the_newest_result_of_each_checkpoint_and_names_the_files_
                           f"NTRENet++ (exp_twice/last.pth, {os.path.basename(second['json_path'])})", "all-foreground"]
     with pytest.raises(UserError, match=r"scored other episodes .*episodes 4 vs 6"):
         baseline.main(["--config", config_path, "--all", "--compare", first["json_path"], third["json_path"]])
+
+
+def test_a_result_of_another_folders_checkpoint_says_which_checkpoint_and_shot(tiny_run):
+    """The guide's '1-shot model at 5 shots' lands in the K-shot experiment's result folder: its
+    file name names the checkpoint and the shot, so it is never taken for that folder's own model's."""
+    _, res, _, cfg = tiny_run
+    assert re.fullmatch(r"test_\d{8}_\d{6}(-\d+)?\.json", os.path.basename(res["json_path"]))   # its own model
+    at_two = cfg.copy()
+    at_two.update(shot=2, save_path=cfg.save_path + "_shot2")
+    foreign = run_test(at_two, DistInfo())
+    assert os.path.dirname(foreign["json_path"]) == os.path.join(cfg.save_path + "_shot2", "result")
+    assert re.fullmatch(r"test_\d{8}_\d{6}(-\d+)?_exp_last_shot2\.json", os.path.basename(foreign["json_path"]))
+    assert foreign["weight"] == res["weight"] and foreign["shot"] == 2
+    assert baseline.written_at(foreign["json_path"])[0] == os.path.basename(foreign["json_path"])[5:20]
