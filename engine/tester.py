@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from engine.checkpoint import build_model_from_checkpoint, resolve_weight, saved_architecture
+from engine.checkpoint import build_model_from_checkpoint, checkpoint_position, resolve_weight, saved_architecture
 from engine.evaluate import evaluate, write_test_result
 from engine.tasks import task_for
 from util.amp import to_device
@@ -53,8 +53,7 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
         architecture = saved_architecture(state)
         epoch, arch = state.get("epoch"), architecture["arch"]
         elimination = architecture.get("elimination", "bg+do")     # recorded since the ablation key exists
-        log.info("checkpoint: %s (epoch %s, iteration %s); %s", weight_path, epoch, state.get("iteration"),
-                 task.describe_test(cfg))
+        log.info("checkpoint: %s (%s); %s", weight_path, checkpoint_position(state), task.describe_test(cfg))
     else:
         log.info("checkpoint: %s; %s", weight_path, task.describe_test(cfg))
     result_dir = os.path.join(cfg.save_path or ".", "result")
