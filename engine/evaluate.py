@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.image import close_loader, worker_init
+from dataset.image import close_loader, loader_workers, worker_init
 from engine.tasks import Task, task_for
 from util.amp import autocast, batch_to_device, synchronize
 from util.distributed import gather_objects, is_main_process
@@ -36,7 +36,7 @@ class EvalOutput:
 
 
 def eval_loader(dataset, cfg, task: Task, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=cfg.workers,
+    return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=loader_workers(cfg.workers),
                       collate_fn=task.eval_collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                       persistent_workers=False, generator=torch.Generator())  # leaves the global RNG alone
 
