@@ -130,9 +130,9 @@ class LossLog(HookBase):
         if self.tensorboard:
             t.writer = EventWriter(os.path.join(t.cfg.save_path, "tb", t.run["tb"]),
                                    purge_step=t.state.iteration + 1 if resumed else None)
-        log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
-                 len(t.loader.sampler) * t.info.world_size, len(t.loader.dataset), t.iters_per_epoch,
-                 t.max_iter, t.info.world_size)
+        log.info("%d training episodes/epoch %s, %d iterations/epoch, %d in all; %d process(es)",
+                 len(t.loader.sampler) * t.info.world_size, t.task.describe_train_set(t.loader.dataset),
+                 t.iters_per_epoch, t.max_iter, t.info.world_size)
         self.clock = (time.perf_counter(), t.state.iteration)
 
     def after_step(self) -> None:

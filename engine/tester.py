@@ -39,12 +39,12 @@ def foreign_checkpoint_tag(weight_path: str, save_path: str, shot: int) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{experiment}_{stem}_shot{shot}")
 
 
-def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
+def run_test(cfg, info: DistInfo, model=None, write_json: bool = True, name: str = "(in-memory model)") -> dict:
     """Evaluate the configured checkpoint (built from the architecture it records), or ``model``
-    as given, and write the JSON result."""
+    as given (``name``: how the log names it), and write the JSON result."""
     validate(cfg)
     task = task_for(cfg)
-    weight_path, epoch, arch, elimination = "(in-memory model)", None, cfg.arch, cfg.elimination
+    weight_path, epoch, arch, elimination = name, None, cfg.arch, cfg.elimination
     from_checkpoint = model is None
     if from_checkpoint:
         weight_path = resolve_weight(cfg.weight, cfg.save_path)
@@ -55,7 +55,7 @@ def run_test(cfg, info: DistInfo, model=None, write_json: bool = True) -> dict:
         elimination = architecture.get("elimination", "bg+do")     # recorded since the ablation key exists
         log.info("checkpoint: %s (%s); %s", weight_path, checkpoint_position(state), task.describe_test(cfg))
     else:
-        log.info("checkpoint: %s; %s", weight_path, task.describe_test(cfg))
+        log.info("model: %s; %s", name, task.describe_test(cfg))
     result_dir = os.path.join(cfg.save_path or ".", "result")
     runs = []
     for seed, dataset in task.test_datasets(cfg, info, test_seeds(cfg)):

@@ -9,6 +9,8 @@ import torch
 import yaml
 
 from engine.checkpoint import save_checkpoint
+from engine.tasks import task_for
+from engine.tasks.base import per_unit_ms, with_spread
 from engine.tester import run_test
 from engine.networks import build_model
 from tests.test_rescore import FOLD0, image_sums, pooled, read_gray
@@ -248,3 +250,22 @@ def test_a_result_of_another_folders_checkpoint_says_which_checkpoint_and_shot(t
     assert re.fullmatch(r"test_\d{8}_\d{6}(-\d+)?_exp_last_shot2\.json", os.path.basename(foreign["json_path"]))
     assert foreign["weight"] == res["weight"] and foreign["shot"] == 2
     assert baseline.written_at(foreign["json_path"])[0] == os.path.basename(foreign["json_path"])[5:20]
+
+
+def test_a_baseline_is_logged_by_its_name_and_one_seed_shows_no_spread(tiny_run, caplog):
+    """Each baseline block names its model (not '(in-memory model)'); one seed has no '± 0.00';
+    a time that rounds to 0.0 ms reads '<0.1 ms'."""
+    _, _, _, cfg = tiny_run
+    one = cfg.copy()
+    one.update(test_seeds=1)
+    caplog.set_level(logging.INFO, logger="ntrenetpp")
+    r = run_test(one, DistInfo(), model=baseline.AllForeground(), write_json=False, name="all-foreground")
+    text = caplog.text
+    assert "model: all-foreground; 1-shot, 1 seed(s) x 6 episodes" in text and "in-memory" not in text
+    assert (f"1-shot over 1 seed(s) x 6 episodes (pfenet protocol), all-foreground: class mIoU "
+            f"{r['miou_mean']:.2f}, FB-IoU {r['fbiou_mean']:.2f}") in text and "±" not in text
+    assert baseline.format_table([("all-foreground", r)], task_for(one), one).splitlines()[2] == \
+        f"{'all-foreground':34s}{r['miou_mean']:8.2f}{'':8s}{r['fbiou_mean']:8.2f}{'':8s}"
+    assert [per_unit_ms(ms, "episode") for ms in (0.0, 0.049, 0.05, 12.34)] == [
+        "<0.1 ms/episode", "<0.1 ms/episode", "0.1 ms/episode", "12.3 ms/episode"]
+    assert [with_spread(50.634, 0.456, n) for n in (1, 2)] == ["50.63", "50.63 ± 0.46"]

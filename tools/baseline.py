@@ -186,8 +186,9 @@ def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
     width = name_width(name for name, _ in rows)
     lines = [f"\n{'':{width}s}" + "".join(f"{title:>16s}" for title, _ in task.headline)]
     for name, r in rows:
-        lines.append(f"{name:{width}s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}"
-                                                   for _, k in task.headline))
+        runs = r.get("seeds") or len(r.get("runs") or [])
+        lines.append(f"{name:{width}s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}" if runs > 1 else
+                                                   f"{r[k + '_mean']:8.2f}{'':8s}" for _, k in task.headline))
     lines.append(f"({task.describe_test(cfg)}; the same episodes for every row)")
     return "\n".join(lines)
 
@@ -267,12 +268,14 @@ def main(argv=None) -> dict:
     matcher = matcher_from_checkpoint(weight, cfg) if task.prototype_matcher and weight else None
     if matcher is not None:
         matcher = to_device(matcher, info.device, cfg.channels_last)
-        rows.append(("prototype matcher (its backbone)", run_test(cfg, info, model=matcher, write_json=False)))
+        name = "prototype matcher (its backbone)"
+        rows.append((name, run_test(cfg, info, model=matcher, write_json=False, name=f"{name}, {weight}")))
     if task.prototype_matcher and args.pretrained:
         matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), info.device, cfg.channels_last)
-        rows.append((f"prototype matcher ({os.path.basename(args.pretrained)})",
-                     run_test(cfg, info, model=matcher, write_json=False)))
-    rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False)))
+        name = f"prototype matcher ({os.path.basename(args.pretrained)})"
+        rows.append((name, run_test(cfg, info, model=matcher, write_json=False, name=f"{name}, {args.pretrained}")))
+    rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False,
+                                            name="all-foreground")))
     print(format_table(rows, task, cfg))
     per_class = format_per_class(rows)
     if per_class:
