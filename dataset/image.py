@@ -106,6 +106,30 @@ def load_split_rank0_first(cfg, train: bool) -> SplitData:
     return split if split is not None else load_split(cfg, train)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which torch's DataLoader checks too)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                        # not on Linux
+        return os.cpu_count() or 1
+
+
+_capped_said: set = set()
+
+
+def loader_workers(requested: int) -> int:
+    """``workers`` capped at the cores available: the configs' 8 loader processes on a 2-core
+    machine only compete for the cores (and torch warns about it); the episodes do not depend
+    on the number. Said once per process and value, in the log."""
+    cores = available_cores()
+    if requested <= cores:
+        return requested
+    if requested not in _capped_said:
+        _capped_said.add(requested)
+        log.info("workers %d: %d loader processes, the cores available here", requested, cores)
+    return cores
+
+
 def worker_init(_=None) -> None:
     """DataLoader workers: one process per core is the parallelism, so no OpenCV threads.
     They ignore Ctrl-C and SIGTERM (sent to every process of the job): the main process

@@ -75,6 +75,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_position(iteration: int, iters_per_epoch: int | None, epoch: int | None = None) -> str:
+    """Where iteration ``iteration`` (counted from 1, as every log line counts) falls, with epochs
+    counted from 1 too: 'at the end of epoch 2' or 'in epoch 3, 32/60 into it'. The one wording of
+    the stop line, the resume line and test.py's checkpoint line. Without ``iters_per_epoch``
+    (a checkpoint from before it was recorded), from ``epoch``, the epochs completed."""
+    if not iters_per_epoch:
+        return "before epoch 1" if not epoch else f"after epoch {epoch}"
+    done, into = divmod(iteration, iters_per_epoch)
+    if into == 0:
+        return "before epoch 1" if done == 0 else f"at the end of epoch {done}"
+    return f"in epoch {done + 1}, {into}/{iters_per_epoch} into it"
+
+
+def checkpoint_position(state: dict) -> str:
+    """'iteration 92, in epoch 2, 32/60 into it' for a checkpoint's state."""
+    iteration = state.get("iteration", 0)
+    ipe = (state.get("metrics") or {}).get("iters_per_epoch")
+    return f"iteration {iteration}, {training_position(iteration, ipe, state.get('epoch'))}"
+
+
 def previous_path(path: str) -> str:
     return path[:-len(".pth")] + PREVIOUS_SUFFIX if path.endswith(".pth") else path + PREVIOUS_SUFFIX
 

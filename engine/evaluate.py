@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.image import close_loader, worker_init
+from dataset.image import close_loader, loader_workers, worker_init
 from engine.tasks import Task, task_for
 from util.amp import autocast, batch_to_device, synchronize
 from util.distributed import gather_objects, is_main_process
@@ -36,7 +36,7 @@ class EvalOutput:
 
 
 def eval_loader(dataset, cfg, task: Task, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=cfg.workers,
+    return DataLoader(dataset, batch_size=cfg.batch_size_val, shuffle=False, num_workers=loader_workers(cfg.workers),
                       collate_fn=task.eval_collate, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                       persistent_workers=False, generator=torch.Generator())  # leaves the global RNG alone
 
@@ -85,11 +85,13 @@ def evaluate(model, dataset, cfg, device: torch.device, pred_dir: str = "", keep
                       samples)
 
 
-def write_test_result(summary: dict, result_dir: str) -> str:
-    """Write a test result as ``<result_dir>/test_<time>.json`` (whole or not at all, never an
-    empty file under the name; a name another run already took gets ``-2``, ``-3``, ...:
-    util/fileio.py ``create_new``), record its path in ``summary['json_path']`` and log it."""
-    path = create_new_json(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"), summary)
+def write_test_result(summary: dict, result_dir: str, tag: str = "") -> str:
+    """Write a test result as ``<result_dir>/test_<time>.json``, ``test_<time>_<tag>.json`` with a
+    tag (whole or not at all, never an empty file under the name; a name another run already took
+    gets ``-2``, ``-3``, ... after the time: util/fileio.py ``create_new``), record its path in
+    ``summary['json_path']`` and log it."""
+    path = create_new_json(os.path.join(result_dir, f"test_{time.strftime('%Y%m%d_%H%M%S')}"), summary,
+                           suffix=f"_{tag}.json" if tag else ".json")
     summary["json_path"] = path
     log.info("wrote %s", path)
     return path

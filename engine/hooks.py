@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from engine.checkpoint import load_checkpoint, pick_resume, read_checkpoint
+from engine.checkpoint import load_checkpoint, pick_resume, read_checkpoint, training_position
 from engine.evaluate import evaluate
 from util.config import dump_cfg
 from util.errors import CheckpointError
@@ -102,8 +102,8 @@ class ResumeHook(HookBase):
         t.state.best_miou = state["best_miou"]
         t.run = dict(state.get("run") or {})
         t.metrics = {k: v for k, v in state.get("metrics", {}).items() if k != "iters_per_epoch"}
-        log.info("resumed from %s at iteration %d (epoch %d), best mIoU so far %.2f",
-                 path, t.state.iteration, t.state.epoch, t.state.best_miou)
+        log.info("resumed from %s at iteration %d (%s), best mIoU so far %.2f", path, t.state.iteration,
+                 training_position(t.state.iteration, t.iters_per_epoch), t.state.best_miou)
 
 
 class LossLog(HookBase):
@@ -137,9 +137,9 @@ class LossLog(HookBase):
         if self.tensorboard:
             t.writer = EventWriter(os.path.join(t.cfg.save_path, "tb", t.run["tb"]),
                                    purge_step=t.state.iteration + 1 if resumed else None)
-        log.info("%d training episodes/epoch over %d images, %d iterations/epoch, %d in all; %d process(es)",
-                 len(t.loader.sampler) * t.info.world_size, len(t.loader.dataset), t.iters_per_epoch,
-                 t.max_iter, t.info.world_size)
+        log.info("%d training episodes/epoch %s, %d iterations/epoch, %d in all; %d process(es)",
+                 len(t.loader.sampler) * t.info.world_size, t.task.describe_train_set(t.loader.dataset),
+                 t.iters_per_epoch, t.max_iter, t.info.world_size)
         self.clock = (time.perf_counter(), t.state.iteration)
 
     def after_step(self) -> None:
@@ -230,9 +230,7 @@ class StopOnSignal(HookBase):
     def interrupted(self) -> None:
         """After the stop's save: one line saying where it stopped and how to continue."""
         t = self.trainer
-        into = t.state.iteration - t.state.epoch * t.iters_per_epoch
-        where = (f"at the end of epoch {t.state.epoch}" if into == 0 else
-                 f"in epoch {t.state.epoch + 1}, {into}/{t.iters_per_epoch} into it")
+        where = training_position(t.state.iteration, t.iters_per_epoch)
         pending = (f" (epoch {t.state.epoch}'s validation runs first when it continues)"
                    if t.run.get("validation_pending") else "")
         message = (f"stopped by {t.request.name or 'a signal to another process'} after iteration "

@@ -144,7 +144,11 @@ def binary_mask(values: np.ndarray, class_id: int | None, name: str, ignore_labe
 class Support:
     image: np.ndarray          # H×W×3 uint8 RGB
     mask: np.ndarray           # H×W uint8: 1 target, 0 not, 255 ignore
-    name: str
+    name: str                  # the image's stem (panel titles)
+    source: str = ""           # how an error names it: its image's path in quotes, or 'support image #k (array)'
+
+    def described(self) -> str:
+        return self.source or f"'{self.name}'"
 
 
 @dataclass
@@ -212,7 +216,7 @@ def read_supports(supports: Sequence, class_id: int | None = None, ignore_label:
             hint = "" if class_id is not None else ", or pass --class-id for a class-id mask"
             raise PredictInputError(f"support mask {mask_name} has no pixel of {which}; each support needs "
                                     f"the object marked{hint}")
-        out.append(Support(image, mask, _stem(image_src, f"support{k + 1}")))
+        out.append(Support(image, mask, _stem(image_src, f"support{k + 1}"), image_name))
     return out
 
 
@@ -335,7 +339,7 @@ class Predictor:
         for s in support_list:
             img_t, mask_t = self._prepare(s.image, s.mask)
             if not (mask_t == 1).any():
-                raise PredictInputError(f"the target in support '{s.name}' vanishes when the image is resized "
+                raise PredictInputError(f"the target in support {s.described()} vanishes when the image is resized "
                                         f"to val_size {self.cfg.val_size}; use a larger object or raise val_size")
             support_imgs.append(img_t)
             support_masks.append(mask_t)

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset.image import close_loader, worker_init
+from dataset.image import close_loader, loader_workers, worker_init
 from engine.checkpoint import save_checkpoint
 from engine.experiment import ExperimentGuard
 from engine.hooks import (LossLog, NonFiniteLossError, PeriodicCheckpoint, ResumeHook, StopOnSignal, StopTraining,
@@ -54,8 +54,8 @@ def train_loader(dataset, cfg, info: DistInfo) -> DataLoader:
                           f"{info.world_size} processes")
     sampler = dataset.sampler(cfg.epoch_size, cfg.manual_seed, info.world_size, info.rank)
     loader = DataLoader(dataset, batch_size=cfg.batch_size // info.world_size, sampler=sampler,
-                        num_workers=cfg.workers, pin_memory=info.device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
+                        num_workers=loader_workers(cfg.workers), pin_memory=info.device.type == "cuda",
+                        drop_last=True, persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
                         # its own generator: creating an epoch's iterator must not advance the global
                         # torch RNG (dropout's), or a resumed run would drift from the uninterrupted one
                         generator=torch.Generator().manual_seed(cfg.manual_seed))

@@ -161,7 +161,7 @@ class VideoPredictor:
         s_img, s_mask = self._canvas([(s.image, s.mask) for s in support_list])
         for k, s in enumerate(support_list):
             if not (s_mask[k] == 1).any():
-                raise PredictInputError(f"the target in support '{s.name}' vanishes on the {cfg.video_h}x"
+                raise PredictInputError(f"the target in support {s.described()} vanishes on the {cfg.video_h}x"
                                         f"{cfg.video_w} canvas; use a larger object or larger video_h/video_w")
         s_img, s_mask = s_img[None].to(self.device), s_mask[None].to(self.device)
         h, w = frames[0].shape[:2]

@@ -1,6 +1,7 @@
 """tools/baseline.py: the prototype matcher's arithmetic, and the comparison on shared episodes with
 its rows scored again independently."""
 import logging
+import re
 import os
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 import yaml
 
 from engine.checkpoint import save_checkpoint
+from engine.tasks import task_for
+from engine.tasks.base import per_unit_ms, with_spread
 from engine.tester import run_test
 from engine.networks import build_model
 from tests.test_rescore import FOLD0, image_sums, pooled, read_gray
@@ -202,3 +205,67 @@ def test_ablation_row_and_pretrained_matcher_and_per_class_table(tiny_run, capsy
         assert line.startswith(name)
         means = [sum(run["class_iou"][c] for run in r["per_seed"]) / len(r["per_seed"]) for c in FOLD0]
         assert [float(v) for v in line[len(name):].split()] == pytest.approx(means, abs=0.006)
+
+
+def test_compare_takes_the_newest_result_of_each_checkpoint_and_names_the_files_it_leaves_out(tiny_run, capsys):
+    """An experiment tested three times (twice on the same episodes, then on fewer) under the
+    README's glob: the newest of its results is compared and the two older ones are named;
+    ``--all`` compares every file, the rows of one checkpoint named by their files."""
+    config_path, res, _, cfg = tiny_run
+    twice_cfg, first = variant_result(cfg, "exp_twice", seed=3)
+    second = run_test(twice_cfg, DistInfo())
+    assert second["miou_mean"] == first["miou_mean"]
+    third_cfg = twice_cfg.copy()
+    third_cfg.update(test_num=4)
+    third = run_test(third_cfg, DistInfo())
+    result_dir = os.path.dirname(first["json_path"])
+    assert sorted(os.listdir(result_dir)) == sorted(os.path.basename(r["json_path"]) for r in (first, second, third))
+    files = sorted(os.path.join(result_dir, name) for name in os.listdir(result_dir))   # the shell's glob order
+    assert [baseline.written_at(f) for f in files] == sorted(baseline.written_at(f) for f in files)
+    rows = baseline.main(["--config", config_path, "--weight", "none", "--compare", *files])
+    assert list(rows) == ["NTRENet++ (exp_twice/last.pth)", "all-foreground"]
+    assert rows["NTRENet++ (exp_twice/last.pth)"] == {k: v for k, v in third.items() if k != "json_path"}
+    assert rows["all-foreground"]["episodes"] == 4                # the newest result's episodes
+    out = capsys.readouterr().out
+    for older in (first, second):
+        assert (f"--compare: left out {older['json_path']}, an older result of the same checkpoint and shot than "
+                f"{os.path.basename(third['json_path'])} (--all compares every file)") in out
+    rows = baseline.main(["--config", config_path, "--weight", "none", "--all",
+                          "--compare", first["json_path"], second["json_path"]])
+    assert list(rows) == [f"NTRENet++ (exp_twice/last.pth, {os.path.basename(first['json_path'])})",
+                          f"NTRENet++ (exp_twice/last.pth, {os.path.basename(second['json_path'])})", "all-foreground"]
+    with pytest.raises(UserError, match=r"scored other episodes .*episodes 4 vs 6"):
+        baseline.main(["--config", config_path, "--all", "--compare", first["json_path"], third["json_path"]])
+
+
+def test_a_result_of_another_folders_checkpoint_says_which_checkpoint_and_shot(tiny_run):
+    """The guide's '1-shot model at 5 shots' lands in the K-shot experiment's result folder: its
+    file name names the checkpoint and the shot, so it is never taken for that folder's own model's."""
+    _, res, _, cfg = tiny_run
+    assert re.fullmatch(r"test_\d{8}_\d{6}(-\d+)?\.json", os.path.basename(res["json_path"]))   # its own model
+    at_two = cfg.copy()
+    at_two.update(shot=2, save_path=cfg.save_path + "_shot2")
+    foreign = run_test(at_two, DistInfo())
+    assert os.path.dirname(foreign["json_path"]) == os.path.join(cfg.save_path + "_shot2", "result")
+    assert re.fullmatch(r"test_\d{8}_\d{6}(-\d+)?_exp_last_shot2\.json", os.path.basename(foreign["json_path"]))
+    assert foreign["weight"] == res["weight"] and foreign["shot"] == 2
+    assert baseline.written_at(foreign["json_path"])[0] == os.path.basename(foreign["json_path"])[5:20]
+
+
+def test_a_baseline_is_logged_by_its_name_and_one_seed_shows_no_spread(tiny_run, caplog):
+    """Each baseline block names its model (not '(in-memory model)'); one seed has no '± 0.00';
+    a time that rounds to 0.0 ms reads '<0.1 ms'."""
+    _, _, _, cfg = tiny_run
+    one = cfg.copy()
+    one.update(test_seeds=1)
+    caplog.set_level(logging.INFO, logger="ntrenetpp")
+    r = run_test(one, DistInfo(), model=baseline.AllForeground(), write_json=False, name="all-foreground")
+    text = caplog.text
+    assert "model: all-foreground; 1-shot, 1 seed(s) x 6 episodes" in text and "in-memory" not in text
+    assert (f"1-shot over 1 seed(s) x 6 episodes (pfenet protocol), all-foreground: class mIoU "
+            f"{r['miou_mean']:.2f}, FB-IoU {r['fbiou_mean']:.2f}") in text and "±" not in text
+    assert baseline.format_table([("all-foreground", r)], task_for(one), one).splitlines()[2] == \
+        f"{'all-foreground':34s}{r['miou_mean']:8.2f}{'':8s}{r['fbiou_mean']:8.2f}{'':8s}"
+    assert [per_unit_ms(ms, "episode") for ms in (0.0, 0.049, 0.05, 12.34)] == [
+        "<0.1 ms/episode", "<0.1 ms/episode", "0.1 ms/episode", "12.3 ms/episode"]
+    assert [with_spread(50.634, 0.456, n) for n in (1, 2)] == ["50.63", "50.63 ± 0.46"]

@@ -4,6 +4,7 @@ docs/data.md beside it, and the JSON."""
 import json
 import os
 import re
+import shutil
 import statistics
 
 import numpy as np
@@ -19,6 +20,7 @@ from tools import cdfss_table
 from util.cli import run
 from util.config import config_with_overrides, defaults
 from util.distributed import DistInfo
+from util.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,3 +111,54 @@ def test_defaults_point_at_the_shipped_configs_and_a_missing_weight_is_one_line(
                                        "does not exist; train "
                                        "the PASCAL model first (sh train.sh pascal all_resnet50) or give the path "
                                        "of its best.pth\n")
+
+
+def test_overrides_may_follow_the_shots_as_with_every_entry_point():
+    args, opts = cdfss_table.parse(["--weight", "w.pth", "--shots", "1", "data_root", "d", "workers", "2"])
+    assert args.shots == [1] and opts == ["data_root", "d", "workers", "2"]
+    args, opts = cdfss_table.parse(["workers", "2", "--shots", "1", "5", "--weight", "w.pth"])
+    assert args.shots == [1, 5] and opts == ["workers", "2"]
+    for bad in (["--shots", "workers", "2"], ["--shots", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cdfss_table.parse(["--weight", "w.pth", *bad])
+        assert e.value.code == 2
+
+
+def edited_configs(setup, tmp_path, target, **data):
+    """The four tiny configs, ``target``'s DATA section changed by ``data``."""
+    _, _, configs = setup
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name in os.listdir(configs):
+        cfg = yaml.safe_load(open(os.path.join(configs, name)))
+        if name.startswith(f"cdfss_{target}_"):
+            cfg["DATA"].update(data)
+        (folder / name).write_text(yaml.safe_dump(cfg))
+    return str(folder)
+
+
+def test_a_missing_target_names_its_preparation_before_any_run(setup, tmp_path):
+    base, weight, _ = setup
+    configs = edited_configs(setup, tmp_path, "chest", data_root=str(tmp_path / "none"),
+                             test_classes=str(tmp_path / "none" / "classes.txt"))
+    runs = tmp_path / "runs"
+    with pytest.raises(FileNotFoundError) as e:
+        cdfss_table.main(["--weight", weight, "--exp", "tiny", "--configs", configs, "save_path", str(runs)])
+    assert str(e.value) == (f"class list '{tmp_path}/none/classes.txt' does not exist; give a text file naming one "
+                            f"class folder per line. The chest target is prepared by python tools/prepare_cdfss.py "
+                            f"chest --src <Lung Segmentation/> --out {tmp_path}/none")
+    assert not runs.exists()                       # nothing ran: deepglobe and isic come before chest
+
+
+def test_too_few_images_for_the_largest_shot_stop_the_table_before_the_first_run(setup, tmp_path):
+    base, weight, _ = setup
+    root = tmp_path / "small"
+    shutil.copytree(base / "data" / "isic", root)
+    for i in range(3, 6):
+        for ext in ("jpg", "png"):
+            os.remove(root / "isic1" / f"{i}.{ext}")
+    configs = edited_configs(setup, tmp_path, "isic", data_root=str(root), test_classes=str(root / "classes.txt"))
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match=r"class 'isic1' .* has 3 image\(s\); 5-shot episodes need at least 6"):
+        cdfss_table.main(["--weight", weight, "--exp", "tiny", "--configs", configs, "save_path", str(runs)])
+    assert not runs.exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.checkpoint import (adopt_architecture, build_model_from_checkpoint, load_checkpoint, load_optimizer_state,
-                               read_checkpoint, save_checkpoint, saved_architecture)
+                               read_checkpoint, save_checkpoint, saved_architecture, training_position, checkpoint_position)
 from engine.networks import build_model
 from model.ops import memory_format_of
 from tests.conftest import tiny_cfg
@@ -482,3 +482,13 @@ def test_building_from_a_checkpoint_warns_of_no_random_backbone_and_names_the_fi
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=rf"^checkpoint '{path}' does not fit the model: 1 missing key"):
         build_model_from_checkpoint(path, cfg)
+
+
+def test_one_count_of_epochs_from_one():
+    """The stop line, the resume line and test.py's checkpoint line say where a run is the same way."""
+    assert [training_position(i, 4) for i in (0, 3, 4, 6, 8)] == [
+        "before epoch 1", "in epoch 1, 3/4 into it", "at the end of epoch 1", "in epoch 2, 2/4 into it",
+        "at the end of epoch 2"]
+    assert checkpoint_position({"iteration": 92, "epoch": 1, "metrics": {"iters_per_epoch": 60}}) == \
+        "iteration 92, in epoch 2, 32/60 into it"
+    assert checkpoint_position({"iteration": 60, "epoch": 1}) == "iteration 60, after epoch 1"   # an older file

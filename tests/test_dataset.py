@@ -1,9 +1,12 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from tests.conftest import label_with, write_tree
+from dataset.image import available_cores, loader_workers
 from dataset.image import (EpisodeSampler, FewShotEvalDataset, FewShotTrainDataset, draw_episodes,
                           eval_collate, load_split, shard)
 from util.fileio import read_list
@@ -134,3 +137,14 @@ def test_episode_sampler_resumes_mid_epoch():
     whole = list(s)
     s.set_epoch(4, start=6)
     assert list(s) == whole[6:] and len(s) == 4
+
+
+def test_loader_workers_are_capped_at_the_cores_available_and_it_is_said_once(caplog):
+    """The configs' ``workers: 8`` on a 2-core machine: 2 loader processes (torch would warn about
+    8 at every loader), one log line saying so; fewer than the cores are kept."""
+    cores = available_cores()
+    caplog.set_level(logging.INFO, logger="dataset.image")
+    assert [loader_workers(cores + 6) for _ in range(3)] == [cores] * 3
+    assert loader_workers(0) == 0 and loader_workers(cores) == cores
+    said = [r.getMessage() for r in caplog.records if "loader processes" in r.getMessage()]
+    assert said == [f"workers {cores + 6}: {cores} loader processes, the cores available here"]

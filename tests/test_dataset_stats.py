@@ -3,7 +3,7 @@ import json
 import pytest
 
 from tests.video_fixtures import synthetic_video_tree  # noqa: F401 (fixture)
-from tools.dataset_stats import main
+from tools.dataset_stats import format_table, main
 from dataset.image import draw_episodes, load_split
 from dataset.video import build_chunks, draw_video_episodes
 from dataset.video_index import load_video_index
@@ -69,3 +69,13 @@ def test_video_stats_count_videos_and_frames_per_class_and_fold(synthetic_video_
     # no config file: the declared defaults and the overrides
     alone = main(["dataset", "synthetic_video", "data_root", root, "split", "2", "shot", "2", "clip_len", "3", "support_mode", "mean"])
     assert alone["val"] == stats["val"] and alone["folds"] == stats["folds"]
+
+
+def test_the_class_column_fits_the_longest_name():
+    """The synthetic dataset's 'checkered triangle' is wider than the 16 characters the table had."""
+    names = {"1": "solid disc", "2": "checkered triangle"}
+    stats = {"dataset": "synthetic", "split": 0, "train": {"images": 3, "per_class": {"1": 2, "2": 1}},
+             "val": {"images": 0, "per_class": {}}, "train_classes": [1, 2], "val_classes": [], "class_names": names}
+    rows = format_table(stats).splitlines()[3:6]
+    assert rows == ["   id  class               images", "    1  solid disc               2",
+                    "    2  checkered triangle       1"]

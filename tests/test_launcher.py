@@ -195,3 +195,23 @@ def test_a_bad_override_stops_the_launcher_with_one_line(tree):
     assert r.returncode == 2
     assert r.stderr == "train.sh: error: command line: unknown key 'shott'; did you mean 'shot'?\n"
     assert not (tree / "exp").exists()
+
+
+# a stand-in that prints the "Continue with:" command train.py would print for what it was given
+CONTINUE = ECHO.replace("print(' '.join(sys.argv[1:]))",
+                        "from util.interrupt import continue_command\n"
+                        "print(continue_command(sys.argv[sys.argv.index('train.py') + 1:]))")
+
+
+@pytest.mark.parametrize("env_extra, prefix", [({}, ""), ({"NGPUS": "2"}, "NGPUS=2 "),
+                                               ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "host0", "NGPUS": "4"},
+                                                "NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 MASTER_PORT=29500 NGPUS=4 ")])
+def test_the_continue_command_of_a_launched_run_is_the_launcher_line(tree, env_extra, prefix):
+    """A run started with ``sh train.sh`` is continued with ``sh train.sh``: the launcher finds the
+    venv's python and keeps the log, which ``python train.py`` in a bare shell would not."""
+    (tree / "fake_python").write_text(CONTINUE)
+    env = {**env_with(tree / "fake_python"), **env_extra}
+    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "epochs", "5", "resume", "last.pth"],
+                       cwd=tree, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"{prefix}sh train.sh synthetic split0_resnet18 epochs 5 resume auto"

@@ -205,3 +205,12 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
         assert e.value.code == 2 and err[0].startswith("usage: ") and err[-1].endswith(f": error: {message}")
         assert sum("error:" in line for line in err) == 1
     assert not any(tmp_path.iterdir())                                   # nothing written
+
+
+def test_the_per_class_table_lines_up_with_the_longest_name(tmp_path, capsys):
+    """'checkered triangle' (18 characters) no longer pushes its row's counts out of their column."""
+    ms.main(["--out", str(tmp_path), "--train", "0", "--val", "20", "--size", "48", "--workers", "1"])
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(next(line for line in out if line.startswith("images per class"))) + 1:][:21]
+    assert len({len(line) for line in table}) == 1, table
+    assert any("checkered triangle" in line for line in table)

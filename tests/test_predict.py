@@ -1,5 +1,6 @@
 """predict.py and engine/predictor.py: user images of any size through a tiny random model."""
 import os
+import re
 
 import cv2
 import numpy as np
@@ -285,3 +286,8 @@ def test_other_usage_errors(files, tmp_path, capsys):
     tiny_object[20, 30] = 1          # one pixel: gone after resizing to 41
     with pytest.raises(PredictInputError, match="vanishes when the image is resized to val_size 41"):
         predictor.predict([(files["image_a"], tiny_object)], [files["image_a"]])
+    # a support given by path is named by its path, not its stem alone (frames are all '00000'...)
+    tiny_path = str(tmp_path / "tiny_object.png")
+    cv2.imwrite(tiny_path, tiny_object)
+    with pytest.raises(PredictInputError, match=re.escape(f"the target in support '{path(files, 'a.png')}' vanishes")):
+        predictor.predict([(path(files, "a.png"), tiny_path)], [files["image_a"]])

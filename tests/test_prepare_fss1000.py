@@ -7,7 +7,7 @@ from PIL import Image
 
 from dataset.folder import FolderEvalDataset, FolderIndex, read_class_list
 from tools._prep_common import PrepError
-from tools.prepare_fss1000 import main, prepare_fss1000
+from tools.prepare_fss1000 import SRC_HINT, main, prepare_fss1000
 from util.cli import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,11 +120,19 @@ def test_missing_files_one_line_naming_class_and_file_nothing_written(tmp_path, 
     os.rename(f"{src}/bus", f"{src}/Bus")
     with pytest.raises(PrepError) as e:
         prepare_fss1000(src, out, lists, workers=1)
-    assert str(e.value) == (f"class 'ab_wheel': missing '{src}/ab_wheel/1.jpg'; FSS-1000 has 10 pairs N.jpg + "
-                            f"N.png per class: re-extract the download (2 more problem(s) printed above)")
+    assert str(e.value) == (f"1 of the 5 class folders the split lists name do not exist in '{src}' ('bus'); "
+                            f"{SRC_HINT} (2 more problem(s) printed above)")
     err = capsys.readouterr().err
-    assert f"  also: class 'bus': folder '{src}/bus' does not exist; --src must be the folder holding" in err
+    assert f"  also: class 'ab_wheel': missing '{src}/ab_wheel/1.jpg'" in err
     assert f"  also: class 'zebra': missing '{src}/zebra/7.png'" in err
+    assert not os.path.exists(out)
+    # a --src that holds none of the classes (the folder above, say): one line with the count
+    with pytest.raises(SystemExit) as code:
+        run(main, ["--src", str(tmp_path), "--out", out, "--lists", lists], prog="prepare_fss1000.py")
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"prepare_fss1000.py: error: '{tmp_path}' holds none of the 5 class folders the split lists "
+                   f"name ('ab_wheel', 'abe's_flyingfish', 'bus', ...); {SRC_HINT}\n")
     assert not os.path.exists(out)
     # through the command line: one line on stderr, exit status 2
     with pytest.raises(SystemExit) as code:

@@ -1,5 +1,6 @@
 """tools/prepare_pascal.py (and tools/_prep_common.py) on tiny fake VOC2012 + SBD folders."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -237,7 +238,7 @@ def test_missing_folder_names_the_fix(archives, tmp_path):
     ("size", r"2007_000001: label '.*2007_000001.png' is 20x16 but image '.*' is 20x15"),
     ("values", r"2008_000007.mat': label values \[33\] outside 0..20 and 255"),
 ])
-def test_broken_input_is_an_error_and_no_list_is_written(archives, tmp_path, breakage, message):
+def test_broken_input_is_an_error_and_no_list_is_written(archives, tmp_path, breakage, message, capsys):
     voc, sbd, _ = archives
     if breakage == "no_mat":
         os.remove(os.path.join(sbd, "cls", "2008_000005.mat"))
@@ -256,6 +257,10 @@ def test_broken_input_is_an_error_and_no_list_is_written(archives, tmp_path, bre
     assert not lists.exists()
     # the healthy images were still written, so a fixed re-run only does the rest
     assert len(os.listdir(tmp_path / "out" / "SegmentationClassAug")) == 6
+    # the failed image is counted as failed, not as 'already correct'
+    printed = capsys.readouterr().out
+    assert re.search(r"7 images; labels written 6, already correct 0; images placed \d, already in place 0; "
+                     r"failed 1\n", printed), printed
 
 
 def test_malformed_split_line(archives, tmp_path):

@@ -5,6 +5,7 @@ same folder, a crafted checkpoint, and one failing rank under DDP.
 Signals are sent by the training process to itself from a wrapper around ``Trainer.step``
 (after a chosen step, as a terminal or scheduler would, asynchronously), so the point of the
 interruption is exact and the test deterministic."""
+import logging
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from commands import train
-from engine.checkpoint import pick_resume, read_checkpoint, save_checkpoint
+from engine.checkpoint import checkpoint_position, pick_resume, read_checkpoint, save_checkpoint
 from engine.trainer import Trainer
 from util.interrupt import TrainingInterrupted
 from tests.conftest import tiny_cfg
@@ -184,9 +185,13 @@ def test_damaged_last_is_named_and_resume_auto_falls_back_to_the_previous(synth_
     path, state = pick_resume(str(last))
     assert path.endswith("last.prev.pth") and state["iteration"] == 2
     assert f"skipping checkpoint '{last}'" in caplog.text and "falling back to" in caplog.text
+    caplog.set_level(logging.INFO, logger="ntrenetpp")
     t = Trainer.from_cfg(tiny_cfg(synth_root, tmp_path, **SMALL, resume="auto", stop_iter=4), DistInfo())
     t.train()
+    # one count of epochs, from 1, in the resume line and in test.py's checkpoint line alike
+    assert "at iteration 2 (in epoch 1, 2/4 into it)" in caplog.text
     assert read_checkpoint(str(last))["iteration"] == 4
+    assert checkpoint_position(read_checkpoint(str(last))) == "iteration 4, at the end of epoch 1"
     for name in ("last.pth", "last.prev.pth"):                     # neither valid: an error, not a fresh start
         (tmp_path / "model" / name).write_bytes(b"garbage")
     with pytest.raises(Exception, match=r"resume auto found no valid checkpoint: .*last.pth.* / .*last.prev.pth"):

@@ -2,6 +2,7 @@
 runs them, exact resume with both optimisers, and the report's figures."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,11 @@ def test_train_and_test_through_the_launchers(tiny_repo):
     assert (exp / "model" / "best.pth").is_file() and (exp / "model" / "last.pth").is_file()
     assert any(f.name.startswith("events.out.tfevents") for f in (exp / "tb").rglob("*"))   # one folder per run
     assert "iou" in r.stdout and "validation after epoch 1: J" in r.stdout
+    index = load_video_index(root, "synthetic_video")
+    train_classes = fold_classes("synthetic_video", 0)[0]
+    videos = len(set().union(*(index.videos_of[c] for c in train_classes)))
+    assert re.search(rf"training episodes/epoch class-balanced clips of {len(train_classes)} classes "
+                     rf"\(\d+ per class, from {videos} videos\)", r.stdout)
     state = torch.load(exp / "model" / "last.pth", weights_only=True)   # video checkpoints load safely too
     assert set(state["optimizer"]) == {"sgd", "adam"} and state["iteration"] == 2
 

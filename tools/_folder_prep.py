@@ -47,13 +47,21 @@ class PrepResult:
             self.unchanged += 1
 
 
+ALSO_PRINTED = 5     # problems printed above the error line, at most
+
+
 def raise_problems(problems: Sequence[str]) -> None:
-    """One line for the first problem; the others (if any) printed above it."""
+    """One line for the first problem; the next few (if any) printed above it, and a count."""
     if not problems:
         return
-    for p in problems[1:]:
+    others = problems[1:]
+    for p in others[:ALSO_PRINTED]:
         print(f"  also: {p}", file=sys.stderr)
-    more = f" ({len(problems) - 1} more problem(s) printed above)" if len(problems) > 1 else ""
+    more = ""
+    if len(others) > ALSO_PRINTED:
+        more = f" ({len(others)} more problem(s), the first {ALSO_PRINTED} printed above)"
+    elif others:
+        more = f" ({len(others)} more problem(s) printed above)"
     raise PrepError(f"{problems[0]}{more}")
 
 

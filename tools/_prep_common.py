@@ -137,25 +137,27 @@ def resolve_workers(workers: int | None) -> int:
     return workers if workers and workers > 0 else (os.cpu_count() or 1)
 
 
-def run_tasks(fn: Callable, tasks: Sequence, workers: int, desc: str) -> list[ItemResult]:
-    """Run ``fn`` on every task, in order, showing progress (util/logger.py ``progress``: a bar on a
-    terminal, plain lines otherwise); 1 worker runs in-process."""
+def run_tasks(fn: Callable, tasks: Sequence, workers: int, desc: str, unit: str = "img") -> list[ItemResult]:
+    """Run ``fn`` on every task, in order, showing progress counted in ``unit`` (util/logger.py
+    ``progress``: a bar on a terminal, plain lines otherwise); 1 worker runs in-process."""
     workers = min(resolve_workers(workers), max(1, len(tasks)))
     call = _Guarded(fn)
     if workers == 1:
-        return [call(t) for t in progress(tasks, desc=desc, unit="img")]
+        return [call(t) for t in progress(tasks, desc=desc, unit=unit)]
     chunksize = max(1, min(64, len(tasks) // (workers * 8)))
     with multiprocessing.get_context().Pool(workers) as pool:
-        return list(progress(pool.imap(call, tasks, chunksize=chunksize), total=len(tasks), desc=desc, unit="img"))
+        return list(progress(pool.imap(call, tasks, chunksize=chunksize), total=len(tasks), desc=desc, unit=unit))
 
 
 def summarise(results: Sequence[ItemResult], what: str) -> dict:
     """Print written/kept counts and counted warnings; raise PrepError if any task failed."""
     labels_written = sum(r.label_written for r in results)
     images_written = sum(r.image_written for r in results)
+    failed = sum(bool(r.errors) for r in results)          # neither written nor correct: not counted as kept
     print(f"{what}: {len(results)} images; labels written {labels_written}, already correct "
-          f"{len(results) - labels_written}; images placed {images_written}, already in place "
-          f"{len(results) - images_written}")
+          f"{sum(not r.label_written and not r.errors for r in results)}; images placed {images_written}, "
+          f"already in place {sum(not r.image_written and not r.errors for r in results)}"
+          + (f"; failed {failed}" if failed else ""))
     warnings = Counter(kind for r in results for kind, _ in r.warnings)
     for kind, count in sorted(warnings.items()):
         first = next(d for r in results for k, d in r.warnings if k == kind)

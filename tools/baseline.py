@@ -21,13 +21,18 @@ Two baselines, each on the same episodes (seeds, count, shots) as a test.py resu
 
 With ``--compare`` it prints each result beside the baselines, one row each: several results
 (PFENet's and NTRENet++'s test JSONs, say) must have scored the very same episodes (dataset,
-fold, seeds, count, shots), or it says which differ. Video experiments get the all-foreground
-row only (J, F, J&F, class IoU).
+fold, seeds, count, shots), or it says which differ. Of the files given, the newest result of
+each experiment folder, checkpoint and shot is compared (``result/test_*.json`` of an experiment
+tested several times); a line names each file left out, and ``--all`` compares every file, rows
+of one checkpoint then named by their file too. Video experiments get the all-foreground row only
+(J, F, J&F, class IoU).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +129,44 @@ def read_result(path: str, cfg) -> dict:
     return res
 
 
+RESULT_FILE = re.compile(r"^test_(\d{8}_\d{6})(?:-(\d+))?(?:_.*)?\.json$")   # engine/evaluate.py's names
+
+
+def written_at(path: str) -> tuple[str, int]:
+    """When test.py wrote a result, as a sortable key: the time and ``-N`` of its file name
+    (two runs in one second: test_<time>.json, then test_<time>-2.json), else the file's mtime."""
+    match = RESULT_FILE.match(os.path.basename(path))
+    if match:
+        return match.group(1), int(match.group(2) or 1)
+    return time.strftime("%Y%m%d_%H%M%S", time.localtime(os.path.getmtime(path))), 0
+
+
+def newest_of_each(paths: list[str], results: list[dict]) -> tuple[list[int], list[str]]:
+    """Of the given results, the newest of each experiment folder, checkpoint and shot (indices in
+    the order given), and one line per file left out saying which file replaced it."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (path, res) in enumerate(zip(paths, results)):
+        key = (os.path.dirname(os.path.abspath(path)), res.get("weight"), res.get("shot"))
+        groups.setdefault(key, []).append(i)
+    kept, notes = [], []
+    for members in groups.values():
+        newest = max(members, key=lambda i: written_at(paths[i]))
+        kept.append(newest)
+        for i in members:
+            if i != newest:
+                notes.append(f"--compare: left out {paths[i]}, an older result of the same checkpoint and shot than "
+                             f"{os.path.basename(paths[newest])} (--all compares every file)")
+    return sorted(kept), notes
+
+
+def row_names(paths: list[str], results: list[dict]) -> list[str]:
+    """:func:`result_name` per result; results whose names coincide (one checkpoint tested twice)
+    are told apart by their file names."""
+    names = [result_name(r) for r in results]
+    return [f"{name[:-1]}, {os.path.basename(path)})" if names.count(name) > 1 else name
+            for name, path in zip(names, paths)]
+
+
 def result_name(res: dict) -> str:
     """'NTRENet++ (split0_resnet50/best.pth)': the network and the checkpoint a result scored."""
     weight = res["weight"]
@@ -145,8 +188,9 @@ def format_table(rows: list[tuple[str, dict]], task, cfg) -> str:
     width = name_width(name for name, _ in rows)
     lines = [f"\n{'':{width}s}" + "".join(f"{title:>16s}" for title, _ in task.headline)]
     for name, r in rows:
-        lines.append(f"{name:{width}s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}"
-                                                   for _, k in task.headline))
+        runs = r.get("seeds") or len(r.get("runs") or [])
+        lines.append(f"{name:{width}s}" + "".join(f"{r[k + '_mean']:8.2f} ± {r[k + '_std']:5.2f}" if runs > 1 else
+                                                   f"{r[k + '_mean']:8.2f}{'':8s}" for _, k in task.headline))
     lines.append(f"({task.describe_test(cfg)}; the same episodes for every row)")
     return "\n".join(lines)
 
@@ -187,6 +231,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", required=True)
     parser.add_argument("--compare", nargs="+", default=[], metavar="JSON",
                         help="test_*.json results written by test.py (several: side by side, same episodes)")
+    parser.add_argument("--all", action="store_true",
+                        help="compare every --compare file, not only the newest of each experiment, checkpoint and shot")
     parser.add_argument("--weight", default="",
                         help="NTRENet++ checkpoint whose backbone the prototype matcher uses "
                              "(default: the checkpoint --compare scored; none: no matcher row)")
@@ -199,11 +245,17 @@ def main(argv=None) -> dict:
     cfg.update(save_pred=False, vis=0, save_path="")
     task = task_for(cfg)
     results = [read_result(path, cfg) for path in args.compare]
-    for path, res in zip(args.compare[1:], results[1:]):
+    paths = list(args.compare)
+    if not args.all:
+        kept, notes = newest_of_each(paths, results)
+        for note in notes:
+            print(note)
+        paths, results = [paths[i] for i in kept], [results[i] for i in kept]
+    for path, res in zip(paths[1:], results[1:]):
         differs = [k for k in ("dataset", "split", "shot", "manual_seed", "episodes", "seeds", "eval_protocol")
                    if res.get(k) != results[0].get(k)]
         if differs:
-            raise UserError(f"{path} scored other episodes than {args.compare[0]} (" + ", ".join(
+            raise UserError(f"{path} scored other episodes than {paths[0]} (" + ", ".join(
                 f"{k} {res.get(k)!r} vs {results[0].get(k)!r}" for k in differs) + "): compare results of one "
                 "test setting")
     res = results[0] if results else None
@@ -211,19 +263,21 @@ def main(argv=None) -> dict:
         cfg.update(task.result_episodes(res))   # the very episodes the results scored
     setup_logger("", 0)
     info = DistInfo()
-    rows = [(result_name(r), r) for r in results]
+    rows = list(zip(row_names(paths, results), results))
     weight = args.weight or (res["weight"] if res and os.path.isfile(res.get("weight", "")) else "")
     if weight.lower() == "none":
         weight = ""
     matcher = matcher_from_checkpoint(weight, cfg) if task.prototype_matcher and weight else None
     if matcher is not None:
         matcher = to_device(matcher, info.device, cfg.channels_last)
-        rows.append(("prototype matcher (its backbone)", run_test(cfg, info, model=matcher, write_json=False)))
+        name = "prototype matcher (its backbone)"
+        rows.append((name, run_test(cfg, info, model=matcher, write_json=False, name=f"{name}, {weight}")))
     if task.prototype_matcher and args.pretrained:
         matcher = to_device(matcher_from_pretrained(args.pretrained, cfg), info.device, cfg.channels_last)
-        rows.append((f"prototype matcher ({os.path.basename(args.pretrained)})",
-                     run_test(cfg, info, model=matcher, write_json=False)))
-    rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False)))
+        name = f"prototype matcher ({os.path.basename(args.pretrained)})"
+        rows.append((name, run_test(cfg, info, model=matcher, write_json=False, name=f"{name}, {args.pretrained}")))
+    rows.append(("all-foreground", run_test(cfg, info, model=AllForeground(), write_json=False,
+                                            name="all-foreground")))
     print(format_table(rows, task, cfg))
     per_class = format_per_class(rows)
     if per_class:

@@ -11,8 +11,11 @@ Each (target, shot) is one test.py run (engine/tester.py ``run_test``) of
 ``<configs>/cdfss_<target>_<exp>.yaml`` with ``weight`` and ``shot`` set and the KEY VALUE
 overrides applied, so each also writes its own result JSON (under
 exp/cdfss/<target>_<exp>[_shotK]/result/ unless ``save_path`` says otherwise). Every config is
-read and checked before the first run. The table goes to ``--out``, by default
-``<the weight's experiment>/result/cdfss_table_<time>.json``.
+read and checked before the first run, and so is every target's data: its class list and
+folders exist (a missing target names the command that prepares it) and each class holds
+enough images for the largest K. The table goes to ``--out``, by default
+``<the weight's experiment>/result/cdfss_table_<time>.json``. Flags and ``KEY VALUE`` overrides
+may come in any order, as with the other entry points (``--shots 1 workers 2`` is 1 shot).
 """
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ import os
 import statistics
 import time
 
+from dataset.folder import FolderIndex
+from dataset.sources import evaluation_set
 from engine.tester import run_test
 from util.cli import run
 from util.config import config_with_overrides, parse_args_with_overrides
 from util.distributed import DistInfo, pick_device
-from util.errors import CheckpointError
+from util.errors import CheckpointError, DataFileMissing, user_message
 from util.fileio import atomic_write_json, create_new_json
 from util.logger import setup_logger
 
@@ -56,9 +61,40 @@ def parse(argv=None):
                                                         "exp/pascal/all_resnet50/model/best.pth)")
     parser.add_argument("--exp", default="resnet50", help="the configs' name: <configs>/cdfss_<target>_<exp>.yaml")
     parser.add_argument("--configs", default=os.path.join("config", "cdfss"), help="folder of the four configs")
-    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="K of the K-shot columns")
+    parser.add_argument("--shots", nargs="+", default=["1", "5"], metavar="K", help="K of the K-shot columns")
     parser.add_argument("--out", default="", help="the table's JSON file")
-    return parse_args_with_overrides(parser, argv)
+    args, opts = parse_args_with_overrides(parser, argv)
+    args.shots, opts = split_shots(parser, args.shots, opts)
+    return args, opts
+
+
+def split_shots(parser, words: list[str], opts: list[str]) -> tuple[list[int], list[str]]:
+    """``--shots 1 5 workers 2``: argparse hands every word to ``--shots``; the leading numbers
+    are the shots, the words from the first other one on are ``KEY VALUE`` overrides."""
+    count = next((i for i, w in enumerate(words) if not w.isdigit()), len(words))
+    shots = [int(w) for w in words[:count]]
+    if not shots or min(shots) < 1:
+        parser.error(f"--shots takes one or more positive whole numbers (K of the K-shot columns), got {words}")
+    return shots, words[count:] + opts
+
+
+# what writes each target's class folders (docs/data.md sections 9-10); {root}: the config's data_root
+PREPARE = {"deepglobe": "python tools/prepare_cdfss.py deepglobe --src <DeepGlobe land cover train/> --out {root}",
+           "isic": "python tools/prepare_cdfss.py isic --src <folder with the two ISIC folders> --out {root}",
+           "chest": "python tools/prepare_cdfss.py chest --src <Lung Segmentation/> --out {root}",
+           "fss1000": "python tools/prepare_fss1000.py --src <folder holding the 1000 class folders> --out {root}"}
+
+
+def check_target(target: str, cfg, shot: int) -> None:
+    """The target's class folders exist and every class has ``shot`` + 1 images: checked before
+    the first run, so a missing target or a too small class stops the table at once."""
+    es = evaluation_set(cfg, "test")
+    try:
+        index = FolderIndex(es.root, es.class_list, check_sizes=False)
+    except DataFileMissing as e:
+        raise DataFileMissing(f"{user_message(e)}. The {target} target is prepared by "
+                              f"{PREPARE[target].format(root=cfg.data_root)}") from None
+    index.require_images(shot)
 
 
 def default_out(weight: str) -> str:
@@ -101,6 +137,8 @@ def main(argv=None) -> dict:
     cfgs = {(t, k): config_with_overrides(os.path.join(args.configs, f"cdfss_{t}_{args.exp}.yaml"),
                                           [*opts, "weight", args.weight, "shot", str(k)])
             for t, _ in TARGETS for k in args.shots}
+    for t, _ in TARGETS:
+        check_target(t, cfgs[t, max(args.shots)], max(args.shots))
     setup_logger("", 0)
     first = next(iter(cfgs.values()))
     info = DistInfo(device=pick_device(first.device))

@@ -62,16 +62,22 @@ def video_stats(cfg, episodes: int = 0, seed: int | None = None) -> dict:
     return out
 
 
+def name_width(stats: dict) -> int:
+    """The class column's width: the longest class name (at least 16), so every count lines up."""
+    return max(16, *(len(name) for name in stats["class_names"].values()))
+
+
 def format_video_table(stats: dict) -> str:
     lines = [f"{stats['dataset']} fold {stats['split']}: {stats['videos']} videos, {stats['frames']} frames; "
              f"training classes in {stats['train']['videos']} videos ({stats['train']['frames']} class frames), "
              f"held-out classes in {stats['val']['videos']} videos ({stats['val']['frames']} class frames)"]
     for part, key in (("train", "train_classes"), ("val", "val_classes")):
         lines.append(f"\n{'training' if part == 'train' else 'held-out'} classes")
-        lines.append(f"  {'id':>3}  {'class':<16} {'videos':>7} {'frames':>7}")
+        width = name_width(stats)
+        lines.append(f"  {'id':>3}  {'class':<{width}} {'videos':>7} {'frames':>7}")
         for c in stats[key]:
             row = stats[part]["per_class"][str(c)]
-            lines.append(f"  {c:>3}  {stats['class_names'][str(c)]:<16} {row['videos']:>7} {row['frames']:>7}")
+            lines.append(f"  {c:>3}  {stats['class_names'][str(c)]:<{width}} {row['videos']:>7} {row['frames']:>7}")
     lines.append("\nheld-out classes per fold (videos and class frames are summed over the classes)")
     for i, fold in stats["folds"].items():
         lines.append(f"  fold {i}: {fold['videos']:>6} videos {fold['frames']:>8} frames  classes {fold['held_out']}")
@@ -121,9 +127,10 @@ def format_table(stats: dict) -> str:
              f"serve at least one active class"]
     for part, key in (("train", "train_classes"), ("val", "val_classes")):
         lines.append(f"\n{'training' if part == 'train' else 'held-out'} classes")
-        lines.append(f"  {'id':>3}  {'class':<16} {'images':>7}")
+        width = name_width(stats)
+        lines.append(f"  {'id':>3}  {'class':<{width}} {'images':>7}")
         for c in stats[key]:
-            lines.append(f"  {c:>3}  {stats['class_names'][str(c)]:<16} {stats[part]['per_class'][str(c)]:>7}")
+            lines.append(f"  {c:>3}  {stats['class_names'][str(c)]:<{width}} {stats[part]['per_class'][str(c)]:>7}")
     if "episodes" in stats:
         lines.append(f"\n{len(stats['episodes'])} evaluation episodes drawn ({stats['shot']}-shot)")
     return "\n".join(lines)

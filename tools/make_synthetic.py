@@ -388,9 +388,10 @@ def main(argv=None) -> dict:
               f">=2: {(served >= 2).mean():.1%}; classes present per image: "
               f"{(c[:, 1:] > 0).sum(1).mean():.2f}")
     print(f"images per class with >= {thr} px:")
-    print(f"  {'id':>2} {'class':<16}" + "".join(f" {s:>6}" for s in counts))
+    width = max(len(name) for name in SYNTHETIC_CLASSES)       # 'checkered triangle' is 18
+    print(f"  {'id':>2} {'class':<{width}}" + "".join(f" {s:>6}" for s in counts))
     for k, name in enumerate(SYNTHETIC_CLASSES, 1):
-        print(f"  {k:>2} {name:<16}" + "".join(f" {int((c[:, k] >= thr).sum()):>6}" for c in counts.values()))
+        print(f"  {k:>2} {name:<{width}}" + "".join(f" {int((c[:, k] >= thr).sum()):>6}" for c in counts.values()))
     return counts
 
 

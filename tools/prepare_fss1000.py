@@ -38,11 +38,24 @@ class ClassTask(NamedTuple):
     link: bool
 
 
+def check_folders(src: str, names: list[str]) -> list[str]:
+    """The class folders missing from ``src`` as one problem with a count (a wrong ``--src``
+    misses all 1000 of them: one line, not a thousand), or none."""
+    missing = [n for n in names if not os.path.isdir(os.path.join(src, n))]
+    if not missing:
+        return []
+    first = ", ".join(f"'{n}'" for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    if len(missing) == len(names):
+        return [f"'{src}' holds none of the {len(names)} class folders the split lists name ({first}); {SRC_HINT}"]
+    return [f"{len(missing)} of the {len(names)} class folders the split lists name do not exist in '{src}' "
+            f"({first}); {SRC_HINT}"]
+
+
 def check_class(src: str, name: str) -> list[str]:
-    """Problems of one source class folder (empty when its ten pairs are all there)."""
+    """Problems of one source class folder that exists (empty when its ten pairs are all there)."""
     folder = os.path.join(src, name)
     if not os.path.isdir(folder):
-        return [f"class '{name}': folder '{os.path.abspath(folder)}' does not exist; {SRC_HINT}"]
+        return []                                   # counted by check_folders
     problems = []
     for n in range(1, IMAGES_PER_CLASS + 1):
         for ext in (".jpg", ".png"):
@@ -70,7 +83,7 @@ def prepare_fss1000(src: str, out: str, lists_dir: str = "lists/fss1000", link: 
     require_dir(src, SRC_HINT)
     splits = {s: read_class_list(os.path.join(lists_dir, s + ".txt")) for s in SPLITS}
     names = sorted(set().union(*splits.values()))
-    problems = [p for name in names for p in check_class(src, name)]
+    problems = check_folders(src, names) + [p for name in names for p in check_class(src, name)]
     raise_problems(problems)
 
     tasks = [ClassTask(n, src, out, link) for n in names]

@@ -219,7 +219,7 @@ def prepare_ytvis(ytvis: str, out: str, json_path: str = "", copy: bool = False,
     del data
     print(f"{ann_path}: {len(tasks)} videos, {sum(len(t.frames) for t in tasks)} frames, "
           f"{sum(len(t.instances) for t in tasks)} instances ({dataset})")
-    results = run_tasks(process_video, tasks, workers, desc=dataset)
+    results = run_tasks(process_video, tasks, workers, desc=dataset, unit="video")
     errors = [e for r in results for e in r.errors]
     if len(errors) > 1:
         for e in errors[:MAX_SHOWN]:

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dataset.image import load_split, read_pair, worker_init
+from dataset.image import load_split, loader_workers, read_pair, worker_init
 from dataset.transform import train_transform
 from engine.trainer import poly_lr
 from model.backbone import backbone_from_cfg
@@ -132,7 +132,7 @@ def main(argv=None) -> str:
     else:
         optimiser = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9, weight_decay=1e-4)
     plan = batches(len(data), args.iters, args.batch, cfg.manual_seed)
-    loader = DataLoader(data, batch_sampler=plan, num_workers=cfg.workers, worker_init_fn=worker_init,
+    loader = DataLoader(data, batch_sampler=plan, num_workers=loader_workers(cfg.workers), worker_init_fn=worker_init,
                         persistent_workers=False)
     log.info("pretraining %s on %d images of %d training classes: %d iterations of %d",
              args.config, len(data), data.num_classes - 1, args.iters, args.batch)

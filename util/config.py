@@ -129,7 +129,7 @@ SCHEMA: tuple[Key, ...] = _section(
        datasets=_LISTS),
     _k("val_root", "str", "", "root of the validation class folders: val_dataset's; for class-folder datasets "
        "'' is data_root", tasks=_IMG, path=True),
-    _k("workers", "int", 8, "data loader processes per training process"),
+    _k("workers", "int", 8, "data loader processes per training process (capped at the cores available, logged)"),
 ) + _section(
     "VIDEO",   # docs/video.md
     _k("clip_len", "int", 5, "T: consecutive class frames per query clip (training and evaluation chunks)",

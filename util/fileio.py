@@ -211,8 +211,8 @@ def reserve_name(stem: str, suffix: str) -> str:
             continue
 
 
-def create_new_json(stem: str, obj: Any, indent: int | None = 2) -> str:
-    """:func:`create_new` of ``stem + '.json'`` holding ``obj``."""
+def create_new_json(stem: str, obj: Any, indent: int | None = 2, suffix: str = ".json") -> str:
+    """:func:`create_new` of ``stem + suffix`` holding ``obj``."""
     text = json.dumps(obj, indent=indent) + "\n"
 
     def write(tmp):
@@ -220,7 +220,7 @@ def create_new_json(stem: str, obj: Any, indent: int | None = 2) -> str:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    return create_new(stem, ".json", write)
+    return create_new(stem, suffix, write)
 
 
 def read_json_result(path: str, what: str = "result") -> dict | None:

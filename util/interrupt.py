@@ -44,12 +44,13 @@ class PeerFailed(UserError):
 def continue_command(argv: list[str]) -> str:
     """The command that continues this run: the one given, without ``resume``/``overwrite``,
     plus ``resume auto``. Through scripts/launch.sh (``$NTRENETPP_LAUNCHED_AS``), the
-    ``sh train.sh ...`` line the user typed; the launcher puts ``--config C save_path D``
-    before the user's own ``KEY VALUE`` pairs."""
+    ``sh train.sh <dataset> <exp_name> ...`` line the user typed: the launcher finds the venv's
+    python and keeps the log, which ``python train.py`` would not. The launcher puts
+    ``--config C`` before the user's own ``KEY VALUE`` pairs."""
     words = list(argv)
     launched = os.environ.get("NTRENETPP_LAUNCHED_AS", "")
-    if launched and words[:1] == ["--config"] and words[2:3] == ["save_path"]:
-        head, words = shlex.split(launched), words[4:]
+    if launched and words[:1] == ["--config"]:
+        head, words = shlex.split(launched), words[2:]
     else:
         head = ["python", "train.py"]
     kept, i = [], 0

@@ -17,6 +17,22 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def with_spread(mean: float, std: float, runs: int) -> str:
+    """'50.63 ± 0.46' over several runs; one run has no spread to show: '50.63'."""
+    return f"{mean:.2f} ± {std:.2f}" if runs > 1 else f"{mean:.2f}"
+
+
+def per_unit_ms(ms: float, unit: str) -> str:
+    """'12.3 ms/episode'; a time that rounds to 0.0 (the all-foreground baseline) is '<0.1 ms/episode'."""
+    return f"{ms:.1f} ms/{unit}" if ms >= 0.05 else f"<0.1 ms/{unit}"
+
+
+def tested_model(summary: dict) -> str:
+    """How a summary line names what was tested: 'checkpoint PATH', or an in-memory model's name
+    (tools/baseline.py's 'all-foreground')."""
+    return summary["weight"] if summary.get("checkpoint_epoch") is None else f"checkpoint {summary['weight']}"
+
+
 class Scorer:
     """Per-evaluation scoring state of a task: fed each batch's logits, it accumulates the
     metric sums (reduced across processes by :meth:`result`), saves predictions and keeps
@@ -65,6 +81,10 @@ class Task:
 
     def test_dataset(self, cfg, info: DistInfo, seed: int) -> Dataset:
         raise NotImplementedError
+
+    def describe_train_set(self, dataset: Dataset) -> str:
+        """What the training episodes are drawn from, for the log: 'over 1412 images'."""
+        return f"over {len(dataset)} images"
 
     def input_size(self, cfg, train: bool) -> tuple[int, int]:
         """The network's input size in training and in evaluation."""

@@ -15,7 +15,7 @@ from dataset import sources
 from dataset.image import eval_collate
 from dataset.metrics import IoUAccumulator, score_episodes
 from engine.predictor import Predictor
-from engine.tasks.base import Scorer, Task, mean_std
+from engine.tasks.base import Scorer, Task, mean_std, per_unit_ms, tested_model, with_spread
 from util.classes import FOLDER_DATASETS
 from util.config import HSNET
 from util.fileio import atomic_write_image, atomic_write_json
@@ -114,8 +114,8 @@ class ImageTask(Task):
 
     def validation_metrics(self, out, epoch, writer, step):
         r = out.result
-        log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%.1f ms/episode)",
-                 epoch, r.miou, r.fbiou, r.episodes, out.ms_per_unit)
+        log.info("validation after epoch %d: class mIoU %.2f, FB-IoU %.2f over %d episodes (%s)",
+                 epoch, r.miou, r.fbiou, r.episodes, per_unit_ms(out.ms_per_unit, "episode"))
         if len(r.class_iou) <= LISTED_CLASSES:
             log.info("  " + "  ".join(f"{k}: {v:.2f}" for k, v in r.class_iou.items()))
         if writer is not None:
@@ -137,7 +137,7 @@ class ImageTask(Task):
     def run_record(self, seed, out, dataset, cfg):
         r = out.result
         lines = [f"seed {seed}: class mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}  "
-                 f"({r.episodes} episodes, {out.ms_per_unit:.1f} ms/episode)"]
+                 f"({r.episodes} episodes, {per_unit_ms(out.ms_per_unit, 'episode')})"]
         if len(r.class_iou) <= LISTED_CLASSES:
             lines += [f"    {name:<18s} {iou:6.2f}" for name, iou in r.class_iou.items()]
         else:
@@ -162,9 +162,10 @@ class ImageTask(Task):
                 "ms_per_episode": mean_std(r["ms_per_episode"] for r in runs)[0], "per_seed": runs}
 
     def format_summary(self, cfg, s):
+        n = s["seeds"]
         return (f"{cfg.shot}-shot over {s['seeds']} seed(s) x {s['episodes']} episodes ({s['eval_protocol']} "
-                f"protocol), checkpoint {s['weight']}: class mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, "
-                f"FB-IoU {s['fbiou_mean']:.2f} ± {s['fbiou_std']:.2f}")
+                f"protocol), {tested_model(s)}: class mIoU {with_spread(s['miou_mean'], s['miou_std'], n)}, "
+                f"FB-IoU {with_spread(s['fbiou_mean'], s['fbiou_std'], n)}")
 
     def save_visuals(self, samples, folder, rank):
         for i, sample in enumerate(samples):

@@ -10,7 +10,7 @@ import torch
 
 from dataset.video import ValidationClips, VideoEvalDataset, VideoTrainDataset, video_eval_collate
 from dataset.video_metrics import VideoResult, VideoScoreAccumulator, score_frames
-from engine.tasks.base import Scorer, Task, mean_std
+from engine.tasks.base import Scorer, Task, mean_std, per_unit_ms, tested_model, with_spread
 from engine.video_predict import VideoPredictor
 from model.modules import AgentAttention
 from util.classes import class_name
@@ -87,7 +87,7 @@ def format_video_result(title: str, r: VideoResult, ms: float, unit: str = "vide
     validation clips) per class, then the means."""
     count = r.videos if unit == "videos" else r.queries
     lines = [f"{title}: J {r.mean_j:.2f}  F {r.mean_f:.2f}  J&F {r.jf:.2f}  class IoU {r.class_iou:.2f}  "
-             f"({r.frames} frames of {count} {unit} scored, {ms:.1f} ms/frame)",
+             f"({r.frames} frames of {count} {unit} scored, {per_unit_ms(ms, 'frame')})",
              f"    {'class':<16s} {'J':>6s} {'F':>6s} {'IoU':>6s} {'frames':>7s} {unit:>6s}"]
     lines += [f"    {name:<16s} {v['J']:6.2f} {v['F']:6.2f} {v['IoU']:6.2f} {v['frames']:7d} {v['videos']:6d}"
               for name, v in r.per_class.items()]
@@ -183,6 +183,10 @@ class VideoTask(Task):
     def train_dataset(self, cfg, info):
         return VideoTrainDataset(cfg, train=True)
 
+    def describe_train_set(self, dataset):
+        return (f"class-balanced clips of {len(dataset.classes)} classes ({dataset.samples_per_class} per class, "
+                f"from {len(set().union(*(dataset.index.videos_of[c] for c in dataset.classes)))} videos)")
+
     def val_dataset(self, cfg, info, seed):
         return ValidationClips(cfg, seed, info.rank, info.world_size)
 
@@ -239,10 +243,11 @@ class VideoTask(Task):
         return summary
 
     def format_summary(self, cfg, s):
-        return (f"{cfg.shot}-shot over {len(s['runs'])} run(s), checkpoint {s['weight']}: "
-                f"J {s['J_mean']:.2f} ± {s['J_std']:.2f}, F {s['F_mean']:.2f} ± {s['F_std']:.2f}, "
-                f"J&F {s['JF_mean']:.2f} ± {s['JF_std']:.2f}, class IoU {s['class_iou_mean']:.2f} ± "
-                f"{s['class_iou_std']:.2f} ({s['frames']} frames of {s['videos']} videos per run)")
+        n = len(s["runs"])
+        figures = ", ".join(f"{title} {with_spread(s[key + '_mean'], s[key + '_std'], n)}" for title, key in
+                            (("J", "J"), ("F", "F"), ("J&F", "JF"), ("class IoU", "class_iou")))
+        return (f"{cfg.shot}-shot over {n} run(s), {tested_model(s)}: {figures} "
+                f"({s['frames']} frames of {s['videos']} videos per run)")
 
     def save_visuals(self, samples, folder, rank):
         for k, sample in enumerate(samples):
