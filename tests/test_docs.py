@@ -167,27 +167,21 @@ RUNS: dict[str, Run] = {
         files=("data/synthetic_video/train/JPEGImages/*/*.jpg",)),
     "python tools/prepare_ytvis.py --ytvis data/synthetic_video --out data/synthetic_video": Run(
         "video", "--workers 1"),
-    # docs/data.md section 8: your own class folders (the lists where the command names them)
-    "sh train.sh folder resnet50 data_root data/mine train_classes mine/train.txt val_classes mine/val.txt "
-    "test_classes mine/test.txt": Run(
+    # README "Any dataset" and docs/data.md section 8: your own class folders, the lists under data_root
+    "sh train.sh folder resnet50 data_root data/mine train_classes train.txt val_classes val.txt "
+    "test_classes test.txt": Run(
         "folder", TINY_TRAIN,
         files=("exp/folder/resnet50/model/best.pth", "exp/folder/resnet50/model/last.pth",
                "exp/folder/resnet50/result/train-*.log", "exp/folder/resnet50/folder_resnet50.yaml",
                "exp/folder/resnet50/tb/*/events.out.tfevents.*"),
         printed=("log: exp/folder/resnet50/result/train-",)),
-    "sh test.sh folder resnet50 data_root data/mine test_classes mine/test.txt": Run(
+    "sh test.sh folder resnet50 data_root data/mine test_classes test.txt": Run(
         "folder", f"{TINY_NET} {TINY_EVAL}",
         files=("exp/folder/resnet50/result/test_*.json", "exp/folder/resnet50/result/test-*.log"),
         printed=("class mIoU", "log: exp/folder/resnet50/result/test-")),
-    # README "Any dataset": the same with the lists in data/mine/ (docs/data.md's rule: read under data_root)
-    "sh train.sh folder resnet50 data_root data/mine train_classes train.txt val_classes val.txt "
-    "test_classes test.txt": Run("readme_folder", TINY_TRAIN, files=("exp/folder/resnet50/model/best.pth",)),
-    "sh test.sh folder resnet50 data_root data/mine test_classes test.txt": Run(
-        "readme_folder", f"{TINY_NET} {TINY_EVAL}", files=("exp/folder/resnet50/result/test_*.json",)),
 }
-# README's class-folder form reads the lists under data_root; the code does not do so yet (it is
-# changed on its own branch): strict, so that this mark goes once it passes.
-EXPECTED_TO_FAIL = {"readme_folder": "the class lists are not yet read under data_root"}
+# a scenario whose commands are known to fail for now, with why: strict, so the mark goes once it passes
+EXPECTED_TO_FAIL: dict[str, str] = {}   # scenario -> why it fails for now (strict: a pass fails the test)
 
 # Lines the docs quote, printed by a command the test runs after its scenario (scenario, command, line).
 QUOTED = (
@@ -285,8 +279,6 @@ def prepare(scenario: str, path: str) -> None:
         for query in ("query.jpg", "q.jpg"):
             cv2.imwrite(os.path.join(path, query), rng.integers(0, 256, (36, 52, 3), dtype=np.uint8))
     elif scenario == "folder":
-        class_folders(os.path.join(path, "data", "mine"), os.path.join(path, "mine"), rng)
-    elif scenario == "readme_folder":
         class_folders(os.path.join(path, "data", "mine"), os.path.join(path, "data", "mine"), rng)
 
 
