@@ -192,8 +192,8 @@ def test_a_mask_of_another_size_than_its_image(files, catalog):
 
 def test_a_non_image_upload(files, catalog):
     message = bad(catalog, "0", page_supports(files), [files["queries"][0], files["text"]])
-    assert message == ("cannot read image query 'notes.txt': empty, corrupt or not an image format OpenCV "
-                       "reads (use JPEG or PNG)")
+    assert message == ("cannot read image query 'notes.txt': the file is empty, corrupt or not an image format "
+                       "OpenCV and PIL read; re-export it as JPEG or PNG")
 
 
 def test_a_video_for_an_image_checkpoint_and_an_image_for_a_video_checkpoint(files, catalog):

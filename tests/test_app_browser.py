@@ -92,5 +92,5 @@ def test_two_bad_inputs_read_as_one_line_each_and_the_page_goes_on(served, tmp_p
     page.load()
     page.upload("#queries", str(tmp_path / "notes.txt"))
     assert page.run_example().startswith("2 query(ies)")        # the server still serves
-    assert page.segment() == ("Error: cannot read image query 'notes.txt': empty, corrupt or not an image "
-                              "format OpenCV reads (use JPEG or PNG)")
+    assert page.segment() == ("Error: cannot read image query 'notes.txt': the file is empty, corrupt or not "
+                              "an image format OpenCV and PIL read; re-export it as JPEG or PNG")
