@@ -145,7 +145,8 @@ def test_a_missing_target_names_its_preparation_before_any_run(setup, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         cdfss_table.main(["--weight", weight, "--exp", "tiny", "--configs", configs, "save_path", str(runs)])
     assert str(e.value) == (f"class list '{tmp_path}/none/classes.txt' does not exist; give a text file naming one "
-                            f"class folder per line. The chest target is prepared by python tools/prepare_cdfss.py "
+                            f"class folder per line (a relative class list is read under the classes' root, "
+                            f"data_root or val_root, else from the folder the command was typed in). The chest target is prepared by python tools/prepare_cdfss.py "
                             f"chest --src <Lung Segmentation/> --out {tmp_path}/none")
     assert not runs.exists()                       # nothing ran: deepglobe and isic come before chest
 

@@ -211,7 +211,7 @@ def test_the_continue_command_of_a_launched_run_is_the_launcher_line(tree, env_e
     venv's python and keeps the log, which ``python train.py`` in a bare shell would not."""
     (tree / "fake_python").write_text(CONTINUE)
     env = {**env_with(tree / "fake_python"), **env_extra}
-    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "epochs", "5", "resume", "last.pth"],
+    r = subprocess.run(["sh", "train.sh", "synthetic", "split0_resnet18", "epochs", "5", "resume", "auto"],
                        cwd=tree, env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == f"{prefix}sh train.sh synthetic split0_resnet18 epochs 5 resume auto"

@@ -93,7 +93,7 @@ class Path(torch.nn.Module):
         super().__init__()
         self.log = log
 
-    def forward(self, x, bg_prototype, prototype, prior, bg_logits, previous, frames=None):
+    def forward(self, x, bg_prototype, prototype, prior, bg_logits, previous, frames=None, label_target_bin=None):
         self.log.append({"x": x, "bg": bg_prototype, "proto": prototype, "prior": prior, "bg_logits": bg_logits,
                          "previous": previous, "frames": frames})
         out = x + (0 if previous is None else F.interpolate(previous, size=x.shape[-2:], mode="bilinear",
