@@ -176,10 +176,12 @@ def saved_architecture(state: dict) -> dict:
     """The architecture keys a checkpoint was trained with. One written before they were recorded
     has them in its config, where a key its config predates had its default value then, the task
     is its dataset's and the DO bank had one row per class of its dataset."""
-    if "architecture" in state:
-        return dict(state["architecture"])
-    saved = state.get("config") or {}
     declared = defaults()
+    if "architecture" in state:
+        # a key declared after the checkpoint was written (do_mask, backbone, ...) had its default then
+        recorded = dict(state["architecture"])
+        return {**{k: declared[k] for k in ARCH_KEYS if k not in recorded}, **recorded}
+    saved = state.get("config") or {}
     arch = {k: saved.get(k, declared[k]) for k in ARCH_KEYS}
     dataset = saved.get("dataset", declared["dataset"])
     arch["task"] = task_of(dataset)

@@ -38,6 +38,23 @@ def test_corrupt_or_mismatched_checkpoint_gives_a_clear_error(synth_root, tmp_pa
         load_checkpoint(str(good), build_model(cfg), cfg)
 
 
+def test_a_checkpoint_recorded_before_newer_architecture_keys_builds_and_predicts(synth_root, tmp_path):
+    """A checkpoint whose recorded architecture predates do_mask and backbone (the demo's, say)
+    rebuilds its network: the keys it lacks had their defaults when it was written."""
+    cfg = tiny_cfg(synth_root, tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = tmp_path / "older.pth"
+    save_checkpoint(str(path), model, cfg)
+    state = torch.load(path, weights_only=True)
+    for key in ("do_mask", "backbone", "vit_blocks"):
+        del state["architecture"][key]
+    del state["checksum"]
+    torch.save(state, path)
+    rebuilt, _ = build_model_from_checkpoint(str(path), cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
+
+
 def test_a_checkpoint_older_than_an_architecture_key_is_compared_at_its_default(synth_root, tmp_path):
     """A checkpoint written before ``backbone_width`` existed has a standard-width backbone: loading
     it into a narrower one names the key, not a raw size mismatch."""
@@ -268,7 +285,9 @@ def test_the_architecture_of_a_checkpoint_older_than_the_record(tmp_path):
     assert arch["layers"] == 101 and arch["task"] == "image" and arch["bank_classes"] == 80
     assert all(arch[k] == declared[k] for k in ARCH_KEYS if k not in ("layers", "task", "bank_classes"))
     assert saved_architecture({"config": {"dataset": "ytvis"}})["task"] == "video"
-    assert saved_architecture({"architecture": {"layers": 50}}) == {"layers": 50}
+    # a recorded architecture older than a key (do_mask, backbone, ...) had that key's default
+    recorded = saved_architecture({"architecture": {"layers": 50}})
+    assert recorded == {**{k: declared[k] for k in ARCH_KEYS}, "layers": 50}
     bare = saved_architecture({})
     assert bare["bank_classes"] == 20 and bare["task"] == "image"      # the default dataset, PASCAL
 
