@@ -12,7 +12,7 @@ from engine.experiment import StartupCleanup, take_lock
 from engine.preflight import preflight
 from engine.trainer import NonFiniteLossError, Trainer
 from util.config import experiment_cfg
-from util.distributed import cleanup, init_distributed
+from util.distributed import barrier, cleanup, init_distributed
 from util.errors import UserError
 from util.host_memory import tune_cpu_process
 from util.interrupt import TrainingInterrupted, continue_command
@@ -35,7 +35,11 @@ def main(argv=None) -> dict:
                  f", process group {torch.distributed.get_backend()}" if info.distributed else "")
         trainer = Trainer.from_cfg(cfg, info, tensorboard=True, continue_cmd=continue_command(argv))
         trainer.lock = lock
-        return trainer.train()
+        metrics = trainer.train()
+        # every rank leaves its last collective before any tears the process group down: a rank
+        # destroying gloo while another still talks to it can abort at exit
+        barrier()
+        return metrics
     except UserError:
         if trainer is None or not trainer.started:     # refused before training began: leave nothing
             if lock is not None:
