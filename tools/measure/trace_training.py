@@ -30,7 +30,7 @@ import torch
 from engine.trainer import Trainer, poly_lr
 from util.cli import run
 from util.config import config_with_overrides, parse_args_with_overrides
-from util.distributed import DistInfo
+from util.distributed import DistInfo, pick_device
 from util.fileio import atomic_path, atomic_write_json
 
 # the prototype fusions of one pyramid bin: (name, path inside a ScalePath, index of its ReLU)
@@ -98,8 +98,7 @@ def gradient_norms(model: torch.nn.Module) -> dict[str, float]:
 def trace(cfg, steps: int) -> list[dict]:
     """Train ``steps`` iterations of ``cfg`` in memory (one process, the config's device) and return one
     record per step."""
-    info = DistInfo(device=torch.device("cpu" if cfg.device in ("auto", "cpu") and not torch.cuda.is_available()
-                                        else cfg.device if cfg.device != "auto" else "cuda"))
+    info = DistInfo(device=pick_device(cfg.device))
     cfg.evaluate = False
     trainer = Trainer.from_cfg(cfg, info)
     probe = ActivationProbe(trainer.model)
