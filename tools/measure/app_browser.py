@@ -94,7 +94,10 @@ class PageDriver:
         each run's line holds its time, each mistake's its own words)."""
         before = self.status()
         self._find(css)[0].click()
-        self._wait(lambda: self.status() not in ("", before), "a new status line")
+        # Gradio overlays "processing | t/T s" on the status while a request runs: a line still
+        # showing it is the previous one under the overlay, not the answer
+        self._wait(lambda: self.status() not in ("", before) and "processing |" not in self.status(),
+                   "a new status line")
         return self.status()
 
     def run_example(self) -> str:
